@@ -1,0 +1,104 @@
+"""The no-grad scoring forward: per-sample losses of a Hugging Face causal LM.
+
+ES scores every sample of every meta-batch, so this is the hot path. When the model exposes
+its final hidden states and output embedding, the loss is computed by the fused linear
+kernel and the ``[B, T, V]`` logits never exist; otherwise a plain forward feeds
+``per_sample_loss``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from es_llm.kernels import fused_linear_per_sample_loss, per_sample_loss
+
+# Config attributes that mean the logits are more than ``lm_head(hidden)`` (Gemma soft-capping,
+# Cohere/Granite scaling, ...): such models take the plain forward.
+_LOGIT_POSTPROCESSING = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier_scale",
+    "mup_width_multiplier",
+)
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a DeepSpeed engine / DDP wrapper."""
+    while not hasattr(module, "get_output_embeddings") and isinstance(
+        getattr(module, "module", None), nn.Module
+    ):
+        module = module.module
+    return module
+
+
+def _fused_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """``(base_model, lm_head)`` when ``logits == lm_head(base_model(...)[0])``, else None."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    base = getattr(model, "base_model", None)
+    if get_out is None or not isinstance(base, nn.Module) or base is model:
+        return None
+    head = get_out()
+    if not isinstance(head, nn.Linear):
+        return None
+    config = getattr(model, "config", None)
+    for name in _LOGIT_POSTPROCESSING:
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0, False):
+            return None
+    return base, head
+
+
+@contextlib.contextmanager
+def _gathered(params: list[nn.Parameter]) -> Iterator[None]:
+    """Gather ZeRO-3 partitioned parameters for reading; a no-op for ordinary ones."""
+    partitioned = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed  # lazy: only ZeRO-3 runs reach this
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
+
+
+def scoring_losses(
+    module: nn.Module,
+    input_ids: Tensor,
+    *,
+    ignore_index: int = -100,
+    labels: Tensor | None = None,
+    use_fused_linear: bool = True,
+    attention_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-sequence ``(loss_sum fp32 [B], count fp32 [B])`` of ``module`` on ``input_ids [B, T]``.
+
+    ``labels`` default to ``input_ids``; position ``t`` predicts ``labels[:, t + 1]`` (the
+    causal shift happens here). Runs under ``torch.no_grad()`` and leaves the module's
+    train/eval mode alone. Mean loss per sequence = ``loss_sum / count`` where ``count > 0``.
+    """
+    model = _unwrap(module)
+    if labels is None:
+        labels = input_ids
+    if labels.shape != input_ids.shape or input_ids.dim() != 2:
+        raise ValueError("input_ids and labels must both be [B, T]")
+    target = labels[:, 1:]
+    kwargs: dict = {"input_ids": input_ids, "use_cache": False}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    with torch.no_grad():
+        parts = _fused_parts(model) if use_fused_linear else None
+        if parts is not None:
+            base, head = parts
+            hidden = base(**kwargs)[0][:, :-1]
+            with _gathered([head.weight, head.bias]):
+                return fused_linear_per_sample_loss(
+                    hidden, head.weight, target, ignore_index=ignore_index, bias=head.bias
+                )
+        # The engine (not the bare model) is called so ZeRO-3 hooks and autocast apply.
+        logits = module(**kwargs).logits[:, :-1]
+        return per_sample_loss(logits, target, ignore_index=ignore_index)
