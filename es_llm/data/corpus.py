@@ -1,0 +1,350 @@
+"""The packed, tokenized corpus: train/val Arrow datasets with stable global ids, cached on disk.
+
+Pipeline (done once per cache key, then a cache hit is a memory-mapped ``load_from_disk``):
+documents -> split by document (no leakage) -> BPE tokenizer trained on the train documents
+-> tokenize, append one end-of-document token per document, concatenate -> cut into rows of
+``seq_len`` tokens (the remainder of each split is dropped) -> ``save_to_disk``.
+
+Validation split *(our choice)*: a document is held out when ``sha1(key) mod 20 == 0``
+(about 5%), so the split depends only on the document's own key, never on the rest of the
+corpus. When that leaves no validation document, no train document, or too few validation
+tokens for one row, the split falls back to holding out the trailing documents in corpus
+order: the fewest, at least ceil(5%) of them, whose tokens fill one row. In that fallback the
+trained tokenizer may have seen the text of the moved documents (BPE merges only; no
+validation row is ever a train row).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
+
+from es_llm.data.sources import Document, Source, resolve_source, stable_hash
+from es_llm.data.tokenizer import (
+    EOD_TOKEN,
+    eod_id,
+    load_tokenizer,
+    save_tokenizer_atomic,
+    train_bpe,
+)
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # bump when the build changes what lands on disk
+VAL_MODULUS = 20  # hold out documents with stable_hash(key) % VAL_MODULUS == 0
+SPLIT_RULE = f"sha1-mod-{VAL_MODULUS}-or-tail"
+ENCODE_CHUNK = 64  # documents per encode_batch call (bounds memory, drives the progress bar)
+
+
+@dataclass
+class Corpus:
+    train: datasets.Dataset  # columns: "id" int64 (global id = row index), "input_ids" int32[T]
+    val: datasets.Dataset  # same columns, ids local to the val split
+    vocab_size: int  # the tokenizer's actual size (may be below the requested one on tiny data)
+    seq_len: int
+    tokenizer_path: str | None
+    name: str
+    eod_id: int = 0
+    cache_path: str | None = None
+    stats: dict = field(default_factory=dict)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ES_LLM_CACHE") or Path.home() / ".cache" / "es_llm")
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Exclusive inter-process lock so concurrent ranks build a cache entry only once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): the temp-dir + rename still keeps entries whole
+        yield
+        return
+    with open(path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+# ----------------------------------------------------------------------------- split
+def _tail_split(n: int, min_val: int) -> tuple[list[int], list[int]]:
+    k = min(max(min_val, 1), n - 1)
+    return list(range(n - k)), list(range(n - k, n))
+
+
+def split_documents(docs: list[Document]) -> tuple[list[int], list[int], str]:
+    """(train indices, val indices, rule used) by the stable hash of each document key."""
+    n = len(docs)
+    if n < 2:
+        raise ValueError(f"need at least 2 documents for a train and a validation split, got {n}")
+    val = [i for i, d in enumerate(docs) if stable_hash(d.key) % VAL_MODULUS == 0]
+    if 0 < len(val) < n:
+        val_set = set(val)
+        return [i for i in range(n) if i not in val_set], val, "hash"
+    train, val = _tail_split(n, math.ceil(n / VAL_MODULUS))
+    return train, val, "tail"
+
+
+# ----------------------------------------------------------------------------- packing
+def _encode(tok: Tokenizer, texts: list[str], eod: int, desc: str, progress: bool) -> list:
+    """Token ids per document (int32), each followed by the end-of-document id."""
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    out = []
+    with tqdm(total=len(texts), desc=desc, unit="doc", disable=not progress) as bar:
+        for start in range(0, len(texts), ENCODE_CHUNK):
+            chunk = texts[start : start + ENCODE_CHUNK]
+            for enc in encode(chunk, add_special_tokens=False):
+                ids = np.empty(len(enc.ids) + 1, dtype=np.int32)
+                ids[:-1] = enc.ids
+                ids[-1] = eod
+                out.append(ids)
+            bar.update(len(chunk))
+    return out
+
+
+def pack(token_lists: list[np.ndarray], seq_len: int) -> np.ndarray:
+    """Concatenate and cut into [rows, seq_len]; the trailing partial row is dropped."""
+    flat = np.concatenate(token_lists) if token_lists else np.zeros(0, np.int32)
+    rows = len(flat) // seq_len
+    return flat[: rows * seq_len].reshape(rows, seq_len)
+
+
+def _to_dataset(rows: np.ndarray) -> datasets.Dataset:
+    n, t = rows.shape
+    ids = pa.array(np.arange(n, dtype=np.int64), type=pa.int64())
+    flat = pa.array(np.ascontiguousarray(rows, dtype=np.int32).reshape(-1), type=pa.int32())
+    input_ids = pa.FixedSizeListArray.from_arrays(flat, t)
+    return datasets.Dataset(pa.table({"id": ids, "input_ids": input_ids}))
+
+
+def _num_tokens(token_lists: list[np.ndarray], idx: list[int]) -> int:
+    return int(sum(len(token_lists[i]) for i in idx))
+
+
+# ----------------------------------------------------------------------------- build
+def _tokenizer_for(
+    src: Source,
+    docs: list[Document],
+    train_idx: list[int],
+    *,
+    tokenizer: str | None,
+    vocab_size: int,
+    cache_dir: Path,
+) -> tuple[Tokenizer, int, Path]:
+    """The user's tokenizer, or a BPE trained on the train documents (cached by its own key)."""
+    if tokenizer is not None:
+        tok, path, eod = load_tokenizer(tokenizer)
+        return tok, eod, path
+    key = _digest(
+        {"v": FORMAT_VERSION, "source": src.fingerprint, "vocab": vocab_size, "split": SPLIT_RULE}
+    )[:16]
+    path = cache_dir / "tokenizers" / f"{src.name}-v{vocab_size}-{key}.json"
+    if path.is_file():
+        tok = Tokenizer.from_file(str(path))
+    else:
+        t0 = time.perf_counter()
+        logger.info("training a %d-token BPE on %d documents", vocab_size, len(train_idx))
+        tok = train_bpe((docs[i].text for i in train_idx), vocab_size, length=len(train_idx))
+        save_tokenizer_atomic(tok, path)
+        logger.info("tokenizer trained in %.1fs -> %s", time.perf_counter() - t0, path)
+    return tok, eod_id(tok, EOD_TOKEN, where=str(path)), path
+
+
+def _build(
+    src: Source,
+    out_dir: Path,
+    *,
+    seq_len: int,
+    vocab_size: int,
+    tokenizer: str | None,
+    cache_dir: Path,
+    progress: bool,
+    data_label: str,
+) -> None:
+    t0 = time.perf_counter()
+    docs = src.load()
+    if not docs:
+        raise ValueError(f"data {data_label}: no documents with text (empty dataset)")
+    train_idx, val_idx, rule = split_documents(docs)
+    tok, eod, tok_path = _tokenizer_for(
+        src, docs, train_idx, tokenizer=tokenizer, vocab_size=vocab_size, cache_dir=cache_dir
+    )
+    token_lists = _encode(tok, [d.text for d in docs], eod, f"tokenizing {src.name}", progress)
+    total = _num_tokens(token_lists, list(range(len(docs))))
+    if total < 2 * seq_len:
+        raise ValueError(
+            f"data {data_label}: {len(docs)} documents hold only {total} tokens "
+            f"(end-of-document tokens included); seq_len={seq_len} needs at least "
+            f"{2 * seq_len} tokens: {seq_len} for one train and {seq_len} for one validation "
+            f"sequence. Use more data or a smaller seq_len."
+        )
+    if _num_tokens(token_lists, val_idx) < seq_len:
+        # Too little held-out text for one row: hold out the fewest trailing documents that fill one.
+        n, k, acc = len(docs), 0, 0
+        while k < n - 1 and (acc < seq_len or k < math.ceil(n / VAL_MODULUS)):
+            k += 1
+            acc += len(token_lists[n - k])
+        train_idx, val_idx = _tail_split(n, k)
+        rule = "tail"
+    train_tokens = _num_tokens(token_lists, train_idx)
+    val_tokens = _num_tokens(token_lists, val_idx)
+    if train_tokens < seq_len or val_tokens < seq_len:
+        raise ValueError(
+            f"data {data_label}: split into {len(train_idx)} train documents ({train_tokens} "
+            f"tokens) and {len(val_idx)} validation documents ({val_tokens} tokens); "
+            f"seq_len={seq_len} needs at least {seq_len} tokens on each side. "
+            f"Use more data or a smaller seq_len."
+        )
+    train_rows = pack([token_lists[i] for i in train_idx], seq_len)
+    val_rows = pack([token_lists[i] for i in val_idx], seq_len)
+    _to_dataset(train_rows).save_to_disk(str(out_dir / "train"))
+    _to_dataset(val_rows).save_to_disk(str(out_dir / "val"))
+    shutil.copyfile(tok_path, out_dir / "tokenizer.json")
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "name": src.name,
+        "seq_len": seq_len,
+        "vocab_size": tok.get_vocab_size(with_added_tokens=True),
+        "requested_vocab_size": None if tokenizer else vocab_size,
+        "eod_id": eod,
+        "split_rule": rule,
+        "documents": len(docs),
+        "train_documents": len(train_idx),
+        "val_documents": len(val_idx),
+        "tokens": total,
+        "train_tokens": train_tokens,
+        "val_tokens": val_tokens,
+        "train_sequences": int(train_rows.shape[0]),
+        "val_sequences": int(val_rows.shape[0]),
+        "val_document_keys_sha1": hashlib.sha1(
+            "\n".join(docs[i].key for i in val_idx).encode()
+        ).hexdigest(),
+        "build_seconds": round(time.perf_counter() - t0, 3),
+    }
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def _truncate(ds: datasets.Dataset, n: int | None, what: str) -> datasets.Dataset:
+    if n is None:
+        return ds
+    if n < 1:
+        raise ValueError(f"{what} must be >= 1 or None, got {n}")
+    return ds.select(range(min(n, len(ds))))  # contiguous range: a slice, no indices mapping
+
+
+def load_corpus(
+    data: str | None = None,
+    *,
+    seq_len: int,
+    cache_dir: str | os.PathLike | None = None,
+    vocab_size: int = 4096,
+    max_train_samples: int | None = None,
+    max_val_samples: int | None = None,
+    tokenizer: str | None = None,
+    max_documents: int | None = None,
+    progress: bool = True,
+) -> Corpus:
+    """Build (once) or load the packed corpus for ``data``; safe to call from many ranks at once.
+
+    ``data``: None or "stdlib" (the interpreter's standard-library sources), a local
+    .txt/.jsonl/.json/.parquet file or a directory of them, else a Hugging Face hub dataset
+    "name" or "name:config". ``tokenizer``: a tokenizer.json or a local HF tokenizer
+    directory; None trains a byte-level BPE of ``vocab_size`` on the train documents.
+    ``max_documents`` keeps the first documents only (a knob for tests; part of the cache key).
+    ``max_*_samples`` keep the first rows, so ids stay the row index.
+    """
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
+    if max_documents is not None and max_documents < 1:
+        raise ValueError(f"max_documents must be >= 1 or None, got {max_documents}")
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    label = repr(data) if data is not None else "'stdlib'"
+
+    src = resolve_source(data, max_documents)
+    if tokenizer is not None:
+        from es_llm.data.tokenizer import resolve_tokenizer_file
+
+        tok_file, eos = resolve_tokenizer_file(tokenizer)
+        tok_fp: dict = {
+            "file_sha256": hashlib.sha256(tok_file.read_bytes()).hexdigest(),
+            "eos": eos,
+        }
+    else:
+        tok_fp = {"trained_bpe": vocab_size}
+    key = _digest(
+        {
+            "v": FORMAT_VERSION,
+            "source": src.fingerprint,
+            "tokenizer": tok_fp,
+            "seq_len": seq_len,
+            "split": SPLIT_RULE,
+        }
+    )[:16]
+    final = cache / f"{src.name}-T{seq_len}-{key}"
+
+    if not (final / "meta.json").is_file():
+        with _file_lock(cache / f".{src.name}-{key}.lock"):
+            if not (final / "meta.json").is_file():  # another rank may have built it meanwhile
+                tmp = Path(
+                    tempfile.mkdtemp(prefix=f".build-{key}-{uuid.uuid4().hex[:8]}-", dir=cache)
+                )
+                try:
+                    _build(
+                        src,
+                        tmp,
+                        seq_len=seq_len,
+                        vocab_size=vocab_size,
+                        tokenizer=tokenizer,
+                        cache_dir=cache,
+                        progress=progress,
+                        data_label=label,
+                    )
+                    if final.exists():  # a half entry (no meta.json) from an older crash
+                        shutil.rmtree(final, ignore_errors=True)
+                    try:
+                        os.rename(tmp, final)
+                    except OSError:
+                        if not (final / "meta.json").is_file():
+                            raise
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+
+    meta = json.loads((final / "meta.json").read_text())
+    train = datasets.load_from_disk(str(final / "train"))
+    val = datasets.load_from_disk(str(final / "val"))
+    return Corpus(
+        train=_truncate(train, max_train_samples, "max_train_samples"),
+        val=_truncate(val, max_val_samples, "max_val_samples"),
+        vocab_size=int(meta["vocab_size"]),
+        seq_len=seq_len,
+        tokenizer_path=str(final / "tokenizer.json"),
+        name=src.name,
+        eod_id=int(meta["eod_id"]),
+        cache_path=str(final),
+        stats=meta,
+    )

@@ -1,0 +1,255 @@
+"""Document sources: where the raw text comes from, as an ordered list of keyed documents.
+
+Every source yields ``Document(key, text)`` in a fixed order, plus a fingerprint that changes
+whenever the result could change; the corpus cache key is built from it. The key of a document
+is stable across machines with the same data (a relative path, a record number) because the
+train/validation split hashes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+STDLIB_NAMES = ("stdlib",)
+LOCAL_EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet")
+# Directory names never taken from the standard library: installed packages, the test
+# suites (their fixtures include deliberately broken and huge files) and the IDE.
+STDLIB_EXCLUDED_DIRS = frozenset(
+    {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
+)
+
+
+@dataclass(frozen=True)
+class Document:
+    key: str  # stable identity used for the train/val split
+    text: str
+
+
+@dataclass
+class Source:
+    """Documents of one data argument, loaded lazily so a cache hit reads no text."""
+
+    name: str
+    fingerprint: dict
+    load: Callable[[], list[Document]]
+
+
+def stable_hash(text: str) -> int:
+    """A process-independent 64-bit hash (Python's ``hash`` is salted per process)."""
+    return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big")
+
+
+def _stat_entry(path: Path, rel: str) -> list:
+    st = path.stat()
+    return [rel, st.st_size, st.st_mtime_ns]
+
+
+# ----------------------------------------------------------------------------- stdlib
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files(max_documents: int | None = None) -> list[tuple[str, Path]]:
+    """(relative posix path, path) of the interpreter's standard-library sources, sorted."""
+    root = stdlib_root()
+    if not root.is_dir():
+        raise ValueError(f"standard library directory not found: {root}")
+    out: list[tuple[str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in STDLIB_EXCLUDED_DIRS)
+        for fn in filenames:
+            if fn.endswith(".py"):
+                p = Path(dirpath) / fn
+                out.append((p.relative_to(root).as_posix(), p))
+    out.sort(key=lambda t: t[0])
+    if max_documents is not None:
+        out = out[:max_documents]
+    return out
+
+
+def stdlib_source(max_documents: int | None = None) -> Source:
+    files = stdlib_files(max_documents)
+    if not files:
+        raise ValueError(f"no .py files found in the standard library at {stdlib_root()}")
+    fingerprint = {
+        "kind": "stdlib",
+        "python": sys.version,
+        "files": [_stat_entry(p, rel) for rel, p in files],
+    }
+
+    def load() -> list[Document]:
+        return [Document(rel, p.read_bytes().decode("utf-8", errors="replace")) for rel, p in files]
+
+    return Source("stdlib", fingerprint, load)
+
+
+# ----------------------------------------------------------------------------- local files
+def looks_like_path(data: str) -> bool:
+    """Whether ``data`` is meant as a local path (else it is read as a hub dataset name)."""
+    return (
+        os.path.exists(data)
+        or data.startswith(("/", ".", "~"))
+        or "\\" in data
+        or data.lower().endswith(LOCAL_EXTENSIONS)
+    )
+
+
+def local_files(path: Path) -> list[tuple[str, Path]]:
+    """Supported files under ``path`` (or ``path`` itself), keyed by path relative to it."""
+    if path.is_file():
+        if not path.name.lower().endswith(LOCAL_EXTENSIONS):
+            raise ValueError(
+                f"unsupported data file {path}: expected one of {', '.join(LOCAL_EXTENSIONS)}"
+            )
+        return [(path.name, path)]
+    out = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for fn in filenames:
+            if fn.lower().endswith(LOCAL_EXTENSIONS) and not fn.startswith("."):
+                p = Path(dirpath) / fn
+                out.append((p.relative_to(path).as_posix(), p))
+    out.sort(key=lambda t: t[0])
+    if not out:
+        raise ValueError(
+            f"no data files in directory {path}: expected files ending in "
+            f"{', '.join(LOCAL_EXTENSIONS)}"
+        )
+    return out
+
+
+def _texts_from_records(records: Iterable, path: Path, what: str) -> list[str]:
+    texts = []
+    for n, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}: {what} {n} is a {type(rec).__name__}, expected an object")
+        if "text" not in rec:
+            fields = ", ".join(sorted(map(str, rec))) or "(none)"
+            raise ValueError(f"{path}: {what} {n} has no 'text' field; available fields: {fields}")
+        texts.append(rec["text"])
+    return texts
+
+
+def _read_json(path: Path) -> list[str]:
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix.lower() == ".json":
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError:
+            obj = None  # maybe JSON Lines under a .json name
+        if isinstance(obj, list):
+            return _texts_from_records(obj, path, "record")
+        if isinstance(obj, dict):
+            return _texts_from_records([obj], path, "record")
+    records = []
+    for n, line in enumerate(raw.splitlines()):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {n + 1} is not valid JSON ({e.msg})") from e
+    return _texts_from_records(records, path, "record")
+
+
+def _read_parquet(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(path)
+    if "text" not in schema.names:
+        raise ValueError(
+            f"{path}: no 'text' column; available columns: {', '.join(schema.names) or '(none)'}"
+        )
+    return pq.read_table(path, columns=["text"]).column("text").to_pylist()
+
+
+def read_local_file(path: Path) -> list[str]:
+    """The texts of one file: a .txt file is one document, .jsonl/.json/.parquet one per record."""
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return [path.read_bytes().decode("utf-8", errors="replace")]
+    if suffix in (".jsonl", ".json"):
+        return _read_json(path)
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    raise ValueError(f"unsupported data file {path}")
+
+
+def _keep_texts(texts: Iterable, key_prefix: str, where: str) -> list[Document]:
+    """Documents from a file's texts; empty/None texts are skipped, non-strings are an error."""
+    docs = []
+    for n, t in enumerate(texts):
+        if t is None:
+            continue
+        if not isinstance(t, str):
+            raise ValueError(f"{where}: 'text' of record {n} is a {type(t).__name__}, not a string")
+        if t.strip():
+            docs.append(Document(f"{key_prefix}#{n}", t))
+    return docs
+
+
+def local_source(data: str) -> Source:
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise ValueError(f"data path does not exist: {data}")
+    files = local_files(path)
+    fingerprint = {
+        "kind": "local",
+        "root": str(path.resolve()),
+        "files": [_stat_entry(p, rel) for rel, p in files],
+    }
+
+    def load() -> list[Document]:
+        docs: list[Document] = []
+        for rel, p in files:
+            docs.extend(_keep_texts(read_local_file(p), rel, str(p)))
+        return docs
+
+    return Source(path.name or str(path), fingerprint, load)
+
+
+# ----------------------------------------------------------------------------- hub
+def hub_source(data: str) -> Source:
+    """A Hugging Face hub dataset ``name`` or ``name:config``, split "train", not streamed."""
+    import datasets
+
+    name, _, config = data.partition(":")
+    try:
+        ds = datasets.load_dataset(name, config or None, split="train", streaming=False)
+    except Exception as e:  # network, missing dataset, bad config: say what was tried
+        raise ValueError(
+            f"could not load Hugging Face dataset {data!r} (name={name!r}, "
+            f"config={config or None!r}, split='train'), and it is not a local path: {e}"
+        ) from e
+    if "text" not in ds.column_names:
+        raise ValueError(
+            f"Hugging Face dataset {data!r} has no 'text' column; "
+            f"available columns: {', '.join(ds.column_names) or '(none)'}"
+        )
+    fp = getattr(ds, "_fingerprint", None) or f"rows={ds.num_rows}"
+    fingerprint = {"kind": "hub", "name": name, "config": config, "fingerprint": fp}
+
+    def load() -> list[Document]:
+        return _keep_texts(ds["text"], f"{name}:{config}", f"Hugging Face dataset {data!r}")
+
+    return Source(data.replace("/", "__").replace(":", "--"), fingerprint, load)
+
+
+def resolve_source(data: str | None, max_documents: int | None = None) -> Source:
+    """Route the ``data`` argument: None/"stdlib", a local path, or a hub dataset name."""
+    if data is None or data in STDLIB_NAMES:
+        return stdlib_source(max_documents)
+    if not isinstance(data, str) or not data.strip():
+        raise ValueError(f"data must be None, 'stdlib', a path or a dataset name, got {data!r}")
+    src = local_source(data) if looks_like_path(data) else hub_source(data)
+    if max_documents is not None:
+        inner = src.load
+        src.fingerprint = {**src.fingerprint, "max_documents": max_documents}
+        src.load = lambda: inner()[:max_documents]
+    return src
