@@ -85,11 +85,17 @@ def _flatten(
     return x, labels, seq_index, num_seqs, None
 
 
-def _sum_rows(values: Tensor, seq_index: Tensor | None, num_seqs: int, t: int | None) -> Tensor:
-    """Per-sequence sums of per-row ``values``, deterministic on every device."""
+def _sum_rows(
+    values: Tensor, seq_index: Tensor | None, num_seqs: int, t: int | None, use_triton: bool
+) -> Tensor:
+    """Per-sequence sums of per-row ``values``, in a fixed order on every device.
+
+    Float atomics (``index_add_`` on CUDA) would make reruns differ in the last bit, and a
+    resumed run must reproduce the same losses, hence the same selection.
+    """
     if seq_index is None:
         return values.float().reshape(num_seqs, t).sum(dim=1)
-    if values.is_cuda:
+    if use_triton:
         from .per_sample_ce import deterministic_segment_sum
 
         return deterministic_segment_sum(values, seq_index, num_seqs)
@@ -114,7 +120,8 @@ def per_sample_loss(
     Triton; otherwise it is copied). Mean loss = ``loss_sum / count`` where ``count > 0``.
     """
     x, y, seq, s, t = _flatten(logits, labels, seq_index, num_seqs)
-    if _use_triton(backend, logits):
+    use_triton = _use_triton(backend, logits)
+    if use_triton:
         from .per_sample_ce import row_losses_triton
 
         row = row_losses_triton(x, y, ignore_index)
@@ -125,8 +132,8 @@ def per_sample_loss(
         row = torch.cat(rows) if rows else y.new_zeros(0, dtype=torch.float32)
     else:
         row = reference.row_losses_reference(x, y, ignore_index)
-    count = _sum_rows((y != ignore_index).float(), seq, s, t)
-    return _sum_rows(row, seq, s, t), count
+    count = _sum_rows((y != ignore_index).float(), seq, s, t, use_triton)
+    return _sum_rows(row, seq, s, t, use_triton), count
 
 
 def fused_es_scores(
@@ -156,9 +163,7 @@ def fused_es_scores(
     if _use_triton(backend, loss_sum, count, scores, ids):
         from .per_sample_ce import es_scores_triton
 
-        return es_scores_triton(
-            loss_sum, count, scores, ids, beta1, beta2, offset, unscored_value
-        )
+        return es_scores_triton(loss_sum, count, scores, ids, beta1, beta2, offset, unscored_value)
     return reference.es_scores_reference(
         loss_sum, count, scores, ids, beta1, beta2, offset, unscored_value
     )
@@ -187,8 +192,9 @@ def fused_linear_per_sample_loss(
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden size {x2.shape[1]} != weight {tuple(weight.shape)}")
+    use_triton = _use_triton(backend, hidden, weight)
     with torch.no_grad():
-        if _use_triton(backend, hidden, weight):
+        if use_triton:
             from .fused_linear import linear_row_losses_triton
 
             row = linear_row_losses_triton(x2, weight, y, ignore_index, bias, chunk_size)
@@ -196,5 +202,5 @@ def fused_linear_per_sample_loss(
             row = reference.linear_row_losses_reference(
                 x2, weight, y, ignore_index, bias, chunk_size
             )
-        count = _sum_rows((y != ignore_index).float(), seq, s, t)
-        return _sum_rows(row, seq, s, t), count
+        count = _sum_rows((y != ignore_index).float(), seq, s, t, use_triton)
+        return _sum_rows(row, seq, s, t, use_triton), count
