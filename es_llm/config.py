@@ -1,0 +1,261 @@
+"""The `evolved_sampling` section of a DeepSpeed config, validated.
+
+Why strict: DeepSpeed silently ignores unknown keys, so a typo or a section nested in the
+wrong place would quietly train without ES. Here every unknown key and every misplaced
+section is an error that names the offending field and, for numbers, the allowed range.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+Method = Literal["es", "eswp", "prune", "uniform", "loss", "ema", "topk"]
+
+SECTION = "evolved_sampling"
+
+__all__ = [
+    "ESConfigError",
+    "EvolvedSamplingConfig",
+    "Method",
+    "SECTION",
+    "es_config_from_ds_config",
+]
+
+
+class ESConfigError(ValueError):
+    """A bad `evolved_sampling` section (a ValueError, so callers may catch either)."""
+
+
+def _check_range(
+    name: str,
+    value: float,
+    lo: float | None,
+    hi: float | None,
+    lo_open: bool,
+    hi_open: bool,
+) -> float:
+    """Raise a ValueError naming `name` and the interval unless `value` lies in it.
+
+    NaN fails every comparison, so it is rejected too.
+    """
+    ok = isinstance(value, (int, float)) and not math.isnan(value)
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if not ok:
+        left = "-inf" if lo is None else f"{lo:g}"
+        right = "inf" if hi is None else f"{hi:g}"
+        interval = f"{'(' if lo_open or lo is None else '['}{left}, {right}{')' if hi_open or hi is None else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+    return value
+
+
+class EvolvedSamplingConfig(BaseModel):
+    """ES / ESWP hyper-parameters; defaults reproduce the paper (see the spec)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    enabled: bool = True
+    method: Method = "es"
+    selection_ratio: float = 0.5
+    beta1: float = 0.2
+    beta2: float = 0.8
+    s_init: float | None = None
+    tau: float = 1.0
+    epsilon: float = 0.0
+    importance_weighting: bool = False
+    burn_in_steps: int | None = None
+    burn_in_epochs: int | None = None
+    anneal_fraction: float = 0.0
+    prune_ratio: float = 0.3
+    delta: float = 0.875
+    rescale: bool = True
+    seed: int | None = None
+    scoring_micro_batch_size: int | None = None
+    ignore_index: int = -100
+
+    # --- per-field ranges (messages name the field and the interval) ---
+    @field_validator("selection_ratio")
+    @classmethod
+    def _v_selection_ratio(cls, v: float) -> float:
+        return _check_range("selection_ratio", v, 0.0, 1.0, True, False)
+
+    @field_validator("beta1")
+    @classmethod
+    def _v_beta1(cls, v: float) -> float:
+        return _check_range("beta1", v, 0.0, 1.0, False, False)
+
+    @field_validator("beta2")
+    @classmethod
+    def _v_beta2(cls, v: float) -> float:
+        return _check_range("beta2", v, 0.0, 1.0, False, True)
+
+    @field_validator("s_init")
+    @classmethod
+    def _v_s_init(cls, v: float | None) -> float | None:
+        if v is None:
+            return v
+        if math.isinf(v):
+            raise ValueError(f"s_init must be a finite number in (0, inf) or null, got {v!r}")
+        return _check_range("s_init", v, 0.0, None, True, True)
+
+    @field_validator("tau")
+    @classmethod
+    def _v_tau(cls, v: float) -> float:
+        if math.isinf(v):
+            raise ValueError(f"tau must be finite and in (0, inf), got {v!r}")
+        return _check_range("tau", v, 0.0, None, True, True)
+
+    @field_validator("epsilon")
+    @classmethod
+    def _v_epsilon(cls, v: float) -> float:
+        return _check_range("epsilon", v, 0.0, 1.0, False, False)
+
+    @field_validator("anneal_fraction")
+    @classmethod
+    def _v_anneal_fraction(cls, v: float) -> float:
+        return _check_range("anneal_fraction", v, 0.0, 1.0, False, True)
+
+    @field_validator("prune_ratio")
+    @classmethod
+    def _v_prune_ratio(cls, v: float) -> float:
+        return _check_range("prune_ratio", v, 0.0, 1.0, False, True)
+
+    @field_validator("delta")
+    @classmethod
+    def _v_delta(cls, v: float) -> float:
+        return _check_range("delta", v, 0.0, 1.0, True, False)
+
+    @field_validator("burn_in_steps", "burn_in_epochs")
+    @classmethod
+    def _v_burn_in(cls, v: int | None, info: Any) -> int | None:
+        if v is not None and v < 0:
+            raise ValueError(f"{info.field_name} must be an integer in [0, inf) or null, got {v!r}")
+        return v
+
+    @field_validator("scoring_micro_batch_size")
+    @classmethod
+    def _v_scoring_mbs(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(
+                f"scoring_micro_batch_size must be an integer in [1, inf) or null, got {v!r}"
+            )
+        return v
+
+    @field_validator("seed")
+    @classmethod
+    def _v_seed(cls, v: int | None) -> int | None:
+        # Counter-based noise hashes the seed as an unsigned 64-bit integer.
+        if v is not None and not 0 <= v < 2**64:
+            raise ValueError(f"seed must be an integer in [0, 2**64) or null, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _v_burn_in_exclusive(self) -> EvolvedSamplingConfig:
+        if self.burn_in_steps is not None and self.burn_in_epochs is not None:
+            raise ValueError(
+                "burn_in_steps and burn_in_epochs are mutually exclusive; set at most one "
+                f"(got burn_in_steps={self.burn_in_steps}, burn_in_epochs={self.burn_in_epochs})"
+            )
+        return self
+
+    # --- derived views used by the training loop ---
+    @property
+    def uses_scoring_forward(self) -> bool:
+        """uniform and prune never run the no-grad scoring pass."""
+        return self.method not in ("uniform", "prune")
+
+    @property
+    def uses_pruning(self) -> bool:
+        """eswp and prune prune the data set at the start of each epoch."""
+        return self.method in ("eswp", "prune")
+
+    @property
+    def effective_selection_ratio(self) -> float:
+        """uniform and prune back-propagate the whole meta-batch (B_meta == B)."""
+        return 1.0 if self.method in ("uniform", "prune") else self.selection_ratio
+
+    def resolved_s_init(self, num_train_samples: int) -> float:
+        """s_init, or the paper's 1/N when unset (N = global number of train samples)."""
+        if self.s_init is not None:
+            return float(self.s_init)
+        if num_train_samples <= 0:
+            raise ValueError(
+                f"num_train_samples must be >= 1 to derive s_init=1/N, got {num_train_samples}"
+            )
+        return 1.0 / num_train_samples
+
+    def resolved_seed(self, run_seed: int) -> int:
+        """The ES seed, falling back to the run's --seed."""
+        return int(run_seed if self.seed is None else self.seed)
+
+
+def _walk(obj: Any, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], str, Any]]:
+    """Yield (parent path, key, value) for every key of every nested dict/list."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            yield path, str(key), value
+            yield from _walk(value, (*path, str(key)))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from _walk(value, (*path, f"[{i}]"))
+
+
+def _norm(key: str) -> str:
+    return "".join(ch for ch in key.lower() if ch.isalnum())
+
+
+def _format_errors(err: ValidationError) -> str:
+    fields = list(EvolvedSamplingConfig.model_fields)
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        where = f"{SECTION}.{loc}" if loc else SECTION
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden" and e["loc"]:
+            guess = difflib.get_close_matches(str(e["loc"][-1]), fields, n=1)
+            msg = f"unknown key (allowed: {', '.join(fields)})"
+            if guess:
+                msg += f"; did you mean {guess[0]!r}?"
+        lines.append(f"{where}: {msg}")
+    return "invalid DeepSpeed config:\n  " + "\n  ".join(lines)
+
+
+def es_config_from_ds_config(ds_config: dict) -> EvolvedSamplingConfig | None:
+    """Read and validate ds_config["evolved_sampling"].
+
+    Returns None when the section is absent or has enabled=false (it is still validated, so a
+    typo in a disabled section is reported). Raises ESConfigError when the section is nested
+    anywhere but the top level (e.g. under "data_efficiency"/"data_sampling"), when a top-level
+    key is a misspelling of it, or when a field is unknown or out of range.
+    """
+    if not isinstance(ds_config, dict):
+        raise ESConfigError(f"DeepSpeed config must be a dict, got {type(ds_config).__name__}")
+
+    for parent, key, _ in _walk(ds_config, ()):
+        if not parent and key == SECTION:
+            continue
+        if _norm(key) == _norm(SECTION):
+            where = ".".join((*parent, key))
+            raise ESConfigError(
+                f"found {where!r} in the DeepSpeed config, but the {SECTION!r} section must be a "
+                f"top-level key spelled exactly {SECTION!r} (DeepSpeed would silently ignore it "
+                "where it is)"
+            )
+
+    section = ds_config.get(SECTION)
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        raise ESConfigError(f"{SECTION} must be a JSON object, got {type(section).__name__}")
+    try:
+        cfg = EvolvedSamplingConfig.model_validate(section)
+    except ValidationError as err:
+        raise ESConfigError(_format_errors(err)) from err
+    return cfg if cfg.enabled else None

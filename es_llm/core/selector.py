@@ -1,0 +1,144 @@
+"""One selection step over a global meta-batch: weights -> draw -> loss weights.
+
+Why one function: every rank calls it on the same all-gathered (ids, losses, scores, valid)
+and must get the same answer; keeping it pure makes the W-rank == 1-rank invariant a
+property of this function alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from es_llm.config import EvolvedSamplingConfig
+from es_llm.core.policies import method_weights, select_without_replacement, valid_weight_mask
+
+__all__ = ["Selection", "importance_weights", "select_step", "selection_digest"]
+
+
+@dataclass
+class Selection:
+    positions: torch.Tensor  # int64 into the global meta-batch, ascending, length k
+    loss_weights: torch.Tensor  # fp32 per chosen position (0 for invalid filler)
+    weights: torch.Tensor  # fp32 w of the whole meta-batch (for metrics)
+    new_scores: torch.Tensor  # fp32 s(t) of the whole meta-batch (prev score where invalid)
+    num_invalid: int  # invalid filler among the chosen
+
+
+def selection_digest(ids: torch.Tensor) -> str:
+    """sha1 hex of the int64 little-endian bytes of `ids` in order (cheap cross-rank check)."""
+    t = torch.as_tensor(ids)
+    if t.is_floating_point():
+        raise TypeError("selection_digest needs integer ids, not floating point")
+    arr = t.detach().cpu().to(torch.int64).contiguous().numpy().astype("<i8", copy=False)
+    return hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest()
+
+
+def importance_weights(
+    weights: torch.Tensor,
+    ok: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    k: int,
+    tau: float,
+    epsilon: float,
+    deterministic: bool,
+) -> torch.Tensor:
+    """Loss weights ~ 1 / p_i for the chosen valid positions, normalised to mean 1.
+
+    Our choice of the selection-probability proxy (the exact inclusion probability of
+    successive sampling has no closed form): the first-order draw probability
+        p_i = (1 - e) * w_i**(1/tau) / sum_valid w**(1/tau) + e / n_valid,   e = round(eps*k)/k,
+    which is w_i / sum w at the defaults (tau=1, epsilon=0). For topk (deterministic) tau is
+    ignored (p_i = w_i / sum w). Invalid chosen positions get 0 and are excluded from the mean.
+    """
+    w = weights.to(torch.float64)
+    n_valid = int(ok.sum())
+    out = torch.zeros(positions.numel(), dtype=torch.float32)
+    chosen_ok = ok[positions]
+    if n_valid == 0 or not bool(chosen_ok.any()):
+        return out
+    logw = torch.log(torch.where(ok, w, torch.ones_like(w)))
+    if not deterministic:
+        logw = logw / tau
+    # softmax over valid positions = w**(1/tau) / sum, computed stably in log space
+    logw = torch.where(ok, logw, torch.tensor(float("-inf"), dtype=torch.float64))
+    p = torch.softmax(logw, dim=0)
+    e = round(epsilon * k) / k if k else 0.0
+    p = (1.0 - e) * p + e / n_valid
+    inv = 1.0 / p[positions[chosen_ok]]
+    out[chosen_ok] = (inv / inv.mean()).to(torch.float32)
+    return out
+
+
+def select_step(
+    cfg: EvolvedSamplingConfig,
+    *,
+    step: int,
+    seed: int,
+    ids: torch.Tensor,
+    losses: torch.Tensor,
+    prev_scores: torch.Tensor,
+    valid: torch.Tensor | None,
+    k: int,
+    base_loss_weights: torch.Tensor | None = None,
+) -> Selection:
+    """Choose k of the global meta-batch with cfg.method (SELECT phase).
+
+    valid: samples with at least one label token; a non-finite loss is treated as invalid too.
+    Invalid samples keep their previous score and are never chosen while k valid ones exist.
+    base_loss_weights (optional, per meta-batch position): e.g. the ESWP boost from
+    EpochPlan.loss_weights; multiplied into the chosen samples' loss weights.
+    """
+    ids = torch.as_tensor(ids)
+    if ids.is_floating_point():
+        raise TypeError("ids must be int64, never float")
+    losses = torch.as_tensor(losses).reshape(-1).to(torch.float32)
+    prev = torch.as_tensor(prev_scores).reshape(-1).to(torch.float32)
+    n = losses.numel()
+    if ids.numel() != n or prev.numel() != n:
+        raise ValueError(
+            f"ids ({ids.numel()}), losses ({n}) and prev_scores ({prev.numel()}) differ in length"
+        )
+    ok = torch.isfinite(losses)
+    if valid is not None:
+        ok &= torch.as_tensor(valid).reshape(-1).to(torch.bool)
+
+    w, s_new = method_weights(cfg.method, prev, torch.where(ok, losses, prev), cfg.beta1, cfg.beta2)
+    s_new = torch.where(ok, s_new, prev)
+    deterministic = cfg.method == "topk"
+    positions = select_without_replacement(
+        w,
+        k,
+        seed=seed,
+        step=step,
+        valid=ok,
+        tau=cfg.tau,
+        epsilon=cfg.epsilon,
+        deterministic=deterministic,
+    )
+    chosen_ok = valid_weight_mask(w, ok)[positions]
+    if cfg.importance_weighting:
+        lw = importance_weights(
+            w,
+            valid_weight_mask(w, ok),
+            positions,
+            k=k,
+            tau=cfg.tau,
+            epsilon=cfg.epsilon,
+            deterministic=deterministic,
+        )
+    else:
+        lw = chosen_ok.to(torch.float32)
+    if base_loss_weights is not None:
+        lw = lw * torch.as_tensor(base_loss_weights).reshape(-1).to(torch.float32)[positions]
+    return Selection(
+        positions=positions,
+        loss_weights=lw,
+        weights=w,
+        new_scores=s_new,
+        num_invalid=int((~chosen_ok).sum()),
+    )
