@@ -1,0 +1,259 @@
+"""The `es-llm` command line: train, bench (and compare, see `es_llm.compare`).
+
+Thin by design: parse flags, build options, call the layer below. Errors that come from the
+user's input (config, data, batch sizes) are printed as one line without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from es_llm.config import ESConfigError
+
+USER_ERRORS = (ValueError, FileNotFoundError, ESConfigError, KeyError)
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--es expects KEY=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from e
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def add_run_arguments(p: argparse.ArgumentParser, *, with_method: bool = True) -> None:
+    """Flags shared by `train` and `compare`."""
+    if with_method:
+        p.add_argument(
+            "--method",
+            choices=["es", "eswp", "prune", "uniform", "loss", "ema", "topk"],
+            default=None,
+            help="sampling method; overrides evolved_sampling.method of the DeepSpeed config. "
+            "Default: the config's method, or plain uniform training when the config has no "
+            "evolved_sampling section",
+        )
+    p.add_argument(
+        "--config",
+        default="cpu_tiny",
+        help="DeepSpeed JSON config (a path, or a name in configs/ds/). Its 'evolved_sampling' "
+        "section configures ES (default: %(default)s)",
+    )
+    p.add_argument(
+        "--model",
+        default="gpt2-tiny",
+        help="model preset (a path, or a name in configs/models/) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="training data: 'stdlib' (default: the Python standard library sources of this "
+        "interpreter, no download), a local .txt/.jsonl/.json/.parquet file or directory, or a "
+        "Hugging Face hub dataset 'name' or 'name:config'",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer.json or local Hugging Face tokenizer directory (default: train a "
+        "byte-level BPE on the training data, cached)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where tokenizers and packed datasets are cached (default: $ES_LLM_CACHE or "
+        "~/.cache/es_llm)",
+    )
+    p.add_argument("--epochs", type=_positive_int, default=2, help="epochs (default: %(default)s)")
+    p.add_argument(
+        "--max-steps",
+        type=_positive_int,
+        default=None,
+        help="stop after this many optimizer steps (default: run all epochs)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="run seed (default: %(default)s)")
+    p.add_argument(
+        "--seq-len", type=_positive_int, default=128, help="tokens per sequence (default: %(default)s)"
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=_positive_int,
+        default=4096,
+        help="vocabulary of the trained BPE tokenizer (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-train-samples",
+        type=_positive_int,
+        default=None,
+        help="use only the first N training sequences (default: all)",
+    )
+    p.add_argument(
+        "--max-val-samples",
+        type=_positive_int,
+        default=None,
+        help="use only the first N validation sequences (default: all)",
+    )
+    p.add_argument(
+        "--es",
+        action="append",
+        type=_parse_override,
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one field of the evolved_sampling section, e.g. --es selection_ratio=0.75 "
+        "(repeatable; values are JSON)",
+    )
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (logs stay clean in CI)"
+    )
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="pre-train a causal LM with Evolved Sampling through DeepSpeed",
+        description="Pre-train a causal LM with ES/ESWP through a DeepSpeed engine. Writes "
+        "OUT/metrics.jsonl, OUT/summary.json and OUT/loss_curve.png. Run on several ranks with "
+        "`deepspeed --num_gpus N --module es_llm.cli train ...`.",
+    )
+    add_run_arguments(p)
+    p.add_argument(
+        "--out", default="runs/train", help="output directory (default: %(default)s)"
+    )
+    p.add_argument(
+        "--eval-every",
+        type=_positive_int,
+        default=None,
+        help="also evaluate on the validation split every N steps (default: each epoch end)",
+    )
+
+
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="microbenchmarks (kernels, score table)")
+    bsub = p.add_subparsers(dest="what", required=True)
+    from es_llm.kernels import bench as kbench
+
+    pk = bsub.add_parser(
+        "kernels",
+        help="per-sample loss / scoring kernels vs PyTorch eager, torch.compile and Liger",
+        description="Time the scoring kernels; writes OUT/kernels_bench.json.",
+    )
+    kbench.add_arguments(pk)
+    ps = bsub.add_parser(
+        "scores",
+        help="the score table at scale: ESWP epoch plan and per-step update",
+        description="Build a score shard of N samples and time the epoch plan and the per-step "
+        "update; writes OUT/scores_bench.json.",
+    )
+    ps.add_argument("--num-samples", type=_positive_int, default=10**8, help="(default: 10^8)")
+    ps.add_argument("--meta-batch", type=_positive_int, default=1024, help="(default: %(default)s)")
+    ps.add_argument("--repeats", type=_positive_int, default=3, help="(default: %(default)s)")
+    ps.add_argument("--out", default="runs/bench", help="output directory (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="es-llm",
+        description="Evolved Sampling (ES/ESWP) for LLM pre-training on DeepSpeed",
+    )
+    # the deepspeed launcher passes --local_rank to every rank
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    try:
+        _bench_parser(sub)
+    except ImportError:  # TEMP until kernels/bench.py lands
+        pass
+    return parser
+
+
+def options_from_args(args: argparse.Namespace, out: str | None = None):
+    from es_llm.train.loop import TrainOptions
+
+    return TrainOptions(
+        out=Path(out or args.out),
+        config=args.config,
+        model=args.model,
+        data=args.data,
+        tokenizer=args.tokenizer,
+        cache_dir=args.cache_dir,
+        method=getattr(args, "method", None),
+        es_overrides=dict(args.es),
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        seed=args.seed,
+        seq_len=args.seq_len,
+        vocab_size=args.vocab_size,
+        max_train_samples=args.max_train_samples,
+        max_val_samples=args.max_val_samples,
+        eval_every=getattr(args, "eval_every", None),
+        progress=not args.no_progress,
+    )
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from es_llm.train.loop import train
+
+    summary = train(options_from_args(args))
+    if int(os.environ.get("RANK", "0")) == 0:
+        keys = ("method", "world_size", "steps", "epochs", "bp_samples", "scored_samples")
+        print(json.dumps({k: summary[k] for k in keys}))
+        print(
+            f"final validation loss {summary['final_val_loss']:.4f} after "
+            f"{summary['wall_clock_s']:.1f}s of training; results in {args.out}/"
+        )
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "kernels":
+        from es_llm.kernels import bench as kbench
+
+        kbench.run(args)
+        return 0
+    from es_llm.bench_scores import run_scores_bench
+
+    run_scores_bench(
+        num_samples=args.num_samples,
+        meta_batch=args.meta_batch,
+        repeats=args.repeats,
+        out_dir=args.out,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    try:
+        if args.command == "train":
+            return _cmd_train(args)
+        if args.command == "bench":
+            return _cmd_bench(args)
+        parser.error(f"unknown command {args.command!r}")
+    except USER_ERRORS as e:
+        rank = os.environ.get("RANK")
+        prefix = f"es-llm (rank {rank}): error: " if rank not in (None, "0") else "es-llm: error: "
+        print(prefix + str(e).strip(), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
