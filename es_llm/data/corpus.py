@@ -91,6 +91,19 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+@contextmanager
+def _datasets_progress(enabled: bool) -> Iterator[None]:
+    """Silence the ``datasets`` progress bars for a quiet build, restoring the global setting."""
+    was = datasets.is_progress_bar_enabled()
+    if not enabled and was:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not enabled and was:
+            datasets.enable_progress_bars()
+
+
 # ----------------------------------------------------------------------------- split
 def _tail_split(n: int, min_val: int) -> tuple[list[int], list[int]]:
     k = min(max(min_val, 1), n - 1)
@@ -222,8 +235,9 @@ def _build(
         )
     train_rows = pack([token_lists[i] for i in train_idx], seq_len)
     val_rows = pack([token_lists[i] for i in val_idx], seq_len)
-    _to_dataset(train_rows).save_to_disk(str(out_dir / "train"))
-    _to_dataset(val_rows).save_to_disk(str(out_dir / "val"))
+    with _datasets_progress(progress):
+        _to_dataset(train_rows).save_to_disk(str(out_dir / "train"))
+        _to_dataset(val_rows).save_to_disk(str(out_dir / "val"))
     shutil.copyfile(tok_path, out_dir / "tokenizer.json")
     meta = {
         "format_version": FORMAT_VERSION,
