@@ -95,3 +95,16 @@ def test_state_dict_for_another_shard_is_refused():
         ScoreTable(7, offset=7).load_state_dict(t.state_dict())
     with pytest.raises(ValueError, match="shard"):
         ScoreTable(8, offset=0).load_state_dict(t.state_dict())
+
+
+def test_scores_bench_smoke(tmp_path):
+    import json
+
+    from es_llm.bench_scores import run_scores_bench
+
+    res = run_scores_bench(num_samples=5000, meta_batch=64, repeats=1, out_dir=str(tmp_path))
+    on_disk = json.loads((tmp_path / "scores_bench.json").read_text())
+    assert on_disk["num_samples"] == 5000 and on_disk["meta_batch"] == 64
+    assert res["bytes_per_sample"]["total"] <= 8
+    assert 0.5 < res["kept_fraction"] < 1.0
+    assert set(res["plan_epoch_s"]) >= {"min", "median"}
