@@ -56,7 +56,9 @@ def _fused_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
 @contextlib.contextmanager
 def _gathered(params: list[nn.Parameter]) -> Iterator[None]:
     """Gather ZeRO-3 partitioned parameters for reading; a no-op for ordinary ones."""
-    partitioned = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    partitioned = [
+        p for p in params if p is not None and (hasattr(p, "ds_id") or hasattr(p, "ds_status"))
+    ]
     if not partitioned:
         yield
         return
