@@ -175,10 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
-    try:
-        _bench_parser(sub)
-    except ImportError:  # TEMP until kernels/bench.py lands
-        pass
+    _bench_parser(sub)
     return parser
 
 
