@@ -95,6 +95,7 @@ class ESRun:
         self.step = 0
         self.epoch = 0
         self.train_clock = 0.0  # training wall-clock, evaluation excluded
+        self.train_cpu = 0.0  # process CPU time of the same spans (robust to a busy machine)
         self.eval_clock = 0.0
 
     # ------------------------------------------------------------------ setup
@@ -361,6 +362,7 @@ class ESRun:
             "where": where,
             "val_loss": val,
             "wall_clock_s": self.train_clock,
+            "cpu_time_s": self.train_cpu,
             "bp_samples": self.totals["bp_samples"],
         }
         self.val_history.append(rec)
@@ -400,12 +402,13 @@ class ESRun:
                 if pos + need > available:
                     break
                 local_idx = order[pos : pos + need]
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 rec = self._es_step(local_idx) if selecting else self._plain_step(local_idx)
                 self.sampler.advance(need)
                 dist.check_lockstep(rec["digest"])
                 now = time.perf_counter()
                 self.train_clock += now - t0
+                self.train_cpu += time.process_time() - c0
                 self.step += 1
                 lr = self.engine.get_lr()[0] if self.engine.lr_scheduler is not None else None
                 record = {
@@ -420,6 +423,7 @@ class ESRun:
                     "invalid": rec["invalid"],
                     "meta_loss": rec.get("meta_loss"),
                     "wall_clock_s": self.train_clock,
+                    "cpu_time_s": self.train_cpu,
                     "step_s": now - t0,
                     "selection_digest": rec["digest"],
                 }
@@ -452,6 +456,7 @@ class ESRun:
             "world_size": self.world,
             "wall_clock_s": self.train_clock,
             "eval_wall_clock_s": self.eval_clock,
+            "cpu_time_s": self.train_cpu,
             "steps": self.step,
             "epochs": self.epoch + 1,
             "bp_samples": self.totals["bp_samples"],
@@ -460,7 +465,7 @@ class ESRun:
             "pruned_sample_epochs": self.totals["pruned"],
             "final_val_loss": final_val,
             "val_history": [
-                {k: r[k] for k in ("step", "epoch", "val_loss", "wall_clock_s")}
+                {k: r[k] for k in ("step", "epoch", "val_loss", "wall_clock_s", "cpu_time_s")}
                 for r in self.val_history
             ],
             "time_breakdown_s": dict(self.timers),
