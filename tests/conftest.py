@@ -6,3 +6,76 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# --- shared fixtures for end-to-end runs (es-llm train as a real process) ---------------------
+import json  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Small enough that a run of a few steps takes seconds on 2 CPU cores.
+TINY_DS_CONFIG = {
+    "train_batch_size": 8,
+    "train_micro_batch_size_per_gpu": 4,
+    "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "torch_adam": True}},
+    "zero_optimization": {"stage": 0},
+    "steps_per_print": 1000000,
+    "evolved_sampling": {"method": "es", "selection_ratio": 0.5},
+}
+TINY_RUN_ARGS = [
+    "--model", "gpt2-tiny", "--seq-len", "32", "--vocab-size", "512",
+    "--max-train-samples", "256", "--max-val-samples", "32", "--no-progress",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def es_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One corpus/tokenizer cache for the whole session: the stdlib corpus is built once."""
+    return tmp_path_factory.mktemp("es_llm_cache")
+
+
+@pytest.fixture
+def tiny_ds_config(tmp_path: Path):
+    """Write a tiny DeepSpeed config (optionally modified) and return its path."""
+
+    def make(**changes) -> Path:
+        cfg = json.loads(json.dumps(TINY_DS_CONFIG))
+        es = changes.pop("evolved_sampling", None)
+        cfg.update(changes)
+        if es is not None:
+            if es is False:
+                cfg.pop("evolved_sampling")
+            else:
+                cfg["evolved_sampling"].update(es)
+        path = tmp_path / f"ds_{abs(hash(json.dumps(cfg, sort_keys=True)))}.json"
+        path.write_text(json.dumps(cfg))
+        return path
+
+    return make
+
+
+def run_cli(args: list[str], cache: Path, *, ranks: int = 1, timeout: int = 600,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `es-llm ...` (1 rank) or the deepspeed launcher (several ranks) as a real process."""
+    import os
+
+    full_env = {**os.environ, "ES_LLM_CACHE": str(cache), "PYTHONUNBUFFERED": "1", **(env or {})}
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "es_llm.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+               "--master_port", str(free_port()), "--module", "es_llm.cli", *args]
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)

@@ -17,6 +17,7 @@ per-sample losses of that training forward update the scores for free.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +30,15 @@ import torch.nn.functional as F
 from es_llm import dist
 from es_llm.config import EvolvedSamplingConfig
 from es_llm.core.policies import method_weights
-from es_llm.core.pruning import EpochPlan, anneal_epoch, plan_epoch
+from es_llm.core.pruning import EpochPlan, anneal_epoch
 from es_llm.core.schedule import Phase, phase_for_step, resolve_burn_in_steps
 from es_llm.core.scores import ScoreTable
 from es_llm.core.selector import selection_digest
 from es_llm.data import load_corpus
 from es_llm.data.sharding import RankSampler, shard_range
+from es_llm.eswp import lockstep_available, plan_epoch_global
 from es_llm.model import build_model, count_parameters, load_model_preset
+from es_llm.train import checkpoint as ckpt
 from es_llm.train.dsconfig import deepspeed_config, es_config_for_run, load_ds_config
 from es_llm.train.geometry import BatchGeometry, resolve_geometry
 from es_llm.train.global_selection import select_global
@@ -67,6 +70,10 @@ class TrainOptions:
     eval_every: int | None = None
     progress: bool = True
     max_wall_clock_s: float | None = None
+    save_every: int | None = None  # checkpoint every N steps (and at a stop / the end)
+    resume: bool = False  # continue the run in `out` from its newest complete checkpoint
+    stop_after: int | None = None  # stop after step N without changing the planned schedule
+    max_cpu_time_s: float | None = None  # the same budget in process CPU time (shared machines)
 
 
 class TrainingError(ValueError):
@@ -97,23 +104,26 @@ class ESRun:
         self.train_clock = 0.0  # training wall-clock, evaluation excluded
         self.train_cpu = 0.0  # process CPU time of the same spans (robust to a busy machine)
         self.eval_clock = 0.0
+        self.resumed_from: Path | None = None
+        self._last_saved_step: int | None = None
+        self._plan_restored = False
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         import deepspeed
 
         opts = self.opts
-        dist.ensure_launcher_env()
-        deepspeed.init_distributed(dist_backend=None, verbose=False)
-        self.rank, self.world = dist.rank(), dist.world_size()
-        self.is_main = self.rank == 0
-
+        # validate the configs before any process group exists: bad input fails fast
         ds_config = load_ds_config(opts.config)
         self.es: EvolvedSamplingConfig = es_config_for_run(ds_config, opts.method, opts.es_overrides)
         self.method = self.es.method
+        dist.ensure_launcher_env()
         self.geo: BatchGeometry = resolve_geometry(
-            ds_config, self.world, self.es.effective_selection_ratio
+            ds_config, int(os.environ["WORLD_SIZE"]), self.es.effective_selection_ratio
         )
+        deepspeed.init_distributed(dist_backend=None, verbose=False)
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.is_main = self.rank == 0
         self.seed = self.es.resolved_seed(opts.seed)
         torch.manual_seed(opts.seed)  # model init only; ES randomness is counter-based
 
@@ -164,9 +174,21 @@ class ESRun:
         )
         self.scoring_mbs = self.es.scoring_micro_batch_size or 2 * self.geo.micro
         self.out = Path(opts.out)
+        if opts.resume:
+            self.resumed_from = ckpt.load_checkpoint(self, self.out)
+            self._last_saved_step = self.step
+            self._plan_restored = self.plan is not None
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            self.metrics = MetricsWriter(self.out / "metrics.jsonl")
+            if self.resumed_from is not None:
+                ckpt.rewind_metrics(self.out / "metrics.jsonl", self.step)
+            self.metrics = MetricsWriter(
+                self.out / "metrics.jsonl", append=self.resumed_from is not None
+            )
+            if self.resumed_from is not None:
+                self.metrics.write(
+                    {"type": "resume", "step": self.step, "checkpoint": str(self.resumed_from)}
+                )
 
     def _load_corpus(self, progress: bool):
         o = self.opts
@@ -207,19 +229,13 @@ class ESRun:
         if not self.es.uses_pruning:
             self.plan = None
             return
-        s, c = self.table.sum_and_count()
-        total_s, total_c = dist.all_reduce_sum([s, float(c)])
-        mean = total_s / total_c if total_c > 0 else float("nan")
-        self.plan = plan_epoch(
-            self.table,
-            mean,
-            epoch=epoch,
-            epochs=self.opts.epochs,
-            seed=self.seed,
-            prune_ratio=self.es.prune_ratio,
-            delta=self.es.delta,
-            rescale=self.es.rescale,
+        self.plan = plan_epoch_global(
+            self.table, self.es, epoch=epoch, epochs=self.opts.epochs, seed=self.seed
         )
+
+    def _save(self) -> None:
+        ckpt.save_checkpoint(self, ckpt.checkpoint_root(self.out))
+        self._last_saved_step = self.step
 
     # ------------------------------------------------------------------ steps
     def _phase(self) -> Phase:
@@ -381,17 +397,23 @@ class ESRun:
             disable=not (self.is_main and opts.progress),
             dynamic_ncols=True,
         )
-        self._record_eval("start")
+        if self.resumed_from is None:
+            self._record_eval("start")
         stop = False
         last = time.perf_counter()
-        for epoch in range(self.epoch, opts.epochs):
+        # a resumed run continues in the sampler's epoch (past the last one when it had finished)
+        for epoch in range(self.sampler.epoch, opts.epochs):
             self.epoch = epoch
             self.sampler.set_epoch(epoch)
-            self._plan_epoch(epoch)
+            # mid-epoch resume: the saved plan, not one from the scores updated since
+            restored = self._plan_restored and self.plan is not None and self.plan.epoch == epoch
+            self._plan_restored = False
+            if not restored:
+                self._plan_epoch(epoch)
             keep = self.plan.keep if self.plan is not None else None
             order = self.sampler.order(keep)
-            available = dist.all_reduce_min_int(len(order))
-            if self.plan is not None:
+            available = lockstep_available(self.sampler, self.plan)
+            if self.plan is not None and not restored:
                 pruned = int((~self.plan.keep).sum())
                 self.totals["pruned"] += int(dist.all_reduce_sum([float(pruned)])[0])
             while not stop:
@@ -439,13 +461,19 @@ class ESRun:
                     self._record_eval("interval")
                 if (opts.max_steps is not None and self.step >= opts.max_steps) or (
                     opts.max_wall_clock_s is not None and self.train_clock >= opts.max_wall_clock_s
-                ):
+                ) or (opts.max_cpu_time_s is not None and self.train_cpu >= opts.max_cpu_time_s):
                     stop = True
+                if opts.stop_after is not None and self.step >= opts.stop_after:
+                    stop = True
+                if opts.save_every and (stop or self.step % opts.save_every == 0):
+                    self._save()
             self._record_eval("epoch_end")
             if stop:
                 break
             self.sampler.set_epoch(epoch + 1)
         bar.close()
+        if opts.save_every and self._last_saved_step != self.step:
+            self._save()  # the finished state: resuming it runs no more steps
         final = self.val_history[-1]["val_loss"]
         return self._finish(final)
 

@@ -1,0 +1,153 @@
+"""`es-llm train` end to end as real processes: 1 rank, 2 ranks through the deepspeed launcher,
+and what a run leaves behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import TINY_RUN_ARGS, run_cli
+
+from es_llm.train.metrics import read_jsonl
+
+STEP_KEYS = {"step", "epoch", "train_loss", "lr", "scored", "selected", "wall_clock_s",
+             "selection_digest"}
+SUMMARY_KEYS = {"method", "wall_clock_s", "steps", "epochs", "bp_samples", "scored_samples",
+                "final_val_loss"}
+
+
+def _ok(proc) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT\n{proc.stdout[-3000:]}\nSTDERR\n{proc.stderr[-5000:]}"
+
+
+def _steps(out: Path) -> list[dict]:
+    return [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "step"]
+
+
+@pytest.mark.multiproc
+def test_single_rank_es_run_leaves_metrics_summary_and_plot(tmp_path, es_cache, tiny_ds_config):
+    out = tmp_path / "run"
+    cfg = tiny_ds_config(evolved_sampling={"burn_in_steps": 2})
+    proc = run_cli(["train", "--config", str(cfg), "--out", str(out), "--epochs", "1",
+                    "--max-steps", "8", *TINY_RUN_ARGS], es_cache)
+    _ok(proc)
+    steps = _steps(out)
+    assert len(steps) == 8
+    for r in steps:
+        assert r.keys() >= STEP_KEYS
+        assert len(r["selection_digest"]) == 40
+    # burn-in trains B uniformly without scoring; then each step scores B_meta = 2B
+    assert [r["phase"] for r in steps[:3]] == ["burn_in", "burn_in", "select"]
+    assert steps[0]["scored"] == 0 and steps[2]["scored"] == 16 and steps[2]["selected"] == 8
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary.keys() >= SUMMARY_KEYS
+    assert summary["method"] == "es" and summary["steps"] == 8
+    assert summary["bp_samples"] == 8 * 8
+    assert summary["scored_samples"] == 6 * 16
+    assert summary["final_val_loss"] < summary["val_history"][0]["val_loss"]
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    assert "final validation loss" in proc.stdout
+
+
+@pytest.mark.multiproc
+def test_config_without_section_is_plain_uniform_training(tmp_path, es_cache, tiny_ds_config):
+    out = tmp_path / "run"
+    cfg = tiny_ds_config(evolved_sampling=False)
+    _ok(run_cli(["train", "--config", str(cfg), "--out", str(out), "--max-steps", "3",
+                 *TINY_RUN_ARGS], es_cache))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "uniform"
+    assert summary["scored_samples"] == 0
+    assert all(r["scored"] == 0 for r in _steps(out))
+
+
+@pytest.mark.multiproc
+def test_two_ranks_through_the_deepspeed_launcher(tmp_path, es_cache, tiny_ds_config):
+    out = tmp_path / "run2"
+    cfg = tiny_ds_config(evolved_sampling={"method": "eswp", "burn_in_steps": 1})
+    proc = run_cli(["train", "--config", str(cfg), "--out", str(out), "--epochs", "2",
+                    "--max-steps", "20", *TINY_RUN_ARGS], es_cache, ranks=2)
+    _ok(proc)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["batch"]["gradient_accumulation_steps"] == 1  # 8 = 4 x 1 x 2 ranks
+    steps = _steps(out)
+    assert len(steps) == 20
+    assert {r["epoch"] for r in steps} == {0, 1}  # crossed an epoch: pruning planned at epoch 1
+    assert summary["pruned_sample_epochs"] > 0
+    assert all(r["selected"] == 8 for r in steps)
+
+
+@pytest.mark.multiproc
+def test_nan_scoring_losses_are_never_selected_and_training_goes_on(tmp_path, es_cache,
+                                                                    tiny_ds_config):
+    """Poison the scoring pass for ids divisible by 3: counted, never selected, run finishes."""
+    out = tmp_path / "nan"
+    cfg = tiny_ds_config(evolved_sampling={"burn_in_steps": 0})
+    script = tmp_path / "poisoned.py"
+    script.write_text(
+        "import sys, torch\n"
+        "import es_llm.train.loop as loop\n"
+        "real = loop.ESRun._score\n"
+        "def poisoned(self, tokens):\n"
+        "    loss, valid = real(self, tokens)\n"
+        "    ids = self._current_ids\n"
+        "    bad = ids % 3 == 0\n"
+        "    loss = torch.where(bad, torch.full_like(loss, float('nan')), loss)\n"
+        "    return loss, valid & ~bad\n"
+        "loop.ESRun._score = poisoned\n"
+        "real_es = loop.ESRun._es_step\n"
+        "def es_step(self, local_idx):\n"
+        "    self._current_ids = local_idx + self.lo\n"
+        "    return real_es(self, local_idx)\n"
+        "loop.ESRun._es_step = es_step\n"
+        "real_select = loop.select_global\n"
+        "def checked(*a, **kw):\n"
+        "    gs = real_select(*a, **kw)\n"
+        "    chosen = gs.gathered.ids[gs.selection.positions]\n"
+        "    assert not bool((chosen % 3 == 0).any()), 'a poisoned sample was selected'\n"
+        "    return gs\n"
+        "loop.select_global = checked\n"
+        "from es_llm.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, str(script), "train", "--config", str(cfg), "--out", str(out),
+         "--max-steps", "6", *TINY_RUN_ARGS],
+        env={**os.environ, "ES_LLM_CACHE": str(es_cache)}, capture_output=True, text=True,
+        timeout=600,
+    )
+    _ok(proc)
+    steps = _steps(out)
+    assert len(steps) == 6
+    assert sum(r["invalid"] for r in steps) > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["invalid_samples"] == sum(r["invalid"] for r in steps)
+    assert all(r["train_loss"] == r["train_loss"] for r in steps)  # no NaN reached training
+
+
+def test_selected_ids_exclude_invalid(tmp_path):
+    """Unit-level companion of the NaN test: the digest of a selection never covers NaN ids."""
+    import torch
+
+    from es_llm.config import EvolvedSamplingConfig
+    from es_llm.core.scores import ScoreTable
+    from es_llm.train.global_selection import select_global
+
+    cfg = EvolvedSamplingConfig(method="es", selection_ratio=0.5)
+    table = ScoreTable(16, offset=0, s_init=1 / 16)
+    ids = torch.arange(16, dtype=torch.int64)
+    losses = torch.linspace(1, 4, 16)
+    losses[ids % 3 == 0] = float("nan")
+    valid = torch.isfinite(losses)
+    gs = select_global(cfg, table, step=3, seed=0, ids=ids, losses=losses, valid=valid,
+                       tokens=ids.view(-1, 1), prune_weights=torch.ones(16), k=8)
+    chosen = gs.gathered.ids[gs.selection.positions]
+    assert not bool((chosen % 3 == 0).any())
+    before = table.gather(ids[~valid])
+    assert torch.equal(before, torch.full_like(before, 1 / 16))  # NaN never updated a score
