@@ -14,13 +14,14 @@ from typing import Any
 import torch
 
 FAMILIES = ("gpt2", "llama")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_PRESET = "gpt2-tiny"
 
 
 def configs_dir() -> Path:
-    """`configs/` of a source checkout (the package is installed editable from it)."""
-    return REPO_ROOT / "configs"
+    """The shipped `configs/` folder (installed as the package `es_llm.configs`)."""
+    import es_llm.configs
+
+    return Path(es_llm.configs.__file__).resolve().parent
 
 
 def resolve_preset_path(name_or_path: str, kind: str) -> Path:

@@ -1,0 +1,1 @@
+"""DeepSpeed configs (ds/) and model presets (models/), shipped as package data."""
