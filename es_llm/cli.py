@@ -141,6 +141,30 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="also evaluate on the validation split every N steps (default: each epoch end)",
     )
+    p.add_argument(
+        "--save-every",
+        type=_positive_int,
+        default=None,
+        help="save a checkpoint (DeepSpeed's files + the ES state of every rank) to "
+        "OUT/checkpoints/global_step<N>/ every N steps, at a stop and at the end "
+        "(default: no checkpoints)",
+    )
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="continue the run in DIR (its --out) from the newest complete checkpoint in "
+        "DIR/checkpoints/, appending to DIR/metrics.jsonl; give the same flags and config as "
+        "the original run (a different run configuration is an error)",
+    )
+    p.add_argument(
+        "--stop-after",
+        type=_positive_int,
+        default=None,
+        metavar="STEP",
+        help="stop after optimizer step STEP (checkpointed with --save-every) without changing "
+        "the planned schedule, unlike --max-steps; resume later with --resume",
+    )
 
 
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -176,14 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _bench_parser(sub)
+    from es_llm import compare
+
+    compare.add_parser(sub)
     return parser
 
 
 def options_from_args(args: argparse.Namespace, out: str | None = None):
     from es_llm.train.loop import TrainOptions
 
+    resume = getattr(args, "resume", None)
     return TrainOptions(
-        out=Path(out or args.out),
+        out=Path(out or resume or args.out),
         config=args.config,
         model=args.model,
         data=args.data,
@@ -200,19 +228,23 @@ def options_from_args(args: argparse.Namespace, out: str | None = None):
         max_val_samples=args.max_val_samples,
         eval_every=getattr(args, "eval_every", None),
         progress=not args.no_progress,
+        save_every=getattr(args, "save_every", None),
+        resume=resume is not None,
+        stop_after=getattr(args, "stop_after", None),
     )
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from es_llm.train.loop import train
 
-    summary = train(options_from_args(args))
+    opts = options_from_args(args)
+    summary = train(opts)
     if int(os.environ.get("RANK", "0")) == 0:
         keys = ("method", "world_size", "steps", "epochs", "bp_samples", "scored_samples")
         print(json.dumps({k: summary[k] for k in keys}))
         print(
             f"final validation loss {summary['final_val_loss']:.4f} after "
-            f"{summary['wall_clock_s']:.1f}s of training; results in {args.out}/"
+            f"{summary['wall_clock_s']:.1f}s of training; results in {opts.out}/"
         )
     return 0
 
@@ -244,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_train(args)
         if args.command == "bench":
             return _cmd_bench(args)
+        if args.command == "compare":
+            from es_llm import compare
+
+            return compare.run_from_args(args, argv)
         parser.error(f"unknown command {args.command!r}")
     except USER_ERRORS as e:
         rank = os.environ.get("RANK")
