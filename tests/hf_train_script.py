@@ -1,0 +1,84 @@
+"""Train the tiny GPT-2 with `es_llm.hf.ESTrainer` (run by tests/test_hf_trainer.py).
+
+Started with `torchrun --nproc_per_node N`; mirrors `es-llm train` (same corpus, same seed
+before the model is built, same DeepSpeed config) so the per-step selection digests of
+OUT/es_metrics.jsonl can be compared with the native OUT/metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import TrainingArguments
+
+from es_llm.data import load_corpus
+from es_llm.hf import ESTrainer
+from es_llm.model import build_model, load_model_preset
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-steps", type=int, default=4)
+    p.add_argument("--micro", type=int, default=2)
+    p.add_argument("--gas", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--max-train-samples", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+
+    original = Path(a.config).read_text()
+    torch.manual_seed(a.seed)  # as the native loop: model init from the run seed
+    corpus = load_corpus(
+        None,
+        seq_len=a.seq_len,
+        cache_dir=os.environ.get("ES_LLM_CACHE"),
+        vocab_size=4096,
+        max_train_samples=a.max_train_samples,
+        max_val_samples=32,
+        progress=False,
+    )
+    model = build_model(
+        load_model_preset("gpt2-tiny"), vocab_size=corpus.vocab_size, seq_len=corpus.seq_len
+    )
+    args = TrainingArguments(
+        output_dir=a.out,
+        deepspeed=a.config,
+        per_device_train_batch_size=a.micro,
+        gradient_accumulation_steps=a.gas,
+        max_steps=a.max_steps,
+        learning_rate=0.002,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        adam_epsilon=1e-8,
+        weight_decay=0.1,
+        max_grad_norm=1.0,
+        seed=a.seed,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    trainer = ESTrainer(model=model, args=args, train_dataset=corpus.train)
+    assert trainer.es is not None and trainer.es.method == "es"
+    result = trainer.train()
+    assert Path(a.config).read_text() == original, "the user's DeepSpeed config file was modified"
+    if args.process_index == 0:
+        summary = {
+            "global_step": result.global_step,
+            "train_loss": result.training_loss,
+            "steps": len(trainer.es_log),
+            "world_size": args.world_size,
+        }
+        with open(os.path.join(a.out, "summary.json"), "w") as f:
+            json.dump(summary, f)
+
+
+if __name__ == "__main__":
+    main()
