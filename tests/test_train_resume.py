@@ -1,0 +1,213 @@
+"""Checkpoint and exact resume (spec section 5) and rank failure, with real processes.
+
+A run stopped (or killed) after a checkpoint and resumed must select exactly the samples of a
+run that never stopped, step for step, and end with the same weights. Runs are started as
+`es-llm train` / the deepspeed launcher; pairs that do not depend on each other run
+concurrently to keep the wall-clock down. OMP_NUM_THREADS=1 everywhere: identical float
+reductions in every run, so the comparison can be exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from conftest import REPO, free_port
+
+from es_llm.train.checkpoint import MARKER, find_complete_tag, read_marker
+from es_llm.train.metrics import read_jsonl
+
+MODEL = str(REPO / "configs" / "models" / "gpt2-tiny.json")
+SCHEDULER = {
+    "type": "WarmupCosineLR",
+    "params": {"total_num_steps": "auto", "warmup_num_steps": "auto", "cos_min_ratio": 0.1},
+}
+
+
+def _args(cfg: Path, out: Path, *extra: str, samples: int = 128, epochs: int = 2) -> list[str]:
+    return [
+        "train", "--config", str(cfg), "--out", str(out), "--model", MODEL,
+        "--seq-len", "32", "--vocab-size", "512", "--max-train-samples", str(samples),
+        "--max-val-samples", "32", "--epochs", str(epochs), "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def _start(args: list[str], cache: Path, log: Path, ranks: int = 1) -> subprocess.Popen:
+    env = {**os.environ, "ES_LLM_CACHE": str(cache), "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "es_llm.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+               "--master_port", str(free_port()), "--module", "es_llm.cli", *args]  # fmt: skip
+    fh = log.open("w")
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+
+
+def _finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"timed out:\n{log.read_text()[-4000:]}") from None
+
+
+def _ok(proc: subprocess.Popen, log: Path) -> None:
+    rc = _finish(proc, log)
+    assert rc == 0, f"exit {rc}\n{log.read_text()[-5000:]}"
+
+
+def _steps(out: Path) -> list[dict]:
+    return [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "step"]
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    tag = find_complete_tag(out / "checkpoints")
+    path = out / "checkpoints" / tag / "mp_rank_00_model_states.pt"
+    return torch.load(path, map_location="cpu", weights_only=False)["module"]
+
+
+def _assert_same_run(ref: Path, resumed: Path, from_step: int) -> None:
+    """Every step after `from_step` selects what the reference selected; same end state."""
+    a, b = _steps(ref), _steps(resumed)
+    assert [r["step"] for r in b] == [r["step"] for r in a]  # no step lost or repeated
+    later = [r["step"] for r in a if r["step"] > from_step]
+    assert later, "the resumed run trained no step"
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["selection_digest"] == rb["selection_digest"], ra["step"]
+        assert ra["epoch"] == rb["epoch"] and ra["phase"] == rb["phase"]
+        if ra["lr"] is not None:  # the LR schedule continues (DeepSpeed's scheduler state)
+            assert rb["lr"] == pytest.approx(ra["lr"], rel=1e-6)
+    wa, wb = _weights(ref), _weights(resumed)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k].float(), wa[k].float(), rtol=1e-5, atol=1e-5)
+    sa = json.loads((ref / "summary.json").read_text())
+    sb = json.loads((resumed / "summary.json").read_text())
+    for k in ("steps", "epochs", "bp_samples", "scored_samples", "pruned_sample_epochs"):
+        assert sa[k] == sb[k], k
+    assert sb["final_val_loss"] == pytest.approx(sa["final_val_loss"], abs=1e-5)
+
+
+def _stop_then_resume(tmp_path: Path, cache: Path, cfg: Path, stop: int, **kw) -> tuple[Path, Path]:
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    p_ref = _start(_args(cfg, ref, "--save-every", "3", **kw), cache, tmp_path / "ref.log")
+    p_cut = _start(_args(cfg, cut, "--save-every", "3", "--stop-after", str(stop), **kw), cache,
+                   tmp_path / "cut.log")  # fmt: skip
+    _ok(p_ref, tmp_path / "ref.log")
+    _ok(p_cut, tmp_path / "cut.log")
+    assert [r["step"] for r in _steps(cut)][-1] == stop
+    assert find_complete_tag(cut / "checkpoints") == f"global_step{stop}"
+    # --resume DIR continues in DIR: the --out given here must not matter
+    resume = _args(cfg, tmp_path / "ignored", "--save-every", "3", "--resume", str(cut), **kw)
+    _ok(_start(resume, cache, tmp_path / "resume.log"), tmp_path / "resume.log")
+    assert not (tmp_path / "ignored").exists()
+    return ref, cut
+
+
+@pytest.mark.multiproc
+def test_es_stop_and_resume_selects_what_an_uninterrupted_run_selects(
+    tmp_path, es_cache, tiny_ds_config
+):
+    cfg = tiny_ds_config(scheduler=SCHEDULER, evolved_sampling={"burn_in_steps": 2})
+    ref, cut = _stop_then_resume(tmp_path, es_cache, cfg, stop=5)
+    _assert_same_run(ref, cut, from_step=5)
+    kinds = [r["type"] for r in read_jsonl(cut / "metrics.jsonl")]
+    assert kinds.count("resume") == 1 and kinds.count("step") == len(_steps(ref))
+
+    # a truncated ES state file is an error naming the file, never a fresh start
+    bad = tmp_path / "bad"
+    shutil.copytree(cut, bad)
+    tag_dir = bad / "checkpoints" / find_complete_tag(bad / "checkpoints")
+    state = tag_dir / "es_state_rank0.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    log = tmp_path / "bad.log"
+    rc = _finish(_start(_args(cfg, bad, "--resume", str(bad)), es_cache, log), log)
+    assert rc == 2, log.read_text()[-3000:]
+    text = log.read_text()
+    assert str(state) in text and "truncated" in text and "Traceback" not in text
+
+
+@pytest.mark.multiproc
+def test_eswp_resume_restores_the_epoch_plan_and_replans_the_next_epoch(
+    tmp_path, es_cache, tiny_ds_config
+):
+    cfg = tiny_ds_config(
+        scheduler=SCHEDULER, evolved_sampling={"method": "eswp", "burn_in_steps": 2}
+    )
+    # 3 epochs, delta 0.875: epochs 1 and 2 are pruned. Stop inside epoch 1 (its saved plan
+    # must come back: replanning from the scores updated since would differ), then epoch 2 is
+    # planned from the restored scores.
+    ref, cut = _stop_then_resume(tmp_path, es_cache, cfg, stop=10, epochs=3)
+    epochs = {r["step"]: r["epoch"] for r in _steps(ref)}
+    assert epochs[10] == 1 and epochs[11] == 1 and max(epochs.values()) == 2
+    _assert_same_run(ref, cut, from_step=10)
+    assert json.loads((ref / "summary.json").read_text())["pruned_sample_epochs"] > 0
+
+
+def _rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process | None:
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            env = child.environ()
+            if env.get("RANK") == str(rank) and "es_llm.cli" in " ".join(child.cmdline()):
+                return child
+        except psutil.Error:
+            continue
+    return None
+
+
+@pytest.mark.multiproc
+def test_two_ranks_killed_rank_then_resume_from_last_complete_checkpoint(
+    tmp_path, es_cache, tiny_ds_config
+):
+    cfg = tiny_ds_config(
+        scheduler=SCHEDULER, evolved_sampling={"method": "eswp", "burn_in_steps": 1}
+    )
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    extra = ("--save-every", "4")
+    p_ref = _start(_args(cfg, ref, *extra, samples=512), es_cache, tmp_path / "ref.log", ranks=2)
+    log = tmp_path / "run.log"
+    p_run = _start(_args(cfg, run, *extra, samples=512), es_cache, log, ranks=2)
+
+    # wait for a complete checkpoint, then kill -9 rank 1 while the run goes on
+    deadline = time.monotonic() + 240
+    while not (run / "checkpoints" / "latest").is_file():
+        assert p_run.poll() is None, f"run ended early:\n{log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.05)
+    victim = _rank_process(p_run, 1)
+    assert victim is not None, "rank 1 not found among the launcher's children"
+    os.kill(victim.pid, signal.SIGKILL)
+    rc = _finish(p_run, log, timeout=90)
+    assert rc != 0, "the launcher must report a killed rank"
+    _ok(p_ref, tmp_path / "ref.log")
+    total = len(_steps(ref))
+    assert len(_steps(run)) < total, "the kill came after the run had finished"
+
+    # whatever the kill left behind, resume reads only a complete checkpoint
+    root = run / "checkpoints"
+    tag = find_complete_tag(root)
+    marker = read_marker(root / tag)
+    assert marker["world_size"] == 2 and set(marker["files"]) == {
+        "es_state_rank0.pt", "es_state_rank1.pt"
+    }
+    half = root / "global_step999"  # a save cut short: DeepSpeed's file there, no marker
+    half.mkdir(exist_ok=True)
+    (half / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    assert find_complete_tag(root) == tag and not (half / MARKER).exists()
+
+    resume_log = tmp_path / "resume.log"
+    p = _start(_args(cfg, run, *extra, "--resume", str(run), samples=512), es_cache, resume_log,
+               ranks=2)  # fmt: skip
+    _ok(p, resume_log)
+    shutil.rmtree(half)
+    _assert_same_run(ref, run, from_step=marker["step"])
