@@ -198,7 +198,8 @@ def test_two_ranks_killed_rank_then_resume_from_last_complete_checkpoint(
     tag = find_complete_tag(root)
     marker = read_marker(root / tag)
     assert marker["world_size"] == 2 and set(marker["files"]) == {
-        "es_state_rank0.pt", "es_state_rank1.pt"
+        "es_state_rank0.pt",
+        "es_state_rank1.pt",
     }
     half = root / "global_step999"  # a save cut short: DeepSpeed's file there, no marker
     half.mkdir(exist_ok=True)
