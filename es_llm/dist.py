@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -47,6 +48,28 @@ def ensure_launcher_env() -> None:
     os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+TIMEOUT_ENV = "ES_LLM_DIST_TIMEOUT_S"
+
+
+def collective_timeout() -> timedelta | None:
+    """Collective timeout from $ES_LLM_DIST_TIMEOUT_S (seconds); None keeps torch's default.
+
+    Why: when a rank dies, the survivors block in their next collective. On one node the
+    deepspeed launcher kills them at once; across nodes (each launcher sees only its own ranks)
+    a short timeout makes them fail instead of hanging until torch's default (30 min).
+    """
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None or not raw.strip():
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError as e:
+        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from e
+    if seconds <= 0:
+        raise ValueError(f"{TIMEOUT_ENV} must be > 0, got {raw!r}")
+    return timedelta(seconds=seconds)
 
 
 def destroy() -> None:

@@ -113,3 +113,18 @@ def test_rewind_metrics_drops_steps_after_the_checkpoint_and_cut_lines(tmp_path:
     rewind_metrics(path, 4)
     got = [json.loads(x) for x in path.read_text().splitlines()]
     assert [r["step"] for r in got] == [0, 1, 2, 3, 4]
+
+
+def test_collective_timeout_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import timedelta
+
+    from es_llm.dist import TIMEOUT_ENV, collective_timeout
+
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert collective_timeout() is None
+    monkeypatch.setenv(TIMEOUT_ENV, "90")
+    assert collective_timeout() == timedelta(seconds=90)
+    for bad in ("soon", "0"):
+        monkeypatch.setenv(TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=TIMEOUT_ENV):
+            collective_timeout()

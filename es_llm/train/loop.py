@@ -121,7 +121,10 @@ class ESRun:
         self.geo: BatchGeometry = resolve_geometry(
             ds_config, int(os.environ["WORLD_SIZE"]), self.es.effective_selection_ratio
         )
-        deepspeed.init_distributed(dist_backend=None, verbose=False)
+        timeout = dist.collective_timeout()
+        deepspeed.init_distributed(
+            dist_backend=None, verbose=False, **({"timeout": timeout} if timeout else {})
+        )
         self.rank, self.world = dist.rank(), dist.world_size()
         self.is_main = self.rank == 0
         self.seed = self.es.resolved_seed(opts.seed)
@@ -467,7 +470,7 @@ class ESRun:
                     stop = True
                 if opts.save_every and (stop or self.step % opts.save_every == 0):
                     self._save()
-            self._record_eval("epoch_end")
+            self._record_eval("stop" if stop else "epoch_end")
             if stop:
                 break
             self.sampler.set_epoch(epoch + 1)
