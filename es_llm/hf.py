@@ -54,11 +54,12 @@ from transformers import Trainer
 from es_llm import dist
 from es_llm.config import SECTION, EvolvedSamplingConfig, es_config_from_ds_config
 from es_llm.core.policies import method_weights
-from es_llm.core.pruning import EpochPlan, anneal_epoch, plan_epoch
+from es_llm.core.pruning import EpochPlan, anneal_epoch
 from es_llm.core.schedule import Phase, phase_for_step, resolve_burn_in_steps
 from es_llm.core.scores import ScoreTable
 from es_llm.core.selector import selection_digest
 from es_llm.data.sharding import RankSampler, shard_range
+from es_llm.eswp import lockstep_available, plan_epoch_global
 from es_llm.train.geometry import BatchGeometry, resolve_geometry
 from es_llm.train.global_selection import select_global
 from es_llm.train.loop import _sample_losses
@@ -133,24 +134,13 @@ class _ESStream(IterableDataset):
         self.sampler.set_epoch(epoch)
         self.plan = None
         if self.es.uses_pruning:
-            s, c = self.table.sum_and_count()
-            total_s, total_c = dist.all_reduce_sum([s, float(c)])
-            mean = total_s / total_c if total_c > 0 else float("nan")
-            self.plan = plan_epoch(
-                self.table,
-                mean,
-                epoch=epoch,
-                epochs=self.epochs,
-                seed=self.seed,
-                prune_ratio=self.es.prune_ratio,
-                delta=self.es.delta,
-                rescale=self.es.rescale,
+            self.plan = plan_epoch_global(
+                self.table, self.es, epoch=epoch, epochs=self.epochs, seed=self.seed
             )
             pruned = int((~self.plan.keep).sum())
             self.pruned_total += int(dist.all_reduce_sum([float(pruned)])[0])
-        keep = self.plan.keep if self.plan is not None else None
-        self._order = self.sampler.order(keep)
-        self._available = dist.all_reduce_min_int(len(self._order))
+        self._order = self.sampler.order(self.plan.keep if self.plan is not None else None)
+        self._available = lockstep_available(self.sampler, self.plan)
 
     def draw(self) -> tuple[Phase, torch.Tensor] | None:
         """Local indices of the next step (and its phase), or None when all epochs are done."""
@@ -273,7 +263,7 @@ class ESTrainer(Trainer):
             raise ValueError(
                 f"DeepSpeed config batch fields (micro {geo.micro}, gas {geo.grad_accum}) differ "
                 f"from TrainingArguments ({self.args.per_device_train_batch_size}, "
-                f"{self.args.gradient_accumulation_steps}); use \"auto\" in the config"
+                f'{self.args.gradient_accumulation_steps}); use "auto" in the config'
             )
         n = len(ds)
         lo, hi = shard_range(n, rank, world)
@@ -299,7 +289,9 @@ class ESTrainer(Trainer):
             else 0
         )
         # Trainer epochs only count steps: make their total the native plan
-        per_trainer_epoch = math.ceil(estimate_total_steps(self.es, geo, min_local, epochs) / epochs)
+        per_trainer_epoch = math.ceil(
+            estimate_total_steps(self.es, geo, min_local, epochs) / epochs
+        )
         return _ESStream(
             shard,
             lo=lo,
@@ -429,7 +421,9 @@ class ESTrainer(Trainer):
             losses = per_sample.detach().float().cpu()
             ids = inputs["es_ids"].cpu()
             table = self._stream.table
-            _, s_new = method_weights("ema", table.gather(ids), losses, self.es.beta1, self.es.beta2)
+            _, s_new = method_weights(
+                "ema", table.gather(ids), losses, self.es.beta1, self.es.beta2
+            )
             table.update(ids, s_new, torch.isfinite(losses))
         return (loss, outputs) if return_outputs else loss
 

@@ -24,11 +24,13 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--config", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--max-steps", type=int, default=4)
+    p.add_argument("--max-steps", type=int, default=-1)
+    p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--micro", type=int, default=2)
     p.add_argument("--gas", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--max-train-samples", type=int, default=256)
+    p.add_argument("--vocab-size", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
 
@@ -38,7 +40,7 @@ def main() -> None:
         None,
         seq_len=a.seq_len,
         cache_dir=os.environ.get("ES_LLM_CACHE"),
-        vocab_size=4096,
+        vocab_size=a.vocab_size,
         max_train_samples=a.max_train_samples,
         max_val_samples=32,
         progress=False,
@@ -52,6 +54,8 @@ def main() -> None:
         per_device_train_batch_size=a.micro,
         gradient_accumulation_steps=a.gas,
         max_steps=a.max_steps,
+        num_train_epochs=a.epochs,
+        lr_scheduler_type="constant",  # the config has no scheduler: constant, as natively
         learning_rate=0.002,
         adam_beta1=0.9,
         adam_beta2=0.95,
@@ -66,7 +70,7 @@ def main() -> None:
         use_cpu=not torch.cuda.is_available(),
     )
     trainer = ESTrainer(model=model, args=args, train_dataset=corpus.train)
-    assert trainer.es is not None and trainer.es.method == "es"
+    assert trainer.es is not None
     result = trainer.train()
     assert Path(a.config).read_text() == original, "the user's DeepSpeed config file was modified"
     if args.process_index == 0:
