@@ -9,6 +9,7 @@ reductions in every run, so the comparison can be exact.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -53,11 +54,26 @@ def _start(args: list[str], cache: Path, log: Path, ranks: int = 1) -> subproces
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
 
 
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """Kill a process this test started and everything below it (the launcher's ranks)."""
+    if proc.poll() is not None:
+        return
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        children = []
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    proc.kill()
+    proc.wait()
+
+
 def _finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> int:
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        _kill_tree(proc)
         raise AssertionError(f"timed out:\n{log.read_text()[-4000:]}") from None
 
 
@@ -103,8 +119,12 @@ def _stop_then_resume(tmp_path: Path, cache: Path, cfg: Path, stop: int, **kw) -
     p_ref = _start(_args(cfg, ref, "--save-every", "3", **kw), cache, tmp_path / "ref.log")
     p_cut = _start(_args(cfg, cut, "--save-every", "3", "--stop-after", str(stop), **kw), cache,
                    tmp_path / "cut.log")  # fmt: skip
-    _ok(p_ref, tmp_path / "ref.log")
-    _ok(p_cut, tmp_path / "cut.log")
+    try:
+        _ok(p_ref, tmp_path / "ref.log")
+        _ok(p_cut, tmp_path / "cut.log")
+    finally:
+        _kill_tree(p_ref)
+        _kill_tree(p_cut)
     assert [r["step"] for r in _steps(cut)][-1] == stop
     assert find_complete_tag(cut / "checkpoints") == f"global_step{stop}"
     # --resume DIR continues in DIR: the --out given here must not matter
@@ -165,20 +185,8 @@ def _rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process | Non
     return None
 
 
-@pytest.mark.multiproc
-def test_two_ranks_killed_rank_then_resume_from_last_complete_checkpoint(
-    tmp_path, es_cache, tiny_ds_config
-):
-    cfg = tiny_ds_config(
-        scheduler=SCHEDULER, evolved_sampling={"method": "eswp", "burn_in_steps": 1}
-    )
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    extra = ("--save-every", "4")
-    p_ref = _start(_args(cfg, ref, *extra, samples=512), es_cache, tmp_path / "ref.log", ranks=2)
-    log = tmp_path / "run.log"
-    p_run = _start(_args(cfg, run, *extra, samples=512), es_cache, log, ranks=2)
-
-    # wait for a complete checkpoint, then kill -9 rank 1 while the run goes on
+def _kill_one_rank_after_a_checkpoint(p_run: subprocess.Popen, run: Path, log: Path) -> None:
+    """Wait for a complete checkpoint, then kill -9 rank 1 while the run goes on."""
     deadline = time.monotonic() + 240
     while not (run / "checkpoints" / "latest").is_file():
         assert p_run.poll() is None, f"run ended early:\n{log.read_text()[-4000:]}"
@@ -189,26 +197,40 @@ def test_two_ranks_killed_rank_then_resume_from_last_complete_checkpoint(
     os.kill(victim.pid, signal.SIGKILL)
     rc = _finish(p_run, log, timeout=90)
     assert rc != 0, "the launcher must report a killed rank"
-    _ok(p_ref, tmp_path / "ref.log")
-    total = len(_steps(ref))
-    assert len(_steps(run)) < total, "the kill came after the run had finished"
+
+
+@pytest.mark.multiproc
+def test_two_ranks_killed_rank_then_resume_from_last_complete_checkpoint(
+    tmp_path, es_cache, tiny_ds_config
+):
+    cfg = tiny_ds_config(
+        scheduler=SCHEDULER, evolved_sampling={"method": "eswp", "burn_in_steps": 1}
+    )
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    extra = ("--save-every", "4")
+    p_ref = _start(_args(cfg, ref, *extra, samples=512), es_cache, tmp_path / "ref.log", ranks=2)
+    p_run = _start(_args(cfg, run, *extra, samples=512), es_cache, tmp_path / "run.log", ranks=2)
+    try:
+        _kill_one_rank_after_a_checkpoint(p_run, run, tmp_path / "run.log")
+        _ok(p_ref, tmp_path / "ref.log")
+    finally:
+        _kill_tree(p_run)
+        _kill_tree(p_ref)
+    assert len(_steps(run)) < len(_steps(ref)), "the kill came after the run had finished"
 
     # whatever the kill left behind, resume reads only a complete checkpoint
     root = run / "checkpoints"
     tag = find_complete_tag(root)
     marker = read_marker(root / tag)
-    assert marker["world_size"] == 2 and set(marker["files"]) == {
-        "es_state_rank0.pt",
-        "es_state_rank1.pt",
-    }
+    assert marker["world_size"] == 2
+    assert set(marker["files"]) == {"es_state_rank0.pt", "es_state_rank1.pt"}
     half = root / "global_step999"  # a save cut short: DeepSpeed's file there, no marker
     half.mkdir(exist_ok=True)
     (half / "mp_rank_00_model_states.pt").write_bytes(b"partial")
     assert find_complete_tag(root) == tag and not (half / MARKER).exists()
 
     resume_log = tmp_path / "resume.log"
-    p = _start(_args(cfg, run, *extra, "--resume", str(run), samples=512), es_cache, resume_log,
-               ranks=2)  # fmt: skip
-    _ok(p, resume_log)
+    resume = _args(cfg, run, *extra, "--resume", str(run), samples=512)
+    _ok(_start(resume, es_cache, resume_log, ranks=2), resume_log)
     shutil.rmtree(half)
     _assert_same_run(ref, run, from_step=marker["step"])
