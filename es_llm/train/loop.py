@@ -485,6 +485,7 @@ class ESRun:
         summary: dict[str, Any] = {
             "method": self.method,
             "world_size": self.world,
+            "zero_stage": int(self.engine.zero_optimization_stage()),
             "wall_clock_s": self.train_clock,
             "eval_wall_clock_s": self.eval_clock,
             "cpu_time_s": self.train_cpu,
