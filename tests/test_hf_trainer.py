@@ -65,6 +65,14 @@ def test_trainer_selects_what_the_native_loop_selects(tmp_path, es_cache, ranks)
     assert [r["meta_loss"] for r in hf] == [r["meta_loss"] for r in native]
     summary = json.loads((tmp_path / "hf" / "summary.json").read_text())
     assert summary["global_step"] == 4 and summary["world_size"] == ranks
+    if ranks == 2:
+        # ZeRO-3 through the Trainer: partitioned parameters, gathered by the scoring forward
+        cfg = json.loads(HF_CONFIG.read_text())
+        cfg["zero_optimization"] = {"stage": 3, "stage3_param_persistence_threshold": 0}
+        path = tmp_path / "zero3.json"
+        path.write_text(json.dumps(cfg))
+        z3 = _run_hf(tmp_path / "hf_zero3", es_cache, ranks, path, "--max-steps", "4")
+        assert [_key(r) for r in z3] == [_key(r) for r in native]
 
 
 @pytest.mark.multiproc
