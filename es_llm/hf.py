@@ -31,7 +31,10 @@ How an optimizer step maps onto the Trainer (the same semantics as `es_llm.train
 Epochs are the native loop's: the stream moves to the next epoch (new order, ESWP plan) when
 the current one cannot fill another step, independently of where the Trainer's own epoch
 counter is; the Trainer's per-epoch length is set so that its total step count is the native
-loop's planned count (or `max_steps`). When the stream runs out the run stops.
+loop's planned count (or `max_steps`). When the stream runs out the run stops. One difference
+remains: the native loop runs its last epoch out even past the planned count (burn-in steps
+draw B, not B_meta, so epochs can hold a step or two more than planned) while the Trainer
+stops at its planned count; every step both run selects the same samples.
 
 Per-step selection digests go to `OUTPUT_DIR/es_metrics.jsonl` (same `selection_digest` as
 the native `metrics.jsonl`). Resuming from a Trainer checkpoint is not supported yet (the ES
@@ -236,7 +239,6 @@ class ESTrainer(Trainer):
         self._es_ds_config = ds_config
         self._stream: _ESStream | None = None
         self.es_log: list[dict[str, Any]] = []
-        self._pending: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ data
     def get_train_dataloader(self) -> DataLoader:
@@ -390,7 +392,7 @@ class ESTrainer(Trainer):
             k=self._geo.train_batch,
         )
         mine, weights = gs.rank_slice(self._rank, self._geo.train_per_rank)
-        g, sel = gs.gathered, gs.selection
+        g = gs.gathered
         meta_ok = torch.isfinite(g.losses) & g.valid
         rec = {
             "scored": g.ids.numel(),
@@ -399,7 +401,6 @@ class ESTrainer(Trainer):
             "meta_loss": float(g.losses[meta_ok].mean()) if meta_ok.any() else float("nan"),
             "digest": gs.digest,
         }
-        del sel
         return g.ids[mine], g.tokens[mine], weights, rec
 
     def compute_loss(
