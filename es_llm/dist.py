@@ -72,6 +72,21 @@ def collective_timeout() -> timedelta | None:
     return timedelta(seconds=seconds)
 
 
+def share_cpu_threads() -> None:
+    """On CPU, give each local rank its share of the cores unless OMP_NUM_THREADS says otherwise.
+
+    Without it every rank starts one intra-op thread per core, and W ranks on a few cores
+    spend their time contending (2 ranks on 2 cores ran about 6x slower here).
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return
+    local = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, (cores or 1) // max(1, local)))
+
+
 def destroy() -> None:
     """Tear the process group down; without it torch aborts at interpreter exit."""
     if is_initialized():

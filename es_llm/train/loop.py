@@ -127,6 +127,7 @@ class ESRun:
         )
         self.rank, self.world = dist.rank(), dist.world_size()
         self.is_main = self.rank == 0
+        dist.share_cpu_threads()
         self.seed = self.es.resolved_seed(opts.seed)
         torch.manual_seed(opts.seed)  # model init only; ES randomness is counter-based
 
