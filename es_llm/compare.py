@@ -310,6 +310,7 @@ def run_one(args: argparse.Namespace, spec: RunSpec, out: Path) -> dict[str, Any
     write_json_atomic(spec_file, {"spec": asdict(spec), "options": _train_options(args, spec, out)})
     log = run_dir / "run.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.setdefault("OMP_NUM_THREADS", str(rank_threads(args.world_size)))
     t0 = time.perf_counter()
     with log.open("w") as fh:
         proc = subprocess.run(
@@ -329,6 +330,12 @@ def run_one(args: argparse.Namespace, spec: RunSpec, out: Path) -> dict[str, Any
         f"({time.perf_counter() - t0:.0f}s with start-up and evaluation)",
     )
     return summary
+
+
+def rank_threads(world: int) -> int:
+    """Threads per rank: the cores shared out, as torchrun does. The deepspeed launcher leaves
+    OMP_NUM_THREADS alone, so W ranks would each start one thread per core and oversubscribe."""
+    return max(1, (os.cpu_count() or 1) // world)
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
@@ -362,6 +369,7 @@ def machine_info() -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "threads_per_rank": None,  # filled by compare_once
         "python": platform.python_version(),
         "torch": torch.__version__,
         "deepspeed": ds_version,
@@ -383,6 +391,9 @@ def compare_once(args: argparse.Namespace, out: Path, command: str) -> dict[str,
 
     out.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
+    machine["threads_per_rank"] = int(
+        os.environ.get("OMP_NUM_THREADS") or rank_threads(args.world_size)
+    )
     corpus = load_corpus(  # builds the cache once, before the children need it
         args.data, seq_len=args.seq_len, cache_dir=args.cache_dir, vocab_size=args.vocab_size,
         max_train_samples=args.max_train_samples, max_val_samples=args.max_val_samples,
@@ -519,8 +530,8 @@ def markdown_report(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines += [
         "",
-        f"Machine: {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads, "
-        f"OMP_NUM_THREADS={m['omp_num_threads']}), load average {m['load_average_start']} -> "
+        f"Machine: {m['cpu']} ({m['cpu_count']} cores, {m.get('threads_per_rank')} threads per "
+        f"rank), load average {m['load_average_start']} -> "
         f"{m['load_average_end']}; torch {m['torch']}, deepspeed {m['deepspeed']}; {m['date']}.",
         f"Command: `{result['command']}`",
         "",
