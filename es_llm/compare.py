@@ -483,6 +483,10 @@ def _f(x: float | None, fmt: str = ".1f", none: str = "—") -> str:
     return none if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
 
 
+def _x(x: float | None) -> str:
+    return _f(x, ".2f") + ("x" if x is not None else "")
+
+
 def _pct(x: float | None) -> str:
     return _f(None if x is None else 100 * x, ".0f") + ("%" if x is not None else "")
 
@@ -496,7 +500,7 @@ def markdown_report(result: dict[str, Any]) -> str:
         f"{result['world_size']} rank(s), model {result['model']}).",
         "",
         "| method | final val loss | Δ vs uniform | Δ vs matched | train wall s | train CPU s "
-        "| to target wall s | ÷ uniform | to target CPU ÷ uniform | speedup (CPU) "
+        "| to target wall s | ÷ uniform | to target CPU ÷ uniform | speedup wall / CPU "
         "| BP samples | scored samples |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -508,7 +512,7 @@ def markdown_report(result: dict[str, Any]) -> str:
             f"{_f(r['wall_clock_s'])} | {_f(r['cpu_time_s'])} | {_f(r['time_to_target_s'])} | "
             f"{_f(r.get('time_to_target_ratio'), '.2f')} | "
             f"{_f(r.get('time_to_target_cpu_ratio'), '.2f')} | "
-            f"{_f(r.get('speedup_vs_uniform_cpu'), '.2f')}x | "
+            f"{_x(r.get('speedup_vs_uniform'))} / {_x(r.get('speedup_vs_uniform_cpu'))} | "
             f"{r['bp_samples']} | {r['scored_samples']} |"
         )
     lines += [
@@ -637,7 +641,7 @@ def grid_markdown(grid: dict[str, Any]) -> str:
                 f"{_f(r['final_val_loss_vs_matched'], '+.4f')} | "
                 f"{_f(r['time_to_target_ratio'], '.2f')} | "
                 f"{_f(r['time_to_target_cpu_ratio'], '.2f')} | "
-                f"{_f(r['speedup_vs_uniform_cpu'], '.2f')}x |"
+                f"{_x(r['speedup_vs_uniform_cpu'])} |"
             )
     return "\n".join(lines) + "\n"
 
