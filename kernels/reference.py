@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Rows per chunk are chosen so one fp32 chunk holds at most this many elements (64 MiB).
-_CHUNK_ELEMS = 1 << 24
+# Rows per chunk are chosen so one fp32 chunk holds at most this many elements (4 MiB):
+# small enough to stay in a CPU cache (measured faster per sample than 64 MiB chunks).
+_CHUNK_ELEMS = 1 << 20
 
 
 def row_losses_reference(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
