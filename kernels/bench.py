@@ -154,6 +154,21 @@ def _liger_ce() -> Callable | None:
     return liger_cross_entropy
 
 
+def _empty_row(base: dict, method: str, status: str) -> dict:
+    """A result row with every measurement unset (filled in, or left null when not measured)."""
+    return dict(
+        base,
+        method=method,
+        ms=None,
+        gbps=None,
+        pct_peak_bw=None,
+        tflops=None,
+        peak_mem_bytes=None,
+        max_abs_err=None,
+        status=status,
+    )
+
+
 def _record(
     rows: list[dict],
     base: dict,
@@ -167,17 +182,7 @@ def _record(
     peak_bw,
     ref_loss,
 ) -> None:
-    row = dict(
-        base,
-        method=method,
-        ms=None,
-        gbps=None,
-        pct_peak_bw=None,
-        tflops=None,
-        peak_mem_bytes=None,
-        max_abs_err=None,
-        status="ok",
-    )
+    row = _empty_row(base, method, "ok")
     try:
         ms, peak, out = _time(fn, device, args.iters, args.warmup)
     except Exception as exc:  # OOM or a missing compiler: record it, keep benchmarking
@@ -201,20 +206,7 @@ def _record(
 
 
 def _not_measured(rows: list[dict], base: dict, method: str, why: str) -> None:
-    rows.append(
-        dict(
-            base,
-            method=method,
-            ms=None,
-            gbps=None,
-            pct_peak_bw=None,
-            tflops=None,
-            peak_mem_bytes=None,
-            max_abs_err=None,
-            status="not measured",
-            error=why,
-        )
-    )
+    rows.append(dict(_empty_row(base, method, "not measured"), error=why))
 
 
 @dataclass
