@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from es_llm.config import ESConfigError
-
-USER_ERRORS = (ValueError, FileNotFoundError, ESConfigError, KeyError)
+from es_llm.config import METHODS
+from es_llm.errors import InputError
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
@@ -44,7 +43,7 @@ def add_run_arguments(p: argparse.ArgumentParser, *, with_method: bool = True) -
     if with_method:
         p.add_argument(
             "--method",
-            choices=["es", "eswp", "prune", "uniform", "loss", "ema", "topk"],
+            choices=METHODS,
             default=None,
             help="sampling method; overrides evolved_sampling.method of the DeepSpeed config. "
             "Default: the config's method, or plain uniform training when the config has no "
@@ -281,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return compare.run_from_args(args, argv)
         parser.error(f"unknown command {args.command!r}")
-    except USER_ERRORS as e:
+    except InputError as e:
         rank = os.environ.get("RANK")
         prefix = f"es-llm (rank {rank}): error: " if rank not in (None, "0") else "es-llm: error: "
         print(prefix + str(e).strip(), file=sys.stderr)

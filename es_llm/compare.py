@@ -39,9 +39,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from es_llm.config import METHODS
+from es_llm.errors import InputError
 from es_llm.train.metrics import read_jsonl, write_json_atomic
 
-METHODS = ("uniform", "es", "eswp", "prune", "loss", "ema", "topk")
 MATCHED = "uniform-matched"
 EVALS_PER_RUN = 20  # evaluations per run: time-to-target resolution of 5% of the run
 TIMER_LABELS = {
@@ -244,7 +245,7 @@ def _variants(args: argparse.Namespace) -> list[Variant]:
     out += list(args.variant)
     names = [v.name for v in out]
     if len(set(names)) != len(names):
-        raise ValueError(f"duplicate run names: {names}")
+        raise InputError(f"duplicate run names: {names}")
     if "uniform" not in names:
         out.insert(0, Variant("uniform", "uniform"))  # the target comes from uniform
     # uniform first: every other run is reported against it
@@ -257,7 +258,7 @@ def _match_reference(args: argparse.Namespace, variants: list[Variant]) -> str |
     names = [v.name for v in variants]
     if args.match is not None:
         if args.match not in names:
-            raise ValueError(f"--match {args.match!r} is not one of the runs {names}")
+            raise InputError(f"--match {args.match!r} is not one of the runs {names}")
         return args.match
     for cand in ("es", *names):
         if cand in names and cand != "uniform":

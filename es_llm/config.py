@@ -10,24 +10,29 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from es_llm.errors import InputError
+
 Method = Literal["es", "eswp", "prune", "uniform", "loss", "ema", "topk"]
+# The one list of method names: choices, --help and validation all derive from it.
+METHODS: tuple[str, ...] = get_args(Method)
 
 SECTION = "evolved_sampling"
 
 __all__ = [
     "ESConfigError",
     "EvolvedSamplingConfig",
+    "METHODS",
     "Method",
     "SECTION",
     "es_config_from_ds_config",
 ]
 
 
-class ESConfigError(ValueError):
+class ESConfigError(InputError):
     """A bad `evolved_sampling` section (a ValueError, so callers may catch either)."""
 
 

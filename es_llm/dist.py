@@ -15,6 +15,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from es_llm.errors import InputError
+
 
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -66,9 +68,9 @@ def collective_timeout() -> timedelta | None:
     try:
         seconds = float(raw)
     except ValueError as e:
-        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from e
+        raise InputError(f"{TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from e
     if seconds <= 0:
-        raise ValueError(f"{TIMEOUT_ENV} must be > 0, got {raw!r}")
+        raise InputError(f"{TIMEOUT_ENV} must be > 0, got {raw!r}")
     return timedelta(seconds=seconds)
 
 

@@ -62,6 +62,7 @@ from es_llm.core.schedule import Phase, phase_for_step, resolve_burn_in_steps
 from es_llm.core.scores import ScoreTable
 from es_llm.core.selector import selection_digest
 from es_llm.data.sharding import RankSampler, shard_range
+from es_llm.errors import InputError
 from es_llm.eswp import lockstep_available, plan_epoch_global
 from es_llm.train.geometry import BatchGeometry, resolve_geometry
 from es_llm.train.global_selection import select_global
@@ -233,7 +234,7 @@ class ESTrainer(Trainer):
         if self.es is None and ds_config is not None:
             self.es = es_config_from_ds_config(ds_config)
         if self.es is not None and ds_config is None:
-            raise ValueError(
+            raise InputError(
                 "ESTrainer needs TrainingArguments(deepspeed=...): ES runs through DeepSpeed"
             )
         self._es_ds_config = ds_config
@@ -254,7 +255,7 @@ class ESTrainer(Trainer):
         assert self.es is not None and self._es_ds_config is not None
         ds = self.train_dataset
         if ds is None or not hasattr(ds, "with_format") or "input_ids" not in ds.column_names:
-            raise ValueError(
+            raise InputError(
                 "ESTrainer needs a datasets.Dataset train_dataset with an 'input_ids' column"
             )
         rank, world = dist.rank(), dist.world_size()
@@ -262,7 +263,7 @@ class ESTrainer(Trainer):
         if geo.micro != self.args.per_device_train_batch_size or (
             geo.grad_accum != self.args.gradient_accumulation_steps
         ):
-            raise ValueError(
+            raise InputError(
                 f"DeepSpeed config batch fields (micro {geo.micro}, gas {geo.grad_accum}) differ "
                 f"from TrainingArguments ({self.args.per_device_train_batch_size}, "
                 f'{self.args.gradient_accumulation_steps}); use "auto" in the config'
@@ -273,7 +274,7 @@ class ESTrainer(Trainer):
         min_local = dist.all_reduce_min_int(hi - lo)
         need = geo.meta_per_rank if self.es.uses_scoring_forward else geo.train_per_rank
         if min_local < need:
-            raise ValueError(
+            raise InputError(
                 f"{n} training sequences give rank shards of {min_local}, fewer than one batch "
                 f"of {need} per rank"
             )

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from es_llm.errors import InputError
+
 FAMILIES = ("gpt2", "llama")
 DEFAULT_MODEL_PRESET = "gpt2-tiny"
 
@@ -29,13 +31,13 @@ def resolve_preset_path(name_or_path: str, kind: str) -> Path:
     p = Path(name_or_path)
     if p.suffix == ".json" or p.exists():
         if not p.is_file():
-            raise FileNotFoundError(f"{kind} config {str(p)!r} does not exist")
+            raise InputError(f"{kind} config {str(p)!r} does not exist")
         return p
     candidate = configs_dir() / kind / f"{name_or_path}.json"
     if candidate.is_file():
         return candidate
     available = sorted(x.stem for x in (configs_dir() / kind).glob("*.json"))
-    raise FileNotFoundError(
+    raise InputError(
         f"unknown {kind} preset {name_or_path!r}: not a file and not one of {available}"
     )
 
@@ -44,7 +46,7 @@ def load_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
+        raise InputError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
 
 
 def load_model_preset(name_or_path: str) -> dict[str, Any]:
@@ -52,7 +54,7 @@ def load_model_preset(name_or_path: str) -> dict[str, Any]:
     preset = load_json(path)
     family = preset.get("family")
     if family not in FAMILIES:
-        raise ValueError(f"{path}: 'family' must be one of {FAMILIES}, got {family!r}")
+        raise InputError(f"{path}: 'family' must be one of {FAMILIES}, got {family!r}")
     return preset
 
 
@@ -65,7 +67,7 @@ def build_model(
     fields = {k: v for k, v in preset.items() if k not in ("family", "description", "seq_len")}
     fields.setdefault("vocab_size", vocab_size)
     if fields["vocab_size"] < vocab_size:
-        raise ValueError(
+        raise InputError(
             f"model preset vocab_size {fields['vocab_size']} is smaller than the tokenizer's "
             f"{vocab_size}"
         )
@@ -73,7 +75,7 @@ def build_model(
     if family == "gpt2":
         fields.setdefault("n_positions", seq_len)
         if fields["n_positions"] < seq_len:
-            raise ValueError(f"model n_positions {fields['n_positions']} < seq_len {seq_len}")
+            raise InputError(f"model n_positions {fields['n_positions']} < seq_len {seq_len}")
         fields.setdefault("bos_token_id", None)
         fields.setdefault("eos_token_id", None)
         config = GPT2Config(**fields)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from es_llm.config import METHODS
 from es_llm.core.noise import STREAM_EPSILON, gumbel, uniform01
 
 __all__ = [
@@ -19,7 +20,6 @@ __all__ = [
     "valid_weight_mask",
 ]
 
-METHODS = ("es", "eswp", "prune", "uniform", "loss", "ema", "topk")
 
 
 def es_weights(

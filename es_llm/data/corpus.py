@@ -44,6 +44,7 @@ from es_llm.data.tokenizer import (
     save_tokenizer_atomic,
     train_bpe,
 )
+from es_llm.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def split_documents(docs: list[Document]) -> tuple[list[int], list[int], str]:
     """(train indices, val indices, rule used) by the stable hash of each document key."""
     n = len(docs)
     if n < 2:
-        raise ValueError(f"need at least 2 documents for a train and a validation split, got {n}")
+        raise InputError(f"need at least 2 documents for a train and a validation split, got {n}")
     val = [i for i, d in enumerate(docs) if stable_hash(d.key) % VAL_MODULUS == 0]
     if 0 < len(val) < n:
         val_set = set(val)
@@ -202,7 +203,7 @@ def _build(
     t0 = time.perf_counter()
     docs = src.load()
     if not docs:
-        raise ValueError(f"data {data_label}: no documents with text (empty dataset)")
+        raise InputError(f"data {data_label}: no documents with text (empty dataset)")
     train_idx, val_idx, rule = split_documents(docs)
     tok, eod, tok_path = _tokenizer_for(
         src, docs, train_idx, tokenizer=tokenizer, vocab_size=vocab_size, cache_dir=cache_dir
@@ -210,7 +211,7 @@ def _build(
     token_lists = _encode(tok, [d.text for d in docs], eod, f"tokenizing {src.name}", progress)
     total = _num_tokens(token_lists, list(range(len(docs))))
     if total < 2 * seq_len:
-        raise ValueError(
+        raise InputError(
             f"data {data_label}: {len(docs)} documents hold only {total} tokens "
             f"(end-of-document tokens included); seq_len={seq_len} needs at least "
             f"{2 * seq_len} tokens: {seq_len} for one train and {seq_len} for one validation "
@@ -227,7 +228,7 @@ def _build(
     train_tokens = _num_tokens(token_lists, train_idx)
     val_tokens = _num_tokens(token_lists, val_idx)
     if train_tokens < seq_len or val_tokens < seq_len:
-        raise ValueError(
+        raise InputError(
             f"data {data_label}: split into {len(train_idx)} train documents ({train_tokens} "
             f"tokens) and {len(val_idx)} validation documents ({val_tokens} tokens); "
             f"seq_len={seq_len} needs at least {seq_len} tokens on each side. "
@@ -267,7 +268,7 @@ def _truncate(ds: datasets.Dataset, n: int | None, what: str) -> datasets.Datase
     if n is None:
         return ds
     if n < 1:
-        raise ValueError(f"{what} must be >= 1 or None, got {n}")
+        raise InputError(f"{what} must be >= 1 or None, got {n}")
     return ds.select(range(min(n, len(ds))))  # contiguous range: a slice, no indices mapping
 
 
@@ -293,9 +294,9 @@ def load_corpus(
     ``max_*_samples`` keep the first rows, so ids stay the row index.
     """
     if not isinstance(seq_len, int) or seq_len < 2:
-        raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
+        raise InputError(f"seq_len must be an integer >= 2, got {seq_len!r}")
     if max_documents is not None and max_documents < 1:
-        raise ValueError(f"max_documents must be >= 1 or None, got {max_documents}")
+        raise InputError(f"max_documents must be >= 1 or None, got {max_documents}")
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     label = repr(data) if data is not None else "'stdlib'"
 

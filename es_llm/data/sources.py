@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from es_llm.errors import InputError
+
 STDLIB_NAMES = ("stdlib",)
 LOCAL_EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet")
 # Directory names never taken from the standard library: installed packages, the test
@@ -60,7 +62,7 @@ def stdlib_files(max_documents: int | None = None) -> list[tuple[str, Path]]:
     """(relative posix path, path) of the interpreter's standard-library sources, sorted."""
     root = stdlib_root()
     if not root.is_dir():
-        raise ValueError(f"standard library directory not found: {root}")
+        raise InputError(f"standard library directory not found: {root}")
     out: list[tuple[str, Path]] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in STDLIB_EXCLUDED_DIRS)
@@ -77,7 +79,7 @@ def stdlib_files(max_documents: int | None = None) -> list[tuple[str, Path]]:
 def stdlib_source(max_documents: int | None = None) -> Source:
     files = stdlib_files(max_documents)
     if not files:
-        raise ValueError(f"no .py files found in the standard library at {stdlib_root()}")
+        raise InputError(f"no .py files found in the standard library at {stdlib_root()}")
     fingerprint = {
         "kind": "stdlib",
         "python": sys.version,
@@ -105,7 +107,7 @@ def local_files(path: Path) -> list[tuple[str, Path]]:
     """Supported files under ``path`` (or ``path`` itself), keyed by path relative to it."""
     if path.is_file():
         if not path.name.lower().endswith(LOCAL_EXTENSIONS):
-            raise ValueError(
+            raise InputError(
                 f"unsupported data file {path}: expected one of {', '.join(LOCAL_EXTENSIONS)}"
             )
         return [(path.name, path)]
@@ -118,7 +120,7 @@ def local_files(path: Path) -> list[tuple[str, Path]]:
                 out.append((p.relative_to(path).as_posix(), p))
     out.sort(key=lambda t: t[0])
     if not out:
-        raise ValueError(
+        raise InputError(
             f"no data files in directory {path}: expected files ending in "
             f"{', '.join(LOCAL_EXTENSIONS)}"
         )
@@ -129,10 +131,10 @@ def _texts_from_records(records: Iterable, path: Path, what: str) -> list[str]:
     texts = []
     for n, rec in enumerate(records):
         if not isinstance(rec, dict):
-            raise ValueError(f"{path}: {what} {n} is a {type(rec).__name__}, expected an object")
+            raise InputError(f"{path}: {what} {n} is a {type(rec).__name__}, expected an object")
         if "text" not in rec:
             fields = ", ".join(sorted(map(str, rec))) or "(none)"
-            raise ValueError(f"{path}: {what} {n} has no 'text' field; available fields: {fields}")
+            raise InputError(f"{path}: {what} {n} has no 'text' field; available fields: {fields}")
         texts.append(rec["text"])
     return texts
 
@@ -154,7 +156,7 @@ def _read_json(path: Path) -> list[str]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {n + 1} is not valid JSON ({e.msg})") from e
+                raise InputError(f"{path}: line {n + 1} is not valid JSON ({e.msg})") from e
     return _texts_from_records(records, path, "record")
 
 
@@ -163,7 +165,7 @@ def _read_parquet(path: Path) -> list[str]:
 
     schema = pq.read_schema(path)
     if "text" not in schema.names:
-        raise ValueError(
+        raise InputError(
             f"{path}: no 'text' column; available columns: {', '.join(schema.names) or '(none)'}"
         )
     return pq.read_table(path, columns=["text"]).column("text").to_pylist()
@@ -178,7 +180,7 @@ def read_local_file(path: Path) -> list[str]:
         return _read_json(path)
     if suffix == ".parquet":
         return _read_parquet(path)
-    raise ValueError(f"unsupported data file {path}")
+    raise InputError(f"unsupported data file {path}")
 
 
 def _keep_texts(texts: Iterable, key_prefix: str, where: str) -> list[Document]:
@@ -188,7 +190,7 @@ def _keep_texts(texts: Iterable, key_prefix: str, where: str) -> list[Document]:
         if t is None:
             continue
         if not isinstance(t, str):
-            raise ValueError(f"{where}: 'text' of record {n} is a {type(t).__name__}, not a string")
+            raise InputError(f"{where}: 'text' of record {n} is a {type(t).__name__}, not a string")
         if t.strip():
             docs.append(Document(f"{key_prefix}#{n}", t))
     return docs
@@ -197,7 +199,7 @@ def _keep_texts(texts: Iterable, key_prefix: str, where: str) -> list[Document]:
 def local_source(data: str) -> Source:
     path = Path(data).expanduser()
     if not path.exists():
-        raise ValueError(f"data path does not exist: {data}")
+        raise InputError(f"data path does not exist: {data}")
     files = local_files(path)
     fingerprint = {
         "kind": "local",
@@ -223,12 +225,12 @@ def hub_source(data: str) -> Source:
     try:
         ds = datasets.load_dataset(name, config or None, split="train", streaming=False)
     except Exception as e:  # network, missing dataset, bad config: say what was tried
-        raise ValueError(
+        raise InputError(
             f"could not load Hugging Face dataset {data!r} (name={name!r}, "
             f"config={config or None!r}, split='train'), and it is not a local path: {e}"
         ) from e
     if "text" not in ds.column_names:
-        raise ValueError(
+        raise InputError(
             f"Hugging Face dataset {data!r} has no 'text' column; "
             f"available columns: {', '.join(ds.column_names) or '(none)'}"
         )
@@ -246,7 +248,7 @@ def resolve_source(data: str | None, max_documents: int | None = None) -> Source
     if data is None or data in STDLIB_NAMES:
         return stdlib_source(max_documents)
     if not isinstance(data, str) or not data.strip():
-        raise ValueError(f"data must be None, 'stdlib', a path or a dataset name, got {data!r}")
+        raise InputError(f"data must be None, 'stdlib', a path or a dataset name, got {data!r}")
     src = local_source(data) if looks_like_path(data) else hub_source(data)
     if max_documents is not None:
         inner = src.load

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from es_llm.errors import InputError
+
 EOD_TOKEN = "<|endoftext|>"
 # Tried in order when a user tokenizer names no eos token in its tokenizer_config.json.
 EOD_CANDIDATES = (EOD_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[SEP]")
@@ -23,7 +25,7 @@ MIN_VOCAB = 257  # 256 byte symbols + the end-of-document token
 def train_bpe(texts: Iterable[str], vocab_size: int, *, length: int | None = None) -> Tokenizer:
     """Train a byte-level BPE with ``EOD_TOKEN`` as id 0."""
     if vocab_size < MIN_VOCAB:
-        raise ValueError(
+        raise InputError(
             f"vocab_size must be at least {MIN_VOCAB} (256 bytes + end-of-document), got {vocab_size}"
         )
     tok = Tokenizer(models.BPE())
@@ -59,7 +61,7 @@ def resolve_tokenizer_file(spec: str) -> tuple[Path, str | None]:
     """
     p = Path(spec).expanduser()
     if not p.exists():
-        raise ValueError(f"tokenizer path does not exist: {spec}")
+        raise InputError(f"tokenizer path does not exist: {spec}")
     eos = None
     if p.is_dir():
         cfg = p / "tokenizer_config.json"
@@ -67,12 +69,12 @@ def resolve_tokenizer_file(spec: str) -> tuple[Path, str | None]:
             try:
                 tok_cfg = json.loads(cfg.read_text())
             except json.JSONDecodeError as e:
-                raise ValueError(f"{cfg}: not valid JSON ({e.msg})") from e
+                raise InputError(f"{cfg}: not valid JSON ({e.msg})") from e
             raw = tok_cfg.get("eos_token")
             eos = raw.get("content") if isinstance(raw, dict) else raw
         p = p / "tokenizer.json"
         if not p.is_file():
-            raise ValueError(
+            raise InputError(
                 f"tokenizer directory {spec} has no tokenizer.json (a fast tokenizer is required)"
             )
     return p, eos
@@ -84,7 +86,7 @@ def load_tokenizer(spec: str) -> tuple[Tokenizer, Path, int]:
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:
-        raise ValueError(f"could not read tokenizer {path}: {e}") from e
+        raise InputError(f"could not read tokenizer {path}: {e}") from e
     return tok, path, eod_id(tok, eos, where=str(path))
 
 
@@ -95,4 +97,4 @@ def eod_id(tok: Tokenizer, preferred: str | None = None, *, where: str = "tokeni
         if i is not None:
             return i
     tried = ", ".join(((preferred,) if preferred else ()) + EOD_CANDIDATES)
-    raise ValueError(f"{where}: no end-of-document token found (tried {tried})")
+    raise InputError(f"{where}: no end-of-document token found (tried {tried})")

@@ -33,6 +33,7 @@ import torch
 
 from es_llm import dist
 from es_llm.core.pruning import EpochPlan
+from es_llm.errors import InputError
 
 FORMAT_VERSION = 1
 MARKER = "es_complete.json"
@@ -40,7 +41,7 @@ LATEST = "latest"
 CHECKPOINT_SUBDIR = "checkpoints"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint cannot be written or resumed from; the message names the file."""
 
 

@@ -12,6 +12,7 @@ import copy
 from typing import Any
 
 from es_llm.config import SECTION, EvolvedSamplingConfig, es_config_from_ds_config
+from es_llm.errors import InputError
 from es_llm.model import load_json, resolve_preset_path
 from es_llm.train.geometry import BatchGeometry
 
@@ -22,7 +23,7 @@ def load_ds_config(name_or_path: str) -> dict[str, Any]:
     path = resolve_preset_path(name_or_path, "ds")
     cfg = load_json(path)
     if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: a DeepSpeed config must be a JSON object")
+        raise InputError(f"{path}: a DeepSpeed config must be a JSON object")
     return cfg
 
 
@@ -66,7 +67,7 @@ def deepspeed_config(
             params["warmup_num_steps"] = max(1, round(0.05 * total_steps))
         leftover = [k for k, v in params.items() if v == "auto"]
         if leftover:
-            raise ValueError(
+            raise InputError(
                 f"scheduler.params {leftover} are 'auto', which es-llm can only fill for "
                 f"total_num_steps and warmup_num_steps"
             )

@@ -11,8 +11,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from es_llm.errors import InputError
 
-class BatchConfigError(ValueError):
+
+class BatchConfigError(InputError):
     pass
 
 

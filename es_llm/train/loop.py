@@ -36,6 +36,7 @@ from es_llm.core.scores import ScoreTable
 from es_llm.core.selector import selection_digest
 from es_llm.data import load_corpus
 from es_llm.data.sharding import RankSampler, shard_range
+from es_llm.errors import InputError
 from es_llm.eswp import lockstep_available, plan_epoch_global
 from es_llm.model import build_model, count_parameters, load_model_preset
 from es_llm.train import checkpoint as ckpt
@@ -76,7 +77,7 @@ class TrainOptions:
     max_cpu_time_s: float | None = None  # the same budget in process CPU time (shared machines)
 
 
-class TrainingError(ValueError):
+class TrainingError(InputError):
     """A run cannot start or continue; the message says why and what to change."""
 
 
