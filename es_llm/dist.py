@@ -1,16 +1,23 @@
-"""Data-parallel collectives used by the ES data path.
+"""Every collective of es-llm, on the device its backend needs.
 
-Everything here works without an initialised process group too (world size 1), so the
-training loop has one code path for 1 and W ranks. Ids travel as int64 and losses as fp32
-in separate tensors: an id is never cast to float (InfoBatch's bug).
+Why one module: NCCL accepts only CUDA tensors and gloo (here) only CPU ones, so a collective
+built on the wrong device fails at run time on the other backend. Every function here takes or
+builds its tensors on `device()` (DeepSpeed's accelerator device for NCCL, the CPU for gloo) and
+checks what it is given with `check_device`, which names the function, the device it got and
+the one the backend needs. Nothing outside this module calls torch.distributed's collectives
+(tests/test_dist_guard.py fails if something does).
+
+Everything also works without an initialised process group (world size 1), so the training
+loop has one code path for 1 and W ranks. Ids travel as int64 and are never cast to float
+(InfoBatch's bug): fp32 values travel as their bit patterns inside int64 records.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -89,75 +96,130 @@ def share_cpu_threads() -> None:
     torch.set_num_threads(max(1, (cores or 1) // max(1, local)))
 
 
+# ---------------------------------------------------------------- devices
+def accelerator_device() -> torch.device:
+    """The device DeepSpeed's accelerator computes on (`cuda:<local rank>`, or `cpu`)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def device() -> torch.device:
+    """The device the process group's collectives need: CPU for gloo, else the accelerator's.
+
+    Without a process group nothing is communicated, and the accelerator's device is returned
+    so that callers build their buffers where the step's tensors already are.
+    """
+    if is_initialized() and dist.get_backend() == "gloo":
+        return torch.device("cpu")
+    return accelerator_device()
+
+
+class CollectiveDeviceError(RuntimeError):
+    """A tensor handed to a collective lives on a device the backend cannot use."""
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    return a.index is None or b.index is None or a.index == b.index
+
+
+def check_device(what: str, *tensors: torch.Tensor) -> None:
+    """Raise if any tensor is not on the collectives' device (even without a process group:
+    code that passes on one rank must not break on W)."""
+    need = device()
+    for t in tensors:
+        if not _same_device(t.device, need):
+            backend = dist.get_backend() if is_initialized() else "none (1 rank)"
+            raise CollectiveDeviceError(
+                f"es_llm.dist.{what}: tensor on {t.device}, but collectives of backend "
+                f"{backend} need {need}; move it with .to(es_llm.dist.device())"
+            )
+
+
+# ---------------------------------------------------------------- collectives
+def barrier() -> None:
+    if is_initialized():
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[accelerator_device().index or 0])
+        else:
+            dist.barrier()
+
+
 def destroy() -> None:
     """Tear the process group down; without it torch aborts at interpreter exit."""
     if is_initialized():
-        dist.barrier()
+        barrier()
         dist.destroy_process_group()
 
 
 def all_reduce_min_int(value: int) -> int:
+    """MIN of one host integer over ranks (setup and epoch starts only: it syncs the host)."""
     if not is_initialized():
         return int(value)
-    t = torch.tensor([int(value)], dtype=torch.int64)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sum a few scalars over ranks in float64 (score sums over 10^8 samples need it)."""
-    t = torch.tensor(values, dtype=torch.float64)
+    """Sum a few host scalars over ranks in float64 (score sums over 10^8 samples need it).
+
+    Epoch starts and evaluation only: it syncs the host.
+    """
+    t = torch.tensor(values, dtype=torch.float64, device=device())
     if is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return [float(v) for v in t.tolist()]
 
 
+def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce of a device tensor (no host sync); op is sum, min or max."""
+    check_device("all_reduce_", t)
+    ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+    if op not in ops:
+        raise ValueError(f"all_reduce_ op must be one of {sorted(ops)}, got {op!r}")
+    if is_initialized():
+        dist.all_reduce(t, op=ops[op])
+    return t
+
+
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate equal-shaped tensors of all ranks along dim 0, in rank order."""
+    """Concatenate equal-shaped tensors of all ranks along dim 0, in rank order (no host sync)."""
+    check_device("all_gather_cat", t)
     if not is_initialized():
         return t
-    parts = [torch.empty_like(t) for _ in range(world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts, dim=0)
+    t = t.contiguous()
+    out = torch.empty((world_size() * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+    dist.all_gather_into_tensor(out, t)
+    return out
 
 
-@dataclass
-class GatheredMetaBatch:
-    """The global meta-batch as every rank sees it after the all-gather (rank-major order)."""
-
-    ids: torch.Tensor  # int64 [M]
-    losses: torch.Tensor  # fp32 [M]
-    scores: torch.Tensor  # fp32 [M] previous scores s(t-1)
-    valid: torch.Tensor  # bool [M]
-    tokens: torch.Tensor  # int64 [M, T]
-
-
-def gather_meta_batch(
-    ids: torch.Tensor,
-    losses: torch.Tensor,
-    scores: torch.Tensor,
-    valid: torch.Tensor,
-    tokens: torch.Tensor,
-) -> GatheredMetaBatch:
-    if ids.dtype != torch.int64:
-        raise TypeError(f"sample ids must be int64, got {ids.dtype}")
-    return GatheredMetaBatch(
-        ids=all_gather_cat(ids),
-        losses=all_gather_cat(losses.float()),
-        scores=all_gather_cat(scores.float()),
-        valid=all_gather_cat(valid.to(torch.uint8)).bool(),
-        tokens=all_gather_cat(tokens.to(torch.int64)),
-    )
-
-
-def check_lockstep(digest: str) -> None:
-    """Fail loudly if ranks selected different samples (they must compute the same set)."""
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order (checkpoint bookkeeping; pickles, syncs the host)."""
     if not is_initialized():
-        return
-    value = int(digest[:15], 16)
-    t = torch.tensor([value, -value], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    if int(t[0]) != value or int(-t[1]) != value:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def lockstep_diverged(digest: torch.Tensor) -> torch.Tensor:
+    """0-dim bool tensor: did any rank compute a different 0-dim int64 `digest`? No host sync.
+
+    Every rank all-reduces (max digest, max -digest); the ranks agree iff both equal its own.
+    The caller reads the flag at its one host sync of the step and raises there.
+    """
+    check_device("lockstep_diverged", digest)
+    d = digest.reshape(1).to(torch.int64)
+    both = torch.cat([d, -d])
+    all_reduce_(both, "max")
+    return (both[0] != d[0]) | (-both[1] != d[0])
+
+
+def raise_if_diverged(diverged: bool, digest: str) -> None:
+    if diverged:
         raise RuntimeError(
             f"rank {rank()}: selection diverged across data-parallel ranks "
             f"(local digest {digest[:15]}); check that every rank uses the same seed and config"

@@ -9,192 +9,81 @@ pointing at a DeepSpeed config that carries an `evolved_sampling` section::
 
 Without the section (or with `enabled: false`) it is a plain `Trainer`.
 
-How an optimizer step maps onto the Trainer (the same semantics as `es_llm.train.loop`):
+The ES data path is `es_llm.train.datapath.ESDataPath`, the same component the native loop
+(`es-llm train`) drives; this class only maps its steps onto the Trainer's:
 
-* `get_train_dataloader` returns this rank's ES data stream. Per optimizer step it draws,
-  from the rank's own shard in the native loop's epoch order, `B_meta / W` samples in a
-  selection step or `B / W` in a burn-in / anneal / uniform / prune step, and yields them as
-  `gradient_accumulation_steps` pieces (the Trainer pulls that many items per step).
-* `get_batch_samples` — the one place where the Trainer holds all the items of one optimizer
-  step before any forward — joins the pieces, scores the meta-batch with a no-grad forward
-  (`scoring_losses`), computes the global selection (`select_global`: all-gather over the DP
-  group, counter-based noise from `(seed, step)`), and returns this rank's `B / W` chosen
-  samples as exactly `gradient_accumulation_steps` micro-batches of
-  `train_micro_batch_size_per_gpu`.
-* The Trainer's own loop then does what it always does: one `training_step` per micro-batch,
-  DeepSpeed's gradient accumulation boundary on the last one, one optimizer step.
-  `compute_loss` computes the per-sample losses times the ES loss weights (ESWP rescale,
-  filler weight 0), averaged over the micro-batch: with the Trainer's `1/gas` and DeepSpeed's
-  `scale_wrt_gas=False` this is the native loop's loss exactly. In plain steps the per-sample
-  training losses update the scores, as in the native loop.
+* `get_train_dataloader` returns this rank's ES stream: per optimizer step it calls
+  `next_step()` (when the first of the step's items is requested, so nothing is drawn ahead)
+  and yields `gradient_accumulation_steps` placeholder items.
+* `get_batch_samples`, where the Trainer holds all items of one optimizer step before any
+  forward, calls `assign()` (score, all-gather records, select, assign locality-first) and
+  returns this rank's `B / W` samples as `gradient_accumulation_steps` micro-batches.
+* `compute_loss` computes the per-sample losses times the ES loss weights, averaged over the
+  micro-batch (with the Trainer's `1/gas` and DeepSpeed's `scale_wrt_gas=False` this is the
+  native loop's loss), and hands the losses to `observe_training_losses`.
+* At the end of each optimizer step (`on_step_end`) `finish_step()` closes the step; its
+  record goes to `OUTPUT_DIR/es_metrics.jsonl` (the native `selection_digest`).
 
-Epochs are the native loop's: the stream moves to the next epoch (new order, ESWP plan) when
-the current one cannot fill another step, independently of where the Trainer's own epoch
-counter is; the Trainer's per-epoch length is set so that its total step count is the native
-loop's planned count (or `max_steps`). When the stream runs out the run stops. One difference
-remains: the native loop runs its last epoch out even past the planned count (burn-in steps
-draw B, not B_meta, so epochs can hold a step or two more than planned) while the Trainer
-stops at its planned count; every step both run selects the same samples.
+The planned step count is the native loop's (`estimate_total_steps`, or `max_steps`); the
+Trainer's per-epoch length is set so that its total is that count, and the stream ends there.
 
-Per-step selection digests go to `OUTPUT_DIR/es_metrics.jsonl` (same `selection_digest` as
-the native `metrics.jsonl`). Resuming from a Trainer checkpoint is not supported yet (the ES
-state is not saved with it); `train(resume_from_checkpoint=...)` refuses.
+Checkpoints: every Trainer checkpoint folder gets one file per rank, `es_state_rank<r>.pt`
+(written atomically before the Trainer's own files), holding the data path's `state_dict()`.
+`train(resume_from_checkpoint=...)` loads it, and the run selects from then on exactly what an
+uninterrupted run selects. The data position is the ES state's, so the Trainer's own
+fast-forward of the dataloader is turned off (`ignore_data_skip`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from es_llm import dist
 from es_llm.config import SECTION, EvolvedSamplingConfig, es_config_from_ds_config
-from es_llm.core.policies import method_weights
-from es_llm.core.pruning import EpochPlan, anneal_epoch
-from es_llm.core.schedule import Phase, phase_for_step, resolve_burn_in_steps
-from es_llm.core.scores import ScoreTable
-from es_llm.core.selector import selection_digest
-from es_llm.data.sharding import RankSampler, shard_range
 from es_llm.errors import InputError
-from es_llm.eswp import lockstep_available, plan_epoch_global
-from es_llm.train.geometry import BatchGeometry, resolve_geometry
-from es_llm.train.global_selection import select_global
-from es_llm.train.loop import _sample_losses
-from es_llm.train.scoring import scoring_losses
+from es_llm.train import checkpoint as ckpt
+from es_llm.train.datapath import ESDataPath, StepAssignment, StepDraw
+from es_llm.train.geometry import resolve_geometry
+from es_llm.train.losses import training_losses
+from es_llm.train.scoring import ModelScorer, Scorer
 
-__all__ = ["ESTrainer", "estimate_total_steps"]
-
-_PHASES = list(Phase)
-
-
-def estimate_total_steps(
-    es: EvolvedSamplingConfig, geo: BatchGeometry, min_local: int, epochs: int
-) -> int:
-    """Planned optimizer steps, computed as the native loop's `ESRun._estimate_total_steps`."""
-    per_rank = geo.meta_per_rank if es.uses_scoring_forward else geo.train_per_rank
-    total = 0
-    a_epoch = anneal_epoch(es.delta, epochs)
-    for e in range(epochs):
-        kept = min_local
-        if es.uses_pruning and 0 < e < a_epoch:
-            kept = int(min_local * (1 - 0.5 * es.prune_ratio))
-        total += kept // per_rank
-    return max(1, total)
+__all__ = ["ESTrainer"]
 
 
 class _ESStream(IterableDataset):
-    """One rank's ES data stream: the native loop's epochs, order, pruning and phases.
+    """One rank's ES stream: a placeholder item per micro-batch of each drawn step.
 
-    Iterating continues where the last iteration stopped (the Trainer re-creates its
-    iterator every Trainer epoch; the native epochs are tracked here). The draw for a step
-    happens when its first piece is requested, so nothing is consumed ahead.
+    Iterating continues where the last iteration stopped (the Trainer re-creates its iterator
+    every Trainer epoch; the ES epochs are the data path's). The step's draw is kept in
+    `current` for `get_batch_samples`.
     """
 
-    def __init__(
-        self,
-        shard: Any,
-        *,
-        lo: int,
-        es: EvolvedSamplingConfig,
-        geo: BatchGeometry,
-        table: ScoreTable,
-        sampler: RankSampler,
-        seed: int,
-        epochs: int,
-        total_steps: int,
-        steps_per_epoch: int,
-        length: int,
-    ) -> None:
-        self.shard, self.lo, self.es, self.geo = shard, lo, es, geo
-        self.table, self.sampler, self.seed = table, sampler, seed
-        self.epochs, self.total_steps, self.steps_per_epoch = epochs, total_steps, steps_per_epoch
+    def __init__(self, data: ESDataPath, length: int) -> None:
+        self.data = data
         self.length = length
-        self.step = 0
-        self.epoch = 0
-        self.plan: EpochPlan | None = None
-        self._order: torch.Tensor | None = None
-        self._available = 0
-        self.exhausted = False
-        self.pruned_total = 0
+        self.current: StepDraw | None = None
 
     def __len__(self) -> int:
         return self.length
 
-    def phase(self) -> Phase:
-        if not self.es.uses_scoring_forward:
-            return Phase.ANNEAL  # plain batches of B (uniform, prune)
-        return phase_for_step(self.step, self.total_steps, self.es, self.steps_per_epoch)
-
-    def _start_epoch(self, epoch: int) -> None:
-        """Native `run()` epoch head: sampler epoch, ESWP plan, lock-step sample count."""
-        self.epoch = epoch
-        self.sampler.set_epoch(epoch)
-        self.plan = None
-        if self.es.uses_pruning:
-            self.plan = plan_epoch_global(
-                self.table, self.es, epoch=epoch, epochs=self.epochs, seed=self.seed
-            )
-            pruned = int((~self.plan.keep).sum())
-            self.pruned_total += int(dist.all_reduce_sum([float(pruned)])[0])
-        self._order = self.sampler.order(self.plan.keep if self.plan is not None else None)
-        self._available = lockstep_available(self.sampler, self.plan)
-
-    def draw(self) -> tuple[Phase, torch.Tensor] | None:
-        """Local indices of the next step (and its phase), or None when all epochs are done."""
-        if self.exhausted:
-            return None
-        if self._order is None:
-            self._start_epoch(self.epoch)
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         while True:
-            phase = self.phase()
-            need = self.geo.meta_per_rank if phase == Phase.SELECT else self.geo.train_per_rank
-            pos = self.sampler.position
-            if pos + need <= self._available:
-                assert self._order is not None
-                local_idx = self._order[pos : pos + need]
-                self.sampler.advance(need)
-                return phase, local_idx
-            if self.epoch + 1 >= self.epochs:
-                self.exhausted = True
-                return None
-            self._start_epoch(self.epoch + 1)
-
-    def tokens(self, local_idx: torch.Tensor) -> torch.Tensor:
-        rows = self.shard[local_idx.tolist()]["input_ids"]
-        return torch.from_numpy(np.asarray(rows, dtype=np.int64))
-
-    def prune_weights(self, local_idx: torch.Tensor) -> torch.Tensor:
-        if self.plan is None:
-            return torch.ones(local_idx.numel())
-        return self.plan.loss_weights(local_idx).float()
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        while True:
-            drawn = self.draw()
-            if drawn is None:
+            draw = self.data.next_step()
+            if draw is None:
                 return
-            phase, local_idx = drawn
-            step = torch.tensor(self.step)
-            self.step += 1
-            pieces = torch.tensor_split(torch.arange(local_idx.numel()), self.geo.grad_accum)
-            for part in pieces:
-                idx = local_idx[part]
-                yield {
-                    "es_step": step,
-                    "es_select": torch.tensor(phase == Phase.SELECT),
-                    "es_phase": torch.tensor(_PHASES.index(phase)),
-                    "es_epoch": torch.tensor(self.epoch),
-                    "es_ids": idx + self.lo,
-                    "es_weights": self.prune_weights(idx),
-                    "input_ids": self.tokens(idx),
-                }
+            self.current = draw
+            for _ in range(self.data.geo.grad_accum):
+                yield {"es_step": torch.tensor(draw.step)}
 
 
 def _strip_es_section(args: Any) -> dict[str, Any] | None:
@@ -219,15 +108,32 @@ def _strip_es_section(args: Any) -> dict[str, Any] | None:
     return out
 
 
+class _FinishStep(TrainerCallback):
+    """Closes the ES step after the Trainer's optimizer step (before any checkpoint save)."""
+
+    def __init__(self, trainer: ESTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._finish_es_step()
+
+
 class ESTrainer(Trainer):
     """`transformers.Trainer` that trains with ES/ESWP when the DeepSpeed config says so.
 
     `es_config` overrides the config's section (e.g. for sweeps). `train_dataset` is a
     `datasets.Dataset` with an `input_ids` column of equal-length packed sequences; the
-    global sample id is the row index.
+    global sample id is the row index. `scorer` (optional) replaces the scoring forward:
+    `scorer(tokens, ids) -> (loss, valid)` (see `es_llm.train.scoring.Scorer`).
     """
 
-    def __init__(self, *args: Any, es_config: EvolvedSamplingConfig | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        es_config: EvolvedSamplingConfig | None = None,
+        scorer: Scorer | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         ds_config = _strip_es_section(self.args)
         self.es: EvolvedSamplingConfig | None = es_config
@@ -238,8 +144,14 @@ class ESTrainer(Trainer):
                 "ESTrainer needs TrainingArguments(deepspeed=...): ES runs through DeepSpeed"
             )
         self._es_ds_config = ds_config
+        self._scorer = scorer
+        self.es_data: ESDataPath | None = None
         self._stream: _ESStream | None = None
+        self._assignment: StepAssignment | None = None
+        self._resume_dir: Path | None = None
         self.es_log: list[dict[str, Any]] = []
+        if self.es is not None:
+            self.add_callback(_FinishStep(self))
 
     # ------------------------------------------------------------------ data
     def get_train_dataloader(self) -> DataLoader:
@@ -247,19 +159,23 @@ class ESTrainer(Trainer):
             return super().get_train_dataloader()
         if self._stream is None:
             self._stream = self._build_stream()
-        # batch_size=None: the stream yields ready pieces. No workers and no accelerate
+        if self._resume_dir is not None:
+            self._load_es_state(self._resume_dir)
+            self._resume_dir = None
+        # batch_size=None: the stream yields ready items. No workers and no accelerate
         # sharding: the stream already is this rank's shard and it runs collectives.
         return DataLoader(self._stream, batch_size=None, num_workers=0)
 
     def _build_stream(self) -> _ESStream:
-        assert self.es is not None and self._es_ds_config is not None
+        es, ds_config = self.es, self._es_ds_config
+        if es is None or ds_config is None:
+            raise RuntimeError("_build_stream needs the ES config")
         ds = self.train_dataset
         if ds is None or not hasattr(ds, "with_format") or "input_ids" not in ds.column_names:
             raise InputError(
                 "ESTrainer needs a datasets.Dataset train_dataset with an 'input_ids' column"
             )
-        rank, world = dist.rank(), dist.world_size()
-        geo = resolve_geometry(self._es_ds_config, world, self.es.effective_selection_ratio)
+        geo = resolve_geometry(ds_config, dist.world_size(), es.effective_selection_ratio)
         if geo.micro != self.args.per_device_train_batch_size or (
             geo.grad_accum != self.args.gradient_accumulation_steps
         ):
@@ -268,53 +184,32 @@ class ESTrainer(Trainer):
                 f"from TrainingArguments ({self.args.per_device_train_batch_size}, "
                 f'{self.args.gradient_accumulation_steps}); use "auto" in the config'
             )
-        n = len(ds)
-        lo, hi = shard_range(n, rank, world)
-        shard = ds.select(range(lo, hi)).with_format("numpy", columns=["input_ids"])
-        min_local = dist.all_reduce_min_int(hi - lo)
-        need = geo.meta_per_rank if self.es.uses_scoring_forward else geo.train_per_rank
-        if min_local < need:
-            raise InputError(
-                f"{n} training sequences give rank shards of {min_local}, fewer than one batch "
-                f"of {need} per rank"
-            )
         epochs = max(1, math.ceil(self.args.num_train_epochs))
-        total = estimate_total_steps(self.es, geo, min_local, epochs)
-        if self.args.max_steps > 0:
-            total = min(total, self.args.max_steps)
-        steps_per_epoch = max(1, min_local // need)
-        seed = self.es.resolved_seed(self.args.seed)
-        self._geo, self._seed, self._rank = geo, seed, rank
-        self._scoring_mbs = self.es.scoring_micro_batch_size or 2 * geo.micro
-        self._burn_in = (
-            resolve_burn_in_steps(self.es, total, steps_per_epoch)
-            if self.es.uses_scoring_forward
-            else 0
+        scorer = self._scorer or ModelScorer(
+            lambda: self.model_wrapped,
+            micro_batch=es.scoring_micro_batch_size or 2 * geo.micro,
+            ignore_index=es.ignore_index,
         )
-        # Trainer epochs only count steps: make their total the native plan
-        per_trainer_epoch = math.ceil(
-            estimate_total_steps(self.es, geo, min_local, epochs) / epochs
-        )
-        return _ESStream(
-            shard,
-            lo=lo,
-            es=self.es,
-            geo=geo,
-            table=ScoreTable(hi - lo, offset=lo, s_init=self.es.resolved_s_init(n)),
-            sampler=RankSampler(hi - lo, offset=lo, seed=seed, rank=rank),
-            seed=seed,
+        self.es_data = ESDataPath(
+            es,
+            geo,
+            ds,
+            seed=es.resolved_seed(self.args.seed),
             epochs=epochs,
-            total_steps=total,
-            steps_per_epoch=steps_per_epoch,
-            length=per_trainer_epoch * geo.grad_accum,
+            max_steps=self.args.max_steps if self.args.max_steps > 0 else None,
+            device=self.args.device,
+            scorer=scorer,
         )
+        # Trainer epochs only count steps: make their total the planned count
+        per_trainer_epoch = math.ceil(self.es_data.total_steps / epochs)
+        return _ESStream(self.es_data, length=per_trainer_epoch * geo.grad_accum)
 
     # ------------------------------------------------------------------ one step
     def get_batch_samples(
         self, epoch_iterator: Iterator, num_batches: int, device: torch.device
     ) -> tuple[list, torch.Tensor | int | None]:
-        """All pieces of one optimizer step -> score, select -> this rank's micro-batches."""
-        if self.es is None:
+        """All items of one optimizer step -> `assign()` -> this rank's micro-batches."""
+        if self.es is None or self.es_data is None or self._stream is None:
             return super().get_batch_samples(epoch_iterator, num_batches, device)
         pieces = []
         for _ in range(num_batches):
@@ -323,86 +218,24 @@ class ESTrainer(Trainer):
             except StopIteration:
                 break
         if not pieces:
-            self.control.should_training_stop = True  # the native epochs are done
+            self.control.should_training_stop = True  # the planned steps are done
             return [], None
+        draw = self._stream.current
         steps = {int(p["es_step"]) for p in pieces}
-        if len(steps) != 1 or len(pieces) != self._geo.grad_accum:
+        if draw is None or steps != {draw.step} or len(pieces) != self.es_data.geo.grad_accum:
             raise RuntimeError(
-                f"ES step pieces out of line with gradient accumulation ({len(pieces)} pieces, "
-                f"steps {sorted(steps)}); the Trainer must pull {self._geo.grad_accum} per step"
+                f"ES step items out of line with gradient accumulation ({len(pieces)} items, "
+                f"steps {sorted(steps)}); the Trainer must pull "
+                f"{self.es_data.geo.grad_accum} per step"
             )
-        step = steps.pop()
-        ids = torch.cat([p["es_ids"] for p in pieces])
-        tokens = torch.cat([p["input_ids"] for p in pieces])
-        pw = torch.cat([p["es_weights"] for p in pieces])
-        phase = _PHASES[int(pieces[0]["es_phase"])]
-        if bool(pieces[0]["es_select"]):
-            train_ids, train_tokens, weights, rec = self._select(step, ids, tokens, pw)
-            update = False
-        else:
-            train_ids, train_tokens, weights = ids, tokens, pw
-            all_ids = dist.all_gather_cat(ids)
-            rec = {"scored": 0, "selected": all_ids.numel(), "invalid": 0}
-            rec["digest"] = selection_digest(all_ids)
-            update = self.es.method != "uniform"
-        dist.check_lockstep(rec["digest"])
-        micro = self._geo.micro
+        a = self.es_data.assign(draw)
+        self._assignment = a
+        micro = self.es_data.geo.micro
         batches = [
-            {
-                "input_ids": train_tokens[i : i + micro],
-                "es_ids": train_ids[i : i + micro],
-                "es_weights": weights[i : i + micro].float(),
-                "es_update": torch.tensor(update),
-            }
-            for i in range(0, train_tokens.size(0), micro)
+            {"input_ids": a.tokens[i : i + micro], "es_micro": i}
+            for i in range(0, a.tokens.size(0), micro)
         ]
-        self._log_step(step, phase, int(pieces[0]["es_epoch"]), rec)
         return batches, None
-
-    def _score(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """No-grad scoring forward through the wrapped (DeepSpeed) module on every rank."""
-        assert self.es is not None
-        module = self.model_wrapped
-        was_training = module.training
-        module.eval()
-        device = self.args.device
-        sums, counts = [], []
-        with torch.no_grad():
-            for chunk in tokens.split(self._scoring_mbs):
-                s, c = scoring_losses(module, chunk.to(device), ignore_index=self.es.ignore_index)
-                sums.append(s.float().cpu())
-                counts.append(c.float().cpu())
-        module.train(was_training)
-        loss_sum, count = torch.cat(sums), torch.cat(counts)
-        loss = loss_sum / count.clamp(min=1)
-        return loss, (count > 0) & torch.isfinite(loss)
-
-    def _select(self, step: int, ids, tokens, pw):
-        assert self.es is not None and self._stream is not None
-        loss, valid = self._score(tokens)
-        gs = select_global(
-            self.es,
-            self._stream.table,
-            step=step,
-            seed=self._seed,
-            ids=ids,
-            losses=loss,
-            valid=valid,
-            tokens=tokens,
-            prune_weights=pw,
-            k=self._geo.train_batch,
-        )
-        mine, weights = gs.rank_slice(self._rank, self._geo.train_per_rank)
-        g = gs.gathered
-        meta_ok = torch.isfinite(g.losses) & g.valid
-        rec = {
-            "scored": g.ids.numel(),
-            "selected": self._geo.train_batch,
-            "invalid": int((~g.valid).sum()),
-            "meta_loss": float(g.losses[meta_ok].mean()) if meta_ok.any() else float("nan"),
-            "digest": gs.digest,
-        }
-        return g.ids[mine], g.tokens[mine], weights, rec
 
     def compute_loss(
         self,
@@ -412,30 +245,30 @@ class ESTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
         """Weighted mean of per-sample losses (the native loop's loss); plain steps update s."""
-        if self.es is None or "es_weights" not in inputs:
+        if self.es is None or "es_micro" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        assert self._stream is not None
+        a, data = self._assignment, self.es_data
+        if a is None or data is None:
+            raise RuntimeError("compute_loss got an ES micro-batch outside an ES step")
         input_ids = inputs["input_ids"]
+        sl = slice(inputs["es_micro"], inputs["es_micro"] + input_ids.size(0))
         outputs = model(input_ids=input_ids)
-        per_sample, _ = _sample_losses(outputs.logits, input_ids, self.es.ignore_index)
-        loss = (per_sample * inputs["es_weights"].to(per_sample.device)).mean()
-        if bool(inputs["es_update"]):
-            losses = per_sample.detach().float().cpu()
-            ids = inputs["es_ids"].cpu()
-            table = self._stream.table
-            _, s_new = method_weights(
-                "ema", table.gather(ids), losses, self.es.beta1, self.es.beta2
-            )
-            table.update(ids, s_new, torch.isfinite(losses))
+        per_sample, _ = training_losses(outputs.logits, input_ids, self.es.ignore_index)
+        loss = (per_sample * a.loss_weights[sl].to(per_sample.device)).mean()
+        data.observe_training_losses(a, a.ids[sl], per_sample)
         return (loss, outputs) if return_outputs else loss
 
-    # ------------------------------------------------------------------ bookkeeping
-    def _log_step(self, step: int, phase: Phase, epoch: int, rec: dict[str, Any]) -> None:
+    def _finish_es_step(self) -> None:
+        a, data = self._assignment, self.es_data
+        if a is None or data is None:
+            return
+        self._assignment = None
+        rec = data.finish_step(a)
         record = {
             "type": "step",
-            "step": step + 1,  # steps done after this one, as in the native metrics.jsonl
-            "epoch": epoch,
-            "phase": phase.name.lower(),
+            "step": rec["step"],  # steps done after this one, as in the native metrics.jsonl
+            "epoch": rec["epoch"],
+            "phase": rec["phase"].name.lower(),
             "scored": rec["scored"],
             "selected": rec["selected"],
             "invalid": rec["invalid"],
@@ -449,10 +282,56 @@ class ESTrainer(Trainer):
             with path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """The ES state of every rank first (atomic files), then the Trainer's own files."""
+        if self.es is not None and self.es_data is not None:
+            folder = Path(self._get_output_dir(trial=trial)) / (
+                f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            folder.mkdir(parents=True, exist_ok=True)
+            state = ckpt.rank_state({"es": self.es_data.state_dict()})
+            ckpt.write_rank_state(folder, dist.rank(), state)
+            dist.barrier()
+        super()._save_checkpoint(model, trial)
+
+    def _load_es_state(self, folder: Path) -> None:
+        if self.es_data is None:
+            raise RuntimeError("the ES data path must exist before its state is loaded")
+        path = folder / ckpt.es_state_file(dist.rank())
+        state = ckpt.load_rank_file(path, dist.rank(), dist.world_size())
+        self.es_data.load_state_dict(state["run"]["es"], source=str(path))
+        step = self.es_data.step
+        trainer_state = folder / "trainer_state.json"
+        if trainer_state.is_file():
+            global_step = int(json.loads(trainer_state.read_text()).get("global_step", step))
+            if global_step != step:
+                raise ckpt.CheckpointError(
+                    f"{path} is at ES step {step} but {trainer_state} at global step "
+                    f"{global_step}; the checkpoint folder is inconsistent"
+                )
+        if self.args.process_index == 0:
+            ckpt.rewind_metrics(Path(self.args.output_dir) / "es_metrics.jsonl", step)
+
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         if self.es is not None and resume_from_checkpoint:
-            raise NotImplementedError(
-                "ESTrainer cannot resume yet: the ES scores and data position are not saved "
-                "with Trainer checkpoints (use `es-llm train`, which resumes exactly)"
-            )
+            if resume_from_checkpoint is True:
+                last = get_last_checkpoint(self.args.output_dir)
+                if last is None:
+                    raise InputError(
+                        f"no checkpoint in {self.args.output_dir} to resume from "
+                        f"(resume_from_checkpoint=True)"
+                    )
+                resume_from_checkpoint = last
+            folder = Path(os.fspath(resume_from_checkpoint))
+            if not (folder / ckpt.es_state_file(dist.rank())).is_file():
+                raise ckpt.CheckpointError(
+                    f"{folder} has no {ckpt.es_state_file(dist.rank())}: it was not written by "
+                    f"an ESTrainer, so the ES scores and data position cannot be restored"
+                )
+            self._resume_dir = folder
+            self.args.ignore_data_skip = True  # the ES state holds the data position
+            if self._stream is not None:  # a second train() call: the stream exists already
+                self._load_es_state(folder)
+                self._resume_dir = None
         return super().train(resume_from_checkpoint, *args, **kwargs)

@@ -82,35 +82,31 @@ def test_two_ranks_through_the_deepspeed_launcher(tmp_path, es_cache, tiny_ds_co
 @pytest.mark.multiproc
 def test_nan_scoring_losses_are_never_selected_and_training_goes_on(tmp_path, es_cache,
                                                                     tiny_ds_config):
-    """Poison the scoring pass for ids divisible by 3: counted, never selected, run finishes."""
+    """Poison the scoring pass for ids divisible by 3 (through the public scorer seam):
+    counted, never selected, run finishes."""
     out = tmp_path / "nan"
     cfg = tiny_ds_config(evolved_sampling={"burn_in_steps": 0})
     script = tmp_path / "poisoned.py"
     script.write_text(
         "import sys, torch\n"
-        "import es_llm.train.loop as loop\n"
-        "real = loop.ESRun._score\n"
-        "def poisoned(self, tokens):\n"
-        "    loss, valid = real(self, tokens)\n"
-        "    ids = self._current_ids\n"
-        "    bad = ids % 3 == 0\n"
-        "    loss = torch.where(bad, torch.full_like(loss, float('nan')), loss)\n"
-        "    return loss, valid & ~bad\n"
-        "loop.ESRun._score = poisoned\n"
-        "real_es = loop.ESRun._es_step\n"
-        "def es_step(self, local_idx):\n"
-        "    self._current_ids = local_idx + self.lo\n"
-        "    return real_es(self, local_idx)\n"
-        "loop.ESRun._es_step = es_step\n"
-        "real_select = loop.select_global\n"
-        "def checked(*a, **kw):\n"
-        "    gs = real_select(*a, **kw)\n"
-        "    chosen = gs.gathered.ids[gs.selection.positions]\n"
-        "    assert not bool((chosen % 3 == 0).any()), 'a poisoned sample was selected'\n"
-        "    return gs\n"
-        "loop.select_global = checked\n"
-        "from es_llm.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
+        "from es_llm.cli import build_parser, options_from_args\n"
+        "from es_llm.train.datapath import ESDataPath\n"
+        "from es_llm.train.loop import train\n"
+        "def poison(inner):\n"
+        "    def scorer(tokens, ids):\n"
+        "        loss, valid = inner(tokens, ids)\n"
+        "        bad = ids % 3 == 0\n"
+        "        loss = torch.where(bad, torch.full_like(loss, float('nan')), loss)\n"
+        "        return loss, valid & ~bad\n"
+        "    return scorer\n"
+        "real_select = ESDataPath.select\n"
+        "def checked(self, draw, losses, valid):\n"
+        "    a = real_select(self, draw, losses, valid)\n"
+        "    assert not bool((a.ids % 3 == 0).any()), 'a poisoned sample was selected'\n"
+        "    return a\n"
+        "ESDataPath.select = checked\n"
+        "opts = options_from_args(build_parser().parse_args(sys.argv[1:]))\n"
+        "train(opts, wrap_scorer=poison)\n"
     )
     import os
     import subprocess
@@ -146,8 +142,8 @@ def test_selected_ids_exclude_invalid(tmp_path):
     losses[ids % 3 == 0] = float("nan")
     valid = torch.isfinite(losses)
     gs = select_global(cfg, table, step=3, seed=0, ids=ids, losses=losses, valid=valid,
-                       tokens=ids.view(-1, 1), prune_weights=torch.ones(16), k=8)
-    chosen = gs.gathered.ids[gs.selection.positions]
-    assert not bool((chosen % 3 == 0).any())
+                       prune_weights=torch.ones(16), k=8)
+    assert not bool((gs.selected_ids % 3 == 0).any())
+    assert torch.equal(gs.selected_ids, gs.gathered.ids[gs.selection.positions])
     before = table.gather(ids[~valid])
     assert torch.equal(before, torch.full_like(before, 1 / 16))  # NaN never updated a score

@@ -5,8 +5,8 @@ Layout of ``OUT/checkpoints/`` (the ``save_dir`` of ``engine.save_checkpoint``):
     latest                      tag of the newest *complete* checkpoint (DeepSpeed's format)
     global_step12/
         mp_rank_00_model_states.pt ...   DeepSpeed's own files (weights, optimizer, LR scheduler)
-        es_state_rank0.pt ...            one file per rank: score shard, pruning plan, data
-                                         position, counters, totals, timers, RNG
+        es_state_rank0.pt ...            one file per rank: ESRun.state_dict() (the ES data
+                                         path's state_dict() and the loop's clocks), RNG
         es_complete.json                 the marker: world size, step, size + sha256 per file
 
 Why a marker: DeepSpeed writes its files in place, so a rank killed mid-save leaves a half
@@ -32,7 +32,6 @@ from typing import Any
 import torch
 
 from es_llm import dist
-from es_llm.core.pruning import EpochPlan
 from es_llm.errors import InputError
 
 FORMAT_VERSION = 1
@@ -172,6 +171,14 @@ def read_rank_state(tag_dir: Path, rank: int, world_size: int, marker: dict[str,
         raise CheckpointError(
             f"ES state file {path} is corrupt: its sha256 differs from the marker's"
         )
+    return load_rank_file(path, rank, world_size)
+
+
+def load_rank_file(path: Path, rank: int, world_size: int) -> dict:
+    """Read one rank's state file and check it belongs to this rank of this world size."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"ES state file {path} is missing")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing here
@@ -181,7 +188,7 @@ def read_rank_state(tag_dir: Path, rank: int, world_size: int, marker: dict[str,
     if int(state["rank"]) != rank or int(state["world_size"]) != world_size:
         raise CheckpointError(
             f"ES state file {path} belongs to rank {state['rank']} of {state['world_size']}, "
-            f"not rank {rank} of {world_size}"
+            f"not rank {rank} of {world_size}: resume with the same number of ranks"
         )
     return state
 
@@ -208,75 +215,20 @@ def find_complete_tag(root: Path) -> str:
 
 
 # ---------------------------------------------------------------- run state
-def _fingerprint(run: Any) -> dict[str, Any]:
-    """What must be equal for a resumed run to continue the same run."""
-    return {
-        "world_size": run.world,
-        "num_samples": run.num_samples,
-        "shard": [run.lo, run.hi],
-        "method": run.method,
-        "seed": run.seed,
-        "epochs": run.opts.epochs,
-        "planned_steps": run.total_steps,
-        "burn_in_steps": run.burn_in_steps,
-        "steps_per_epoch": run.steps_per_epoch,
-        "train_batch": run.geo.train_batch,
-        "meta_batch": run.geo.meta_batch,
-        "micro_batch": run.geo.micro,
-        "seq_len": run.corpus.seq_len,
-        "vocab_size": run.corpus.vocab_size,
-        "evolved_sampling": run.es.model_dump(),
-    }
-
-
-def run_state(run: Any) -> dict[str, Any]:
-    """The per-rank ES state of an `ESRun` (plain containers and tensors: weights_only-safe)."""
+def rank_state(run_state: dict[str, Any]) -> dict[str, Any]:
+    """One rank's file content: the caller's state (e.g. `ESRun.state_dict()`, which holds
+    `ESDataPath.state_dict()`) plus the file header and the RNG states."""
     return {
         "format_version": FORMAT_VERSION,
-        "rank": run.rank,
-        "world_size": run.world,
-        "fingerprint": _fingerprint(run),
-        "step": run.step,
-        "epoch": run.epoch,
-        "scores": run.table.state_dict(),
-        "plan": run.plan.state_dict() if run.plan is not None else None,
-        "sampler": run.sampler.state_dict(),
-        "totals": dict(run.totals),
-        "timers": dict(run.timers),
-        "val_history": json.dumps(run.val_history),
-        "train_clock": run.train_clock,
-        "eval_clock": run.eval_clock,
-        "train_cpu": float(getattr(run, "train_cpu", 0.0)),
+        "rank": dist.rank(),
+        "world_size": dist.world_size(),
+        "run": run_state,
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
 
 
-def restore_run_state(run: Any, state: dict[str, Any], path: Path) -> None:
-    """Put a saved ES state back into an `ESRun` set up with the same options."""
-    saved, now = state["fingerprint"], _fingerprint(run)
-    diff = [k for k in now if saved.get(k) != now[k]]
-    if diff:
-        detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in diff)
-        raise CheckpointError(
-            f"{path} was written by a different run configuration ({detail}); resume with the "
-            f"same flags and config as the original run"
-        )
-    try:
-        run.table.load_state_dict(state["scores"])
-        run.sampler.load_state_dict(state["sampler"])
-        run.plan = EpochPlan.from_state_dict(state["plan"]) if state["plan"] is not None else None
-    except (KeyError, ValueError, TypeError) as e:
-        raise CheckpointError(f"ES state file {path} does not fit this run: {e}") from e
-    run.step = int(state["step"])
-    run.epoch = int(state["epoch"])
-    run.totals.update(state["totals"])
-    run.timers.update(state["timers"])
-    run.val_history = json.loads(state["val_history"])
-    run.train_clock = float(state["train_clock"])
-    run.eval_clock = float(state["eval_clock"])
-    if hasattr(run, "train_cpu"):
-        run.train_cpu = float(state["train_cpu"])
+def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch_rng"])
     if torch.cuda.is_available() and state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -303,53 +255,44 @@ def rewind_metrics(path: Path, step: int) -> None:
     _write_text_atomic(path, "".join(f"{line}\n" for line in kept))
 
 
-# ---------------------------------------------------------------- collectives
-def _barrier() -> None:
-    if dist.is_initialized():
-        torch.distributed.barrier()
+def save_checkpoint(engine: Any, root: Path, *, step: int, state: dict[str, Any]) -> Path:
+    """Save DeepSpeed's state and this rank's `state` (from `rank_state`) as step `step`.
 
-
-def _gather_records(rec: FileRecord) -> list[FileRecord]:
-    if not dist.is_initialized():
-        return [rec]
-    out: list[Any] = [None] * dist.world_size()
-    torch.distributed.all_gather_object(out, rec)
-    return out
-
-
-def save_checkpoint(run: Any, root: Path) -> Path:
-    """Save DeepSpeed's and the ES state of step `run.step`; every rank calls it."""
+    Every rank calls it (it is collective).
+    """
     root = Path(root)
-    tag = tag_for_step(run.step)
+    rank, world = dist.rank(), dist.world_size()
+    tag = tag_for_step(step)
     tag_dir = root / tag
-    if run.rank == 0:
+    if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tag_dir.exists():  # left by a crashed attempt at this step (resume rewinds to it)
             (tag_dir / MARKER).unlink(missing_ok=True)
             shutil.rmtree(tag_dir)
-    _barrier()
-    run.engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     tag_dir.mkdir(parents=True, exist_ok=True)
-    rec = write_rank_state(tag_dir, run.rank, run_state(run))
-    records = _gather_records(rec)  # also a barrier: every rank's files are on disk
-    if run.rank == 0:
-        write_marker(tag_dir, step=run.step, world_size=run.world, files=records)
+    rec = write_rank_state(tag_dir, rank, state)
+    records = dist.all_gather_object(rec)  # also a barrier: every rank's files are on disk
+    if rank == 0:
+        write_marker(tag_dir, step=step, world_size=world, files=records)
         _write_text_atomic(root / LATEST, tag)
-    _barrier()
+    dist.barrier()
     return tag_dir
 
 
-def load_checkpoint(run: Any, out: Path) -> Path:
-    """Restore DeepSpeed's state and the ES state from the newest complete checkpoint of `out`."""
+def load_checkpoint(engine: Any, out: Path) -> tuple[Path, dict[str, Any]]:
+    """Restore DeepSpeed's state from the newest complete checkpoint of `out`; return the tag
+    directory and this rank's verified state file (for the caller's `load_state_dict`)."""
+    rank, world = dist.rank(), dist.world_size()
     root = checkpoint_root(out)
     tag = find_complete_tag(root)
     tag_dir = root / tag
     marker = read_marker(tag_dir)
-    state = read_rank_state(tag_dir, run.rank, run.world, marker)
-    load_path, _ = run.engine.load_checkpoint(
+    state = read_rank_state(tag_dir, rank, world, marker)
+    load_path, _ = engine.load_checkpoint(
         str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load its checkpoint files in {tag_dir}")
-    restore_run_state(run, state, tag_dir / es_state_file(run.rank))
-    return tag_dir
+    return tag_dir, state

@@ -1,9 +1,10 @@
-"""The distributed half of an ES step: all-gather the scored meta-batch, select, update scores.
+"""The distributed half of an ES step: all-gather the records, select, update scores, assign.
 
-Kept apart from the engine loop so the invariant of the spec (section 4) can be tested with
-real processes and synthetic losses: W ranks, each holding a slice of the same global
-meta-batch, must select exactly what one rank selects over the whole of it, step after step
-while the scores evolve.
+Kept apart from the engine so the invariant of the spec (section 4) can be tested with real
+processes and synthetic losses: W ranks, each holding a slice of the same global meta-batch,
+must select exactly what one rank selects over the whole of it, step after step while the
+scores evolve. Only per-sample records travel (`es_llm.train.records`): one all-gather of
+24 bytes a sample, no token ids; every tensor stays on the device it came on (no host sync).
 """
 
 from __future__ import annotations
@@ -15,22 +16,40 @@ import torch
 from es_llm import dist
 from es_llm.config import EvolvedSamplingConfig
 from es_llm.core.scores import ScoreTable
-from es_llm.core.selector import Selection, select_step, selection_digest
+from es_llm.core.selector import Selection, select_step
+from es_llm.train.records import Assignment, Records, locality_first, pack, unpack
+
+try:  # the device-side digest of the algorithm core, where this version has it
+    from es_llm.core.selector import device_digest
+except ImportError:  # pragma: no cover - depends on the core's version
+    device_digest = None
+
+
+def ids_digest(ids: torch.Tensor) -> torch.Tensor:
+    """0-dim int64, order-sensitive hash of int64 `ids`, computed on their device."""
+    if device_digest is not None:
+        return device_digest(ids)
+    # wrapping int64 arithmetic: identical on every device (two's complement)
+    x = ids.to(torch.int64).reshape(-1)
+    pos = torch.arange(1, x.numel() + 1, dtype=torch.int64, device=x.device)
+    h = (x * -7046029254386353131 + pos * 0x27D4EB2F165667C5) ^ (x >> 29)
+    h = h * -4658895280553007687
+    return (h ^ (h >> 31)).sum()
 
 
 @dataclass
 class GlobalSelection:
-    gathered: dist.GatheredMetaBatch
+    gathered: Records  # the global meta-batch, rank-major, as every rank sees it
     selection: Selection
-    prune_weights: torch.Tensor  # fp32 [M]: ESWP rescale weight of each gathered sample
-    digest: str  # of the selected global ids, in order
+    assignment: Assignment  # what this rank trains (locality-first)
+    selected_ids: torch.Tensor  # int64 [k]: the chosen global ids, in selection order
+    digest: torch.Tensor  # 0-dim int64 device digest of `selected_ids` (lock-step check)
 
-    def rank_slice(self, rank: int, per_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(positions into the gathered batch, loss weights) that `rank` back-propagates."""
-        slot = slice(rank * per_rank, (rank + 1) * per_rank)
-        positions = self.selection.positions[slot]
-        weights = self.selection.loss_weights[slot].float() * self.prune_weights[positions]
-        return positions, weights
+    def loss_weights(self) -> torch.Tensor:
+        """fp32 loss weight of each sample this rank trains: selection weight x ESWP weight."""
+        a = self.assignment
+        lw = self.selection.loss_weights.to(a.positions.device).float()[a.slot]
+        return lw * self.gathered.prune_weights[a.positions]
 
 
 def select_global(
@@ -42,14 +61,17 @@ def select_global(
     ids: torch.Tensor,
     losses: torch.Tensor,
     valid: torch.Tensor,
-    tokens: torch.Tensor,
     prune_weights: torch.Tensor,
     k: int,
 ) -> GlobalSelection:
-    """Gather this rank's scored samples, select `k` globally, update the scores it owns."""
-    prev = table.gather(ids)
-    g = dist.gather_meta_batch(ids, losses, prev, valid, tokens)
-    pw = dist.all_gather_cat(prune_weights.float())
+    """Gather this rank's scored records, select `k` globally, update the owned scores, assign.
+
+    Every tensor argument must be on `dist.device()` (checked by the all-gather).
+    """
+    m = ids.numel()
+    prev = table.gather(ids.to(_table_device(table))).to(ids.device)
+    mine = Records(ids=ids, losses=losses, scores=prev, valid=valid, prune_weights=prune_weights)
+    g = unpack(dist.all_gather_cat(pack(mine)))
     sel = select_step(
         cfg,
         step=step,
@@ -60,12 +82,21 @@ def select_global(
         valid=g.valid,
         k=k,
     )
-    m = ids.numel()
-    own = slice(dist.rank() * m, (dist.rank() + 1) * m)
-    table.update(ids, sel.new_scores[own], valid)
+    positions = sel.positions.to(ids.device)
+    r = dist.rank()
+    own = sel.new_scores.to(ids.device)[r * m : (r + 1) * m]
+    tdev = _table_device(table)
+    table.update(ids.to(tdev), own.to(tdev), valid.to(tdev))
+    assignment = locality_first(positions, per_rank_meta=m, world=dist.world_size(), rank=r)
+    selected = g.ids[positions]
     return GlobalSelection(
         gathered=g,
         selection=sel,
-        prune_weights=pw,
-        digest=selection_digest(g.ids[sel.positions]),
+        assignment=assignment,
+        selected_ids=selected,
+        digest=ids_digest(selected),
     )
+
+
+def _table_device(table: ScoreTable) -> torch.device:
+    return table.raw_scores.device

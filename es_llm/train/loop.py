@@ -1,18 +1,20 @@
 """The ES training loop over a DeepSpeed engine.
 
-One optimizer step of ES, on every data-parallel rank:
+One optimizer step, on every data-parallel rank, driven through `ESDataPath`
+(`es_llm/train/datapath.py`, shared with the HF Trainer):
 
-1. draw this rank's `B_meta / W` samples of the epoch order (its own shard, pruned by the
-   ESWP plan when pruning is on);
-2. score them with a no-grad forward (`scoring_losses`, the kernel dispatcher);
-3. all-gather ids, losses, previous scores, validity, loss weights and tokens;
-4. compute the identical global selection on every rank (`select_step`), update the scores
-   this rank owns;
-5. rank r back-propagates its slice `B / W` of the selection in micro-batches and steps the
-   engine (gradient accumulation is DeepSpeed's).
+1. `next_step()`: this rank's `B_meta / W` samples of the epoch order (its own shard, pruned
+   by the ESWP plan when pruning is on), or `B / W` in burn-in / anneal / uniform / prune;
+2. `assign()`: in a SELECT step, score them with a no-grad forward, all-gather the per-sample
+   records, select globally, update the owned scores and assign the chosen samples to ranks
+   locality-first; otherwise the draw itself is the batch;
+3. this loop back-propagates the rank's `B / W` samples in micro-batches and steps the engine
+   (gradient accumulation is DeepSpeed's); in plain steps the per-sample training losses
+   update the scores (`observe_training_losses`);
+4. `finish_step()`: the step's record (digest, losses, counts) for metrics.jsonl.
 
-Burn-in, annealing, `uniform` and `prune` steps skip 2-4 and train a plain batch of `B`; the
-per-sample losses of that training forward update the scores for free.
+The run stops at the planned step count (`estimate_total_steps`), at `--max-steps`, at a
+budget, or at `--stop-after`.
 """
 
 from __future__ import annotations
@@ -25,28 +27,23 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from es_llm import dist
 from es_llm.config import EvolvedSamplingConfig
-from es_llm.core.policies import method_weights
-from es_llm.core.pruning import EpochPlan, anneal_epoch
-from es_llm.core.schedule import Phase, phase_for_step, resolve_burn_in_steps
-from es_llm.core.scores import ScoreTable
-from es_llm.core.selector import selection_digest
 from es_llm.data import load_corpus
-from es_llm.data.sharding import RankSampler, shard_range
+from es_llm.data.sharding import shard_range
 from es_llm.errors import InputError
-from es_llm.eswp import lockstep_available, plan_epoch_global
 from es_llm.model import build_model, count_parameters, load_model_preset
 from es_llm.train import checkpoint as ckpt
+from es_llm.train.datapath import ESDataPath, StepAssignment
 from es_llm.train.dsconfig import deepspeed_config, es_config_for_run, load_ds_config
 from es_llm.train.geometry import BatchGeometry, resolve_geometry
-from es_llm.train.global_selection import select_global
+from es_llm.train.losses import training_losses
 from es_llm.train.metrics import MetricsWriter, plot_loss_curves, write_json_atomic
-from es_llm.train.scoring import scoring_losses
+from es_llm.train.scoring import ModelScorer, Scorer, scoring_losses
+from es_llm.train.timing import TIMERS
 
-TIMERS = ("score_fwd_s", "select_s", "train_fwd_bwd_s", "optimizer_s")
+__all__ = ["TIMERS", "ESRun", "TrainOptions", "TrainingError", "train"]
 
 
 @dataclass
@@ -81,33 +78,22 @@ class TrainingError(InputError):
     """A run cannot start or continue; the message says why and what to change."""
 
 
-def _sample_losses(logits: torch.Tensor, input_ids: torch.Tensor, ignore_index: int):
-    """Per-sequence mean token cross-entropy (with grad) of a causal LM; 0 where no token."""
-    labels = input_ids[:, 1:]
-    lg = logits[:, :-1, :].float()
-    tok = F.cross_entropy(
-        lg.reshape(-1, lg.size(-1)), labels.reshape(-1), reduction="none", ignore_index=ignore_index
-    ).view(labels.shape)
-    count = (labels != ignore_index).sum(dim=1)
-    return tok.sum(dim=1) / count.clamp(min=1), count
-
-
 class ESRun:
-    """A training run: corpus shard, engine, ES state, and the step loop."""
+    """A training run: corpus, engine, the ES data path, and the step loop.
 
-    def __init__(self, opts: TrainOptions) -> None:
+    `wrap_scorer` (optional) receives the default model scorer and returns the scorer the
+    data path uses: the seam for tests and custom scoring.
+    """
+
+    def __init__(self, opts: TrainOptions, wrap_scorer: Any = None) -> None:
         self.opts = opts
-        self.timers = dict.fromkeys(TIMERS, 0.0)
-        self.totals = {"bp_samples": 0, "scored_samples": 0, "invalid_samples": 0, "pruned": 0}
+        self.wrap_scorer = wrap_scorer
         self.val_history: list[dict[str, Any]] = []
-        self.step = 0
-        self.epoch = 0
         self.train_clock = 0.0  # training wall-clock, evaluation excluded
         self.train_cpu = 0.0  # process CPU time of the same spans (robust to a busy machine)
         self.eval_clock = 0.0
         self.resumed_from: Path | None = None
         self._last_saved_step: int | None = None
-        self._plan_restored = False
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -116,7 +102,9 @@ class ESRun:
         opts = self.opts
         # validate the configs before any process group exists: bad input fails fast
         ds_config = load_ds_config(opts.config)
-        self.es: EvolvedSamplingConfig = es_config_for_run(ds_config, opts.method, opts.es_overrides)
+        self.es: EvolvedSamplingConfig = es_config_for_run(
+            ds_config, opts.method, opts.es_overrides
+        )
         self.method = self.es.method
         dist.ensure_launcher_env()
         self.geo: BatchGeometry = resolve_geometry(
@@ -129,70 +117,56 @@ class ESRun:
         self.rank, self.world = dist.rank(), dist.world_size()
         self.is_main = self.rank == 0
         dist.share_cpu_threads()
-        self.seed = self.es.resolved_seed(opts.seed)
         torch.manual_seed(opts.seed)  # model init only; ES randomness is counter-based
 
         if self.is_main:  # build the cache once; the other ranks then hit it
             corpus = self._load_corpus(progress=opts.progress)
-        dist_barrier()
+        dist.barrier()
         if not self.is_main:
             corpus = self._load_corpus(progress=False)
         self.corpus = corpus
-        n = len(corpus.train)
-        if n == 0:
-            raise TrainingError("the training split is empty")
-        lo, hi = shard_range(n, self.rank, self.world)
-        self.lo, self.hi, self.num_samples = lo, hi, n
-        self.shard = corpus.train.select(range(lo, hi)).with_format("numpy", columns=["input_ids"])
-        vlo, vhi = shard_range(len(corpus.val), self.rank, self.world)
-        self.val_shard = corpus.val.select(range(vlo, vhi)).with_format("numpy", columns=["input_ids"])
-        min_local = dist.all_reduce_min_int(hi - lo)
-        need = self.geo.meta_per_rank if self.es.uses_scoring_forward else self.geo.train_per_rank
-        if min_local < need:
-            raise TrainingError(
-                f"{n} training sequences give rank shards of {min_local}, fewer than one "
-                f"{'meta-' if self.es.uses_scoring_forward else ''}batch of {need} per rank: "
-                f"use more data, a shorter --seq-len or a smaller batch"
-            )
-
-        self.table = ScoreTable(hi - lo, offset=lo, s_init=self.es.resolved_s_init(n))
-        self.sampler = RankSampler(hi - lo, offset=lo, seed=self.seed, rank=self.rank)
-        self.plan: EpochPlan | None = None
-
-        self.total_steps = self._estimate_total_steps(min_local)
-        if opts.max_steps is not None:
-            self.total_steps = min(self.total_steps, opts.max_steps)
-        steps_per_epoch = max(1, min_local // need)
-        self.burn_in_steps = (
-            resolve_burn_in_steps(self.es, self.total_steps, steps_per_epoch)
-            if self.es.uses_scoring_forward
-            else 0
+        self.device = dist.accelerator_device()
+        self.data = ESDataPath(
+            self.es,
+            self.geo,
+            corpus.train,
+            seed=self.es.resolved_seed(opts.seed),
+            epochs=opts.epochs,
+            max_steps=opts.max_steps,
+            device=self.device,
         )
-        self.steps_per_epoch = steps_per_epoch
+        vlo, vhi = shard_range(len(corpus.val), self.rank, self.world)
+        self.val_shard = corpus.val.select(range(vlo, vhi)).with_format(
+            "numpy", columns=["input_ids"]
+        )
 
         preset = load_model_preset(opts.model)
         model = build_model(preset, vocab_size=corpus.vocab_size, seq_len=corpus.seq_len)
         self.num_params = count_parameters(model)
-        self.ds_config = deepspeed_config(ds_config, self.geo, self.total_steps)
+        self.ds_config = deepspeed_config(ds_config, self.geo, self.data.total_steps)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=self.ds_config
         )
         self.scoring_mbs = self.es.scoring_micro_batch_size or 2 * self.geo.micro
+        scorer: Scorer = ModelScorer(
+            lambda: self.engine.module,
+            micro_batch=self.scoring_mbs,
+            ignore_index=self.es.ignore_index,
+        )
+        self.data.scorer = self.wrap_scorer(scorer) if self.wrap_scorer is not None else scorer
         self.out = Path(opts.out)
         if opts.resume:
-            self.resumed_from = ckpt.load_checkpoint(self, self.out)
-            self._last_saved_step = self.step
-            self._plan_restored = self.plan is not None
+            self._resume()
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.resumed_from is not None:
-                ckpt.rewind_metrics(self.out / "metrics.jsonl", self.step)
+                ckpt.rewind_metrics(self.out / "metrics.jsonl", self.data.step)
             self.metrics = MetricsWriter(
                 self.out / "metrics.jsonl", append=self.resumed_from is not None
             )
             if self.resumed_from is not None:
                 self.metrics.write(
-                    {"type": "resume", "step": self.step, "checkpoint": str(self.resumed_from)}
+                    {"type": "resume", "step": self.data.step, "checkpoint": str(self.resumed_from)}
                 )
 
     def _load_corpus(self, progress: bool):
@@ -208,282 +182,192 @@ class ESRun:
             progress=progress,
         )
 
-    def _estimate_total_steps(self, min_local: int) -> int:
-        """Planned optimizer steps, for the LR schedule and the burn-in/anneal boundaries.
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's run state: the data path's plus what only the loop keeps."""
+        return {
+            "es": self.data.state_dict(),
+            "fingerprint": {"seq_len": self.corpus.seq_len, "vocab_size": self.corpus.vocab_size},
+            "val_history": self.val_history,
+            "train_clock": self.train_clock,
+            "eval_clock": self.eval_clock,
+            "train_cpu": self.train_cpu,
+        }
 
-        Selection steps consume B_meta, plain ones B; burn-in is short, so epochs are
-        counted at the selection rate. Pruned epochs count the expected kept share (half of
-        the samples below the mean, each pruned with prune_ratio).
-        """
-        per_rank = self.geo.meta_per_rank if self.es.uses_scoring_forward else self.geo.train_per_rank
-        total = 0
-        a_epoch = anneal_epoch(self.es.delta, self.opts.epochs)
-        for e in range(self.opts.epochs):
-            kept = min_local
-            if self.es.uses_pruning and 0 < e < a_epoch:
-                kept = int(min_local * (1 - 0.5 * self.es.prune_ratio))
-            total += kept // per_rank
-        return max(1, total)
-
-    # ------------------------------------------------------------------ data
-    def _tokens(self, local_idx: torch.Tensor) -> torch.Tensor:
-        rows = self.shard[local_idx.tolist()]["input_ids"]
-        return torch.from_numpy(np.asarray(rows, dtype=np.int64))
-
-    def _plan_epoch(self, epoch: int) -> None:
-        if not self.es.uses_pruning:
-            self.plan = None
-            return
-        self.plan = plan_epoch_global(
-            self.table, self.es, epoch=epoch, epochs=self.opts.epochs, seed=self.seed
-        )
+    def load_state_dict(self, state: dict[str, Any], source: str) -> None:
+        now = {"seq_len": self.corpus.seq_len, "vocab_size": self.corpus.vocab_size}
+        if state["fingerprint"] != now:
+            raise ckpt.CheckpointError(
+                f"{source} was written by a different run configuration (checkpoint "
+                f"{state['fingerprint']!r}, now {now!r}); resume with the same flags and config"
+            )
+        self.data.load_state_dict(state["es"], source=source)
+        self.val_history = list(state["val_history"])
+        self.train_clock = float(state["train_clock"])
+        self.eval_clock = float(state["eval_clock"])
+        self.train_cpu = float(state["train_cpu"])
 
     def _save(self) -> None:
-        ckpt.save_checkpoint(self, ckpt.checkpoint_root(self.out))
-        self._last_saved_step = self.step
-
-    # ------------------------------------------------------------------ steps
-    def _phase(self) -> Phase:
-        if not self.es.uses_scoring_forward:
-            return Phase.ANNEAL  # plain batches of B (uniform, prune)
-        return phase_for_step(self.step, self.total_steps, self.es, self.steps_per_epoch)
-
-    def _score(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        module = self.engine.module
-        was_training = module.training
-        module.eval()
-        sums, counts = [], []
-        with torch.no_grad():
-            for chunk in tokens.split(self.scoring_mbs):
-                s, c = scoring_losses(
-                    module, chunk.to(self.engine.device), ignore_index=self.es.ignore_index
-                )
-                sums.append(s.float().cpu())
-                counts.append(c.float().cpu())
-        module.train(was_training)
-        loss_sum, count = torch.cat(sums), torch.cat(counts)
-        loss = loss_sum / count.clamp(min=1)
-        valid = (count > 0) & torch.isfinite(loss)
-        return loss, valid
-
-    def _train_batch(self, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Forward/backward this rank's B/W samples in micro-batches; engine steps inside."""
-        losses = []
-        micro = self.geo.micro
-        for i in range(0, tokens.size(0), micro):
-            mb = tokens[i : i + micro].to(self.engine.device)
-            w = weights[i : i + micro].to(self.engine.device)
-            t0 = time.perf_counter()
-            out = self.engine(input_ids=mb)
-            per_sample, _ = _sample_losses(out.logits, mb, self.es.ignore_index)
-            loss = (per_sample * w).mean()
-            self.engine.backward(loss)
-            t1 = time.perf_counter()
-            self.engine.step()
-            t2 = time.perf_counter()
-            self.timers["train_fwd_bwd_s"] += t1 - t0
-            self.timers["optimizer_s"] += t2 - t1
-            losses.append(per_sample.detach().float().cpu())
-        return torch.cat(losses)
-
-    def _local_weights(self, local_idx: torch.Tensor) -> torch.Tensor:
-        if self.plan is None:
-            return torch.ones(local_idx.numel())
-        return self.plan.loss_weights(local_idx).float()
-
-    def _plain_step(self, local_idx: torch.Tensor) -> dict[str, Any]:
-        """Uniform / prune / burn-in / anneal: train B, update scores from the training loss."""
-        ids = local_idx + self.lo
-        tokens = self._tokens(local_idx)
-        losses = self._train_batch(tokens, self._local_weights(local_idx))
-        if self.method != "uniform":
-            valid = torch.isfinite(losses)
-            _, s_new = method_weights(
-                "ema", self.table.gather(ids), losses, self.es.beta1, self.es.beta2
-            )
-            self.table.update(ids, s_new, valid)
-        all_ids = dist.all_gather_cat(ids)
-        all_losses = dist.all_gather_cat(losses)
-        n = all_ids.numel()
-        self.totals["bp_samples"] += n
-        return {
-            "train_loss": float(all_losses.mean()),
-            "scored": 0,
-            "selected": n,
-            "invalid": 0,
-            "digest": selection_digest(all_ids),
-        }
-
-    def _es_step(self, local_idx: torch.Tensor) -> dict[str, Any]:
-        ids = local_idx + self.lo
-        tokens = self._tokens(local_idx)
-        t0 = time.perf_counter()
-        loss, valid = self._score(tokens)
-        t1 = time.perf_counter()
-        gs = select_global(
-            self.es,
-            self.table,
-            step=self.step,
-            seed=self.seed,
-            ids=ids,
-            losses=loss,
-            valid=valid,
-            tokens=tokens,
-            prune_weights=self._local_weights(local_idx),
-            k=self.geo.train_batch,
+        ckpt.save_checkpoint(
+            self.engine,
+            ckpt.checkpoint_root(self.out),
+            step=self.data.step,
+            state=ckpt.rank_state(self.state_dict()),
         )
-        t2 = time.perf_counter()
-        mine, weights = gs.rank_slice(self.rank, self.geo.train_per_rank)
-        g, sel = gs.gathered, gs.selection
-        self._train_batch(g.tokens[mine], weights)
-        self.timers["score_fwd_s"] += t1 - t0
-        self.timers["select_s"] += t2 - t1  # all-gather + selection + score update
-        n_invalid = int((~g.valid).sum())
-        self.totals["bp_samples"] += self.geo.train_batch
-        self.totals["scored_samples"] += g.ids.numel()
-        self.totals["invalid_samples"] += n_invalid
-        sel_losses = g.losses[sel.positions]
-        finite = torch.isfinite(sel_losses) & g.valid[sel.positions]
-        meta_finite = torch.isfinite(g.losses) & g.valid
-        return {
-            "train_loss": float(sel_losses[finite].mean()) if finite.any() else float("nan"),
-            "scored": g.ids.numel(),
-            "selected": self.geo.train_batch,
-            "invalid": n_invalid,
-            "meta_loss": float(g.losses[meta_finite].mean()) if meta_finite.any() else float("nan"),
-            "digest": gs.digest,
-        }
+        self._last_saved_step = self.data.step
+
+    def _resume(self) -> None:
+        tag_dir, state = ckpt.load_checkpoint(self.engine, self.out)
+        self.load_state_dict(state["run"], str(tag_dir / ckpt.es_state_file(self.rank)))
+        ckpt.restore_rng(state)
+        self.resumed_from = tag_dir
+        self._last_saved_step = self.data.step
+
+    # ------------------------------------------------------------------ one step
+    def _train(self, a: StepAssignment) -> None:
+        """Forward/backward this rank's B/W samples in micro-batches; the engine steps inside."""
+        timers = self.data.timers
+        micro = self.geo.micro
+        for i in range(0, a.tokens.size(0), micro):
+            mb = a.tokens[i : i + micro]
+            with timers.span("train_fwd_bwd_s"):
+                out = self.engine(input_ids=mb)
+                per_sample, _ = training_losses(out.logits, mb, self.es.ignore_index)
+                loss = (per_sample * a.loss_weights[i : i + micro]).mean()
+                self.engine.backward(loss)
+            with timers.span("optimizer_s"):
+                self.engine.step()
+            self.data.observe_training_losses(a, a.ids[i : i + micro], per_sample)
 
     # ------------------------------------------------------------------ eval
     def evaluate(self) -> float:
         t0 = time.perf_counter()
-        total, count = 0.0, 0.0
         module = self.engine.module
         was_training = module.training
         module.eval()
+        acc = torch.zeros(2, dtype=torch.float64, device=self.device)
         with torch.no_grad():
             n = len(self.val_shard)
             for i in range(0, n, self.scoring_mbs):
                 rows = self.val_shard[i : min(n, i + self.scoring_mbs)]["input_ids"]
-                tokens = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.engine.device)
+                tokens = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device)
                 s, c = scoring_losses(module, tokens, ignore_index=self.es.ignore_index)
-                total += float(s.double().sum())
-                count += float(c.double().sum())
+                acc += torch.stack([s.double().sum(), c.double().sum()])
         module.train(was_training)
-        total, count = dist.all_reduce_sum([total, count])
+        total, count = dist.all_reduce_sum(acc.tolist())
         self.eval_clock += time.perf_counter() - t0
         return total / count if count > 0 else float("nan")
 
-    def _record_eval(self, where: str) -> float:
+    def _record_eval(self, where: str, epoch: int) -> float:
         val = self.evaluate()
         rec = {
             "type": "eval",
-            "step": self.step,
-            "epoch": self.epoch,
+            "step": self.data.step,
+            "epoch": epoch,
             "where": where,
             "val_loss": val,
             "wall_clock_s": self.train_clock,
             "cpu_time_s": self.train_cpu,
-            "bp_samples": self.totals["bp_samples"],
+            "bp_samples": self.data.totals["bp_samples"],
         }
         self.val_history.append(rec)
         if self.is_main:
             self.metrics.write(rec)
         return val
 
+    def _should_stop(self) -> bool:
+        o, step = self.opts, self.data.step
+        return (
+            (o.max_steps is not None and step >= o.max_steps)
+            or (o.max_wall_clock_s is not None and self.train_clock >= o.max_wall_clock_s)
+            or (o.max_cpu_time_s is not None and self.train_cpu >= o.max_cpu_time_s)
+            or (o.stop_after is not None and step >= o.stop_after)
+        )
+
     # ------------------------------------------------------------------ loop
     def run(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
-        opts = self.opts
+        opts, data = self.opts, self.data
         bar = tqdm(
-            total=self.total_steps,
+            total=data.total_steps,
+            initial=data.step,
             desc=f"{self.method} x{self.world}",
             disable=not (self.is_main and opts.progress),
             dynamic_ncols=True,
         )
         if self.resumed_from is None:
-            self._record_eval("start")
+            self._record_eval("start", data.epoch)
         stop = False
+        trained = False
+        epoch = data.epoch
         last = time.perf_counter()
-        # a resumed run continues in the sampler's epoch (past the last one when it had finished)
-        for epoch in range(self.sampler.epoch, opts.epochs):
-            self.epoch = epoch
-            self.sampler.set_epoch(epoch)
-            # mid-epoch resume: the saved plan, not one from the scores updated since
-            restored = self._plan_restored and self.plan is not None and self.plan.epoch == epoch
-            self._plan_restored = False
-            if not restored:
-                self._plan_epoch(epoch)
-            keep = self.plan.keep if self.plan is not None else None
-            order = self.sampler.order(keep)
-            available = lockstep_available(self.sampler, self.plan)
-            if self.plan is not None and not restored:
-                pruned = int((~self.plan.keep).sum())
-                self.totals["pruned"] += int(dist.all_reduce_sum([float(pruned)])[0])
-            while not stop:
-                phase = self._phase()
-                selecting = phase == Phase.SELECT
-                need = self.geo.meta_per_rank if selecting else self.geo.train_per_rank
-                pos = self.sampler.position
-                if pos + need > available:
-                    break
-                local_idx = order[pos : pos + need]
-                t0, c0 = time.perf_counter(), time.process_time()
-                rec = self._es_step(local_idx) if selecting else self._plain_step(local_idx)
-                self.sampler.advance(need)
-                dist.check_lockstep(rec["digest"])
-                now = time.perf_counter()
-                self.train_clock += now - t0
-                self.train_cpu += time.process_time() - c0
-                self.step += 1
-                lr = self.engine.get_lr()[0] if self.engine.lr_scheduler is not None else None
-                record = {
-                    "type": "step",
-                    "step": self.step,
-                    "epoch": epoch,
-                    "phase": phase.name.lower(),
-                    "train_loss": rec["train_loss"],
-                    "lr": lr,
-                    "scored": rec["scored"],
-                    "selected": rec["selected"],
-                    "invalid": rec["invalid"],
-                    "meta_loss": rec.get("meta_loss"),
-                    "wall_clock_s": self.train_clock,
-                    "cpu_time_s": self.train_cpu,
-                    "step_s": now - t0,
-                    "selection_digest": rec["digest"],
-                }
-                if self.is_main:
-                    self.metrics.write(record)
-                    bar.update(1)
-                    bar.set_postfix(
-                        loss=f"{rec['train_loss']:.3f}",
-                        samples_s=f"{rec['selected'] / max(now - last, 1e-9):.0f}",
-                    )
-                last = now
-                if opts.eval_every and self.step % opts.eval_every == 0:
-                    self._record_eval("interval")
-                if (opts.max_steps is not None and self.step >= opts.max_steps) or (
-                    opts.max_wall_clock_s is not None and self.train_clock >= opts.max_wall_clock_s
-                ) or (opts.max_cpu_time_s is not None and self.train_cpu >= opts.max_cpu_time_s):
-                    stop = True
-                if opts.stop_after is not None and self.step >= opts.stop_after:
-                    stop = True
-                if opts.save_every and (stop or self.step % opts.save_every == 0):
-                    self._save()
-            self._record_eval("stop" if stop else "epoch_end")
-            if stop:
+        while not stop:
+            t0, c0 = time.perf_counter(), time.process_time()
+            draw = data.next_step()
+            if draw is None:
                 break
-            self.sampler.set_epoch(epoch + 1)
+            if draw.epoch != epoch:  # the previous epoch is over: evaluate it
+                self.train_clock += time.perf_counter() - t0
+                self.train_cpu += time.process_time() - c0
+                self._record_eval("epoch_end", epoch)
+                epoch = draw.epoch
+                t0, c0 = time.perf_counter(), time.process_time()
+            a = data.assign(draw)
+            trained = True
+            self._train(a)
+            rec = data.finish_step(a)
+            now = time.perf_counter()
+            self.train_clock += now - t0
+            self.train_cpu += time.process_time() - c0
+            self._log_step(rec, now - t0)
+            if self.is_main:
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{rec['train_loss']:.3f}",
+                    samples_s=f"{rec['selected'] / max(now - last, 1e-9):.0f}",
+                )
+            last = now
+            if opts.eval_every and data.step % opts.eval_every == 0:
+                self._record_eval("interval", epoch)
+            stop = self._should_stop()
+            if opts.save_every and (stop or data.step % opts.save_every == 0):
+                self._save()
+        if trained or self.resumed_from is None:  # a finished run resumed: nothing new
+            self._record_eval("stop" if stop else "epoch_end", epoch)
         bar.close()
-        if opts.save_every and self._last_saved_step != self.step:
+        if opts.save_every and self._last_saved_step != data.step:
             self._save()  # the finished state: resuming it runs no more steps
         final = self.val_history[-1]["val_loss"]
         return self._finish(final)
 
+    def _log_step(self, rec: dict[str, Any], step_s: float) -> None:
+        if not self.is_main:
+            return
+        lr = self.engine.get_lr()[0] if self.engine.lr_scheduler is not None else None
+        self.metrics.write(
+            {
+                "type": "step",
+                "step": rec["step"],
+                "epoch": rec["epoch"],
+                "phase": rec["phase"].name.lower(),
+                "train_loss": rec["train_loss"],
+                "lr": lr,
+                "scored": rec["scored"],
+                "selected": rec["selected"],
+                "invalid": rec["invalid"],
+                "meta_loss": rec.get("meta_loss"),
+                "wall_clock_s": self.train_clock,
+                "cpu_time_s": self.train_cpu,
+                "step_s": step_s,
+                "selection_digest": rec["digest"],
+            }
+        )
+
     def _finish(self, final_val: float) -> dict[str, Any]:
-        steps = max(1, self.step)
+        data = self.data
+        timers = data.timers.state_dict()
+        steps = max(1, data.step)
         summary: dict[str, Any] = {
             "method": self.method,
             "world_size": self.world,
@@ -491,20 +375,22 @@ class ESRun:
             "wall_clock_s": self.train_clock,
             "eval_wall_clock_s": self.eval_clock,
             "cpu_time_s": self.train_cpu,
-            "steps": self.step,
-            "epochs": self.epoch + 1,
-            "bp_samples": self.totals["bp_samples"],
-            "scored_samples": self.totals["scored_samples"],
-            "invalid_samples": self.totals["invalid_samples"],
-            "pruned_sample_epochs": self.totals["pruned"],
+            "steps": data.step,
+            "epochs": data.epoch + 1,
+            "bp_samples": data.totals["bp_samples"],
+            "scored_samples": data.totals["scored_samples"],
+            "invalid_samples": data.totals["invalid_samples"],
+            "pruned_sample_epochs": data.totals["pruned"],
             "final_val_loss": final_val,
             "val_history": [
                 {k: r[k] for k in ("step", "epoch", "val_loss", "wall_clock_s", "cpu_time_s")}
                 for r in self.val_history
             ],
-            "time_breakdown_s": dict(self.timers),
-            "time_breakdown_per_step_s": {k: v / steps for k, v in self.timers.items()},
-            "train_samples": self.num_samples,
+            "time_breakdown_s": timers,
+            "time_breakdown_per_step_s": {k: v / steps for k, v in timers.items()},
+            "host_syncs_per_step": data.host_syncs / steps,
+            "moved_samples": data.moved_samples,
+            "train_samples": data.num_samples,
             "val_samples": len(self.corpus.val),
             "seq_len": self.corpus.seq_len,
             "vocab_size": self.corpus.vocab_size,
@@ -518,8 +404,8 @@ class ESRun:
             },
             "evolved_sampling": self.es.model_dump(),
             "seed": self.opts.seed,
-            "planned_steps": self.total_steps,
-            "burn_in_steps": self.burn_in_steps,
+            "planned_steps": data.total_steps,
+            "burn_in_steps": data.burn_in_steps,
         }
         if self.is_main:
             self.metrics.close()
@@ -530,14 +416,12 @@ class ESRun:
         return summary
 
 
-def dist_barrier() -> None:
-    if dist.is_initialized():
-        torch.distributed.barrier()
+def train(opts: TrainOptions, *, wrap_scorer: Any = None) -> dict[str, Any]:
+    """Run one training job end to end and return its summary (every rank returns it).
 
-
-def train(opts: TrainOptions) -> dict[str, Any]:
-    """Run one training job end to end and return its summary (every rank returns it)."""
-    run = ESRun(opts)
+    `wrap_scorer(default_scorer) -> scorer` replaces the scoring forward (see `ESRun`).
+    """
+    run = ESRun(opts, wrap_scorer=wrap_scorer)
     try:
         run.setup()
         return run.run()

@@ -9,7 +9,8 @@ kernel and the ``[B, T, V]`` logits never exist; otherwise a plain forward feeds
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -104,3 +105,44 @@ def scoring_losses(
         # The engine (not the bare model) is called so ZeRO-3 hooks and autocast apply.
         logits = module(**kwargs).logits[:, :-1]
         return per_sample_loss(logits, target, ignore_index=ignore_index)
+
+
+class Scorer(Protocol):
+    """What the ES data path calls to score a meta-batch: ``(tokens [n, T], ids [n])`` ->
+    ``(mean loss fp32 [n], valid bool [n])`` on the tokens' device, without a host sync.
+
+    The seam for tests and for other scoring models: `ESDataPath(..., scorer=...)`.
+    """
+
+    def __call__(self, tokens: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+class ModelScorer:
+    """The default scorer: `scoring_losses` of the training model, in chunks, in eval mode.
+
+    `module` is a callable returning the module to run (the engine's, or the Trainer's
+    wrapped model once it exists).
+    """
+
+    def __init__(
+        self, module: Callable[[], nn.Module], *, micro_batch: int, ignore_index: int = -100
+    ) -> None:
+        self.module = module
+        self.micro_batch = int(micro_batch)
+        self.ignore_index = ignore_index
+
+    def __call__(self, tokens: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+        module = self.module()
+        was_training = module.training
+        module.eval()
+        sums, counts = [], []
+        try:
+            for chunk in tokens.split(self.micro_batch):
+                s, c = scoring_losses(module, chunk, ignore_index=self.ignore_index)
+                sums.append(s.float())
+                counts.append(c.float())
+        finally:
+            module.train(was_training)
+        loss_sum, count = torch.cat(sums), torch.cat(counts)
+        loss = loss_sum / count.clamp(min=1)
+        return loss, (count > 0) & torch.isfinite(loss)

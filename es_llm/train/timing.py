@@ -1,0 +1,59 @@
+"""Step timers that never make the host wait for the device.
+
+On CUDA a span is a pair of accelerator events (`get_accelerator().Event(enable_timing=True)`)
+recorded on the stream; they are read only at the step's one host sync (`flush`), when every
+event recorded before it has completed. On the CPU the work is synchronous and
+`time.perf_counter` measures it directly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+TIMERS = ("score_fwd_s", "select_s", "train_fwd_bwd_s", "optimizer_s")
+
+
+class StepTimers:
+    """Accumulated seconds per timer name; device spans are resolved by `flush()`."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.totals: dict[str, float] = dict.fromkeys(TIMERS, 0.0)
+        self._events = device.type != "cpu"
+        self._pending: list[tuple[str, Any, Any]] = []
+
+    def _event(self) -> Any:
+        from deepspeed.accelerator import get_accelerator
+
+        ev = get_accelerator().Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    @contextmanager
+    def span(self, name: str) -> Iterator[None]:
+        if self._events:
+            start = self._event()
+            yield
+            self._pending.append((name, start, self._event()))
+            return
+        t0 = time.perf_counter()
+        yield
+        self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t0
+
+    def flush(self) -> None:
+        """Add the finished device spans (call right after a host sync, or at the end)."""
+        for name, start, end in self._pending:
+            end.synchronize()  # already complete after the step's sync: returns at once
+            self.totals[name] = self.totals.get(name, 0.0) + start.elapsed_time(end) / 1000.0
+        self._pending.clear()
+
+    def state_dict(self) -> dict[str, float]:
+        self.flush()
+        return dict(self.totals)
+
+    def load_state_dict(self, d: dict[str, float]) -> None:
+        self.totals.update({k: float(v) for k, v in d.items()})
