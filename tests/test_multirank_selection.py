@@ -15,13 +15,13 @@ import torch.multiprocessing as mp
 from es_llm.config import EvolvedSamplingConfig
 from es_llm.core.scores import ScoreTable
 from es_llm.data.sharding import shard_range
+from es_llm.core.selector import selection_digest
 from es_llm.train.global_selection import select_global
 
 N = 64  # global samples
 META = 16  # global meta-batch
 K = 8  # selected per step
 STEPS = 12
-T = 4
 
 
 def _free_port() -> int:
@@ -52,7 +52,7 @@ def _run(rank: int, world: int, port: int, method: str, out: str) -> None:
     cfg = EvolvedSamplingConfig(method=method, selection_ratio=K / META, epsilon=0.25 if method == "es" else 0.0)
     lo, hi = shard_range(N, rank, world)
     table = ScoreTable(hi - lo, offset=lo, s_init=1.0 / N)
-    digests, scores = [], []
+    digests, scores, shares = [], [], []
     for step in range(STEPS):
         glob = _global_meta_batch(step)
         # with W ranks, rank r holds the r-th slice of the global meta-batch (rank-major order)
@@ -61,25 +61,28 @@ def _run(rank: int, world: int, port: int, method: str, out: str) -> None:
         assert bool(((ids >= lo) & (ids < hi)).all()), "test data must respect shard ownership"
         losses = _loss_of(ids, step)
         valid = torch.isfinite(losses)
-        tokens = ids.view(-1, 1).repeat(1, T)
         gs = select_global(
             cfg, table, step=step, seed=7, ids=ids, losses=losses, valid=valid,
-            tokens=tokens, prune_weights=torch.ones(per), k=K,
+            prune_weights=torch.ones(per), k=K,
         )
-        # every rank trains its slice: the tokens it got back are those of the chosen ids
-        mine, _ = gs.rank_slice(rank, K // world)
-        chosen_ids = gs.gathered.ids[mine]
-        assert torch.equal(gs.gathered.tokens[mine][:, 0], chosen_ids)
-        digests.append(gs.digest)
+        # locality-first: each rank trains K/W of the chosen samples, its own ones first; the
+        # ranks' shares together are the selection, each chosen sample exactly once
+        a = gs.assignment
+        assert a.positions.numel() == K // world
+        own_chosen = int((gs.selection.positions // per == rank).sum())
+        assert int(a.local.sum()) == min(own_chosen, K // world)
+        assert torch.equal(gs.gathered.ids[a.positions], gs.selected_ids[a.slot])
+        shares.append(a.positions.tolist())
+        digests.append(selection_digest(gs.selected_ids))
     all_scores = table.gather(torch.arange(lo, hi, dtype=torch.int64))
     scores = all_scores.tolist()
     if world > 1:
         gathered: list = [None] * world
-        dist.all_gather_object(gathered, (digests, scores))
+        dist.all_gather_object(gathered, (digests, scores, shares))
         dist.barrier()
         dist.destroy_process_group()
     else:
-        gathered = [(digests, scores)]
+        gathered = [(digests, scores, shares)]
     if rank == 0:
         Path(out).write_text(json.dumps(gathered))
 
@@ -101,8 +104,8 @@ def _launch(world: int, method: str, tmp_path: Path) -> list:
 def test_two_ranks_select_exactly_what_one_rank_selects(method: str, tmp_path: Path) -> None:
     one = _launch(1, method, tmp_path)
     two = _launch(2, method, tmp_path)
-    digests_1, scores_1 = one[0]
-    (d_r0, s_r0), (d_r1, s_r1) = two
+    digests_1, scores_1, _ = one[0]
+    (d_r0, s_r0, a_r0), (d_r1, s_r1, a_r1) = two
     # ranks never diverge
     assert d_r0 == d_r1
     # and select the same global set as one rank, at every step
@@ -110,3 +113,6 @@ def test_two_ranks_select_exactly_what_one_rank_selects(method: str, tmp_path: P
     assert len(set(digests_1)) > STEPS // 2  # the selection really changes from step to step
     # the score shards of the two ranks together are the one-rank table
     assert s_r0 + s_r1 == scores_1
+    # the two ranks' training shares partition the K chosen positions at every step
+    for p0, p1 in zip(a_r0, a_r1, strict=True):
+        assert len(p0) == len(p1) == K // 2 and len(set(p0) | set(p1)) == K
