@@ -139,6 +139,20 @@ def check_device(what: str, *tensors: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------- collectives
+# Bytes this rank put into / got out of the tensor collectives of this module (host integers
+# from tensor shapes: counting costs no sync). Reported per step in summary.json.
+traffic = {"collectives": 0, "bytes_sent": 0, "bytes_received": 0}
+
+
+def _count(t: torch.Tensor, received_factor: int) -> None:
+    if not is_initialized():
+        return
+    n = t.numel() * t.element_size()
+    traffic["collectives"] += 1
+    traffic["bytes_sent"] += n
+    traffic["bytes_received"] += n * received_factor
+
+
 def barrier() -> None:
     if is_initialized():
         if dist.get_backend() == "nccl":
@@ -181,6 +195,7 @@ def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if op not in ops:
         raise ValueError(f"all_reduce_ op must be one of {sorted(ops)}, got {op!r}")
     if is_initialized():
+        _count(t, 1)
         dist.all_reduce(t, op=ops[op])
     return t
 
@@ -191,6 +206,7 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     if not is_initialized():
         return t
     t = t.contiguous()
+    _count(t, world_size() - 1)
     out = torch.empty((world_size() * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
     dist.all_gather_into_tensor(out, t)
     return out

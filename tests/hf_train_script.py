@@ -13,11 +13,23 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from es_llm.data import load_corpus
 from es_llm.hf import ESTrainer
 from es_llm.model import build_model, load_model_preset
+
+
+class _StopAfter(TrainerCallback):
+    """Stop once the Trainer has finished optimizer step N (a save at N happens first)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+            control.should_save = True
 
 
 def main() -> None:
@@ -32,6 +44,9 @@ def main() -> None:
     p.add_argument("--max-train-samples", type=int, default=256)
     p.add_argument("--vocab-size", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps")
+    p.add_argument("--stop-after", type=int, default=0, help="stop after step N (observed)")
+    p.add_argument("--resume", default=None, help="a checkpoint folder, or 'last'")
     a = p.parse_args()
 
     original = Path(a.config).read_text()
@@ -64,14 +79,19 @@ def main() -> None:
         max_grad_norm=1.0,
         seed=a.seed,
         logging_steps=1,
-        save_strategy="no",
+        save_strategy="steps" if a.save_steps else "no",
+        save_steps=a.save_steps or 500,
         report_to=[],
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
     )
     trainer = ESTrainer(model=model, args=args, train_dataset=corpus.train)
-    assert trainer.es is not None
-    result = trainer.train()
+    if trainer.es is None:
+        raise SystemExit("the config has no evolved_sampling section")
+    if a.stop_after:
+        trainer.add_callback(_StopAfter(a.stop_after))
+    resume = True if a.resume == "last" else a.resume
+    result = trainer.train(resume_from_checkpoint=resume)
     assert Path(a.config).read_text() == original, "the user's DeepSpeed config file was modified"
     if args.process_index == 0:
         summary = {

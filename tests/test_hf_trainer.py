@@ -92,3 +92,27 @@ def test_trainer_eswp_across_epochs_matches_native(tmp_path, es_cache):
     assert {r["epoch"] for r in hf} == {0, 1}
     assert [_key(r) for r in hf] == [_key(r) for r in native[: len(hf)]]
     assert [r["meta_loss"] for r in hf] == [r["meta_loss"] for r in native[: len(hf)]]
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_trainer_resumes_from_its_checkpoint_and_selects_what_an_uninterrupted_run_selects(
+    tmp_path, es_cache, ranks
+):
+    """Stop after step 3 (observed: the Trainer's own step counter), resume from the Trainer
+    checkpoint with resume_from_checkpoint: every step selects what the uninterrupted run
+    selects, with bitwise-equal scoring losses (same weights, same scores, same position)."""
+    ref = _run_hf(tmp_path / "ref", es_cache, ranks, HF_CONFIG, "--max-steps", "6")
+    cut_dir = tmp_path / "cut"
+    cut = _run_hf(cut_dir, es_cache, ranks, HF_CONFIG, "--max-steps", "6", "--save-steps", "3",
+                  "--stop-after", "3")  # fmt: skip
+    assert [r["step"] for r in cut] == [1, 2, 3]
+    ckpt = cut_dir / "checkpoint-3"
+    assert sorted(p.name for p in ckpt.glob("es_state_rank*.pt")) == [
+        f"es_state_rank{r}.pt" for r in range(ranks)
+    ]
+    resumed = _run_hf(cut_dir, es_cache, ranks, HF_CONFIG, "--max-steps", "6", "--resume",
+                      str(ckpt))  # fmt: skip
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]  # no step lost or repeated
+    assert [_key(r) for r in resumed] == [_key(r) for r in ref]
+    assert [r["meta_loss"] for r in resumed] == [r["meta_loss"] for r in ref]

@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 
 from es_llm.config import EvolvedSamplingConfig
 from es_llm.core.scores import ScoreTable
-from es_llm.data.sharding import shard_range
 from es_llm.core.selector import selection_digest
+from es_llm.data.sharding import shard_range
 from es_llm.train.global_selection import select_global
 
 N = 64  # global samples

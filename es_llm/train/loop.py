@@ -390,6 +390,8 @@ class ESRun:
             "time_breakdown_per_step_s": {k: v / steps for k, v in timers.items()},
             "host_syncs_per_step": data.host_syncs / steps,
             "moved_samples": data.moved_samples,
+            "collective_bytes_sent_per_step": dist.traffic["bytes_sent"] / steps,
+            "collective_bytes_received_per_step": dist.traffic["bytes_received"] / steps,
             "train_samples": data.num_samples,
             "val_samples": len(self.corpus.val),
             "seq_len": self.corpus.seq_len,
