@@ -426,7 +426,7 @@ class ESDataPath:
         saved, now = state["fingerprint"], self.fingerprint()
         diff = [k for k in now if saved.get(k) != now[k]]
         if diff:
-            detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in diff)
+            detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in diff)
             raise DataPathError(
                 f"{source} was written by a different run configuration ({detail}); resume "
                 f"with the same flags and config as the original run"
