@@ -18,7 +18,6 @@ ids of the samples it receives), in a plain step at `finish_step` (for the logge
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,11 +143,8 @@ class ESDataPath:
         self.burn_in_steps = (
             resolve_burn_in_steps(es, self.total_steps, self.steps_per_epoch) if scoring else 0
         )
-        table_kw: dict[str, Any] = {}
-        if "device" in inspect.signature(ScoreTable).parameters:
-            table_kw["device"] = self.device
         self.table = ScoreTable(
-            self.hi - self.lo, offset=self.lo, s_init=es.resolved_s_init(n), **table_kw
+            self.hi - self.lo, offset=self.lo, s_init=es.resolved_s_init(n), device=self.device
         )
         self.sampler = RankSampler(
             self.hi - self.lo, offset=self.lo, seed=self.seed, rank=self.rank
@@ -349,7 +345,7 @@ class ESDataPath:
         a.train_losses.append(losses)
         if not a.update_scores:
             return
-        tdev = self.table.raw_scores.device
+        tdev = self.table.device
         ids_t, losses_t = ids.to(tdev), losses.to(tdev)
         _, s_new = method_weights(
             "ema", self.table.gather(ids_t), losses_t, self.es.beta1, self.es.beta2
@@ -433,7 +429,7 @@ class ESDataPath:
             )
         try:
             scores = dict(state["scores"])
-            scores["scores"] = torch.as_tensor(scores["scores"]).to(self.table.raw_scores.device)
+            scores["scores"] = torch.as_tensor(scores["scores"]).to(self.table.device)
             self.table.load_state_dict(scores)
             self.sampler.load_state_dict(state["sampler"])
             plan = state["plan"]

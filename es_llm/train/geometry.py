@@ -35,7 +35,9 @@ class BatchGeometry:
         return self.meta_batch // self.world
 
 
-def resolve_geometry(ds_config: dict[str, Any], world: int, selection_ratio: float) -> BatchGeometry:
+def resolve_geometry(
+    ds_config: dict[str, Any], world: int, selection_ratio: float
+) -> BatchGeometry:
     """Resolve DeepSpeed's three batch fields for `world` ranks and derive B_meta."""
     tb = ds_config.get("train_batch_size")
     mb = ds_config.get("train_micro_batch_size_per_gpu")

@@ -16,25 +16,8 @@ import torch
 from es_llm import dist
 from es_llm.config import EvolvedSamplingConfig
 from es_llm.core.scores import ScoreTable
-from es_llm.core.selector import Selection, select_step
+from es_llm.core.selector import Selection, device_digest, select_step
 from es_llm.train.records import Assignment, Records, locality_first, pack, unpack
-
-try:  # the device-side digest of the algorithm core, where this version has it
-    from es_llm.core.selector import device_digest
-except ImportError:  # pragma: no cover - depends on the core's version
-    device_digest = None
-
-
-def ids_digest(ids: torch.Tensor) -> torch.Tensor:
-    """0-dim int64, order-sensitive hash of int64 `ids`, computed on their device."""
-    if device_digest is not None:
-        return device_digest(ids)
-    # wrapping int64 arithmetic: identical on every device (two's complement)
-    x = ids.to(torch.int64).reshape(-1)
-    pos = torch.arange(1, x.numel() + 1, dtype=torch.int64, device=x.device)
-    h = (x * -7046029254386353131 + pos * 0x27D4EB2F165667C5) ^ (x >> 29)
-    h = h * -4658895280553007687
-    return (h ^ (h >> 31)).sum()
 
 
 @dataclass
@@ -69,7 +52,7 @@ def select_global(
     Every tensor argument must be on `dist.device()` (checked by the all-gather).
     """
     m = ids.numel()
-    prev = table.gather(ids.to(_table_device(table))).to(ids.device)
+    prev = table.gather(ids.to(table.device)).to(ids.device)
     mine = Records(ids=ids, losses=losses, scores=prev, valid=valid, prune_weights=prune_weights)
     g = unpack(dist.all_gather_cat(pack(mine)))
     sel = select_step(
@@ -85,8 +68,7 @@ def select_global(
     positions = sel.positions.to(ids.device)
     r = dist.rank()
     own = sel.new_scores.to(ids.device)[r * m : (r + 1) * m]
-    tdev = _table_device(table)
-    table.update(ids.to(tdev), own.to(tdev), valid.to(tdev))
+    table.update(ids.to(table.device), own.to(table.device), valid.to(table.device))
     assignment = locality_first(positions, per_rank_meta=m, world=dist.world_size(), rank=r)
     selected = g.ids[positions]
     return GlobalSelection(
@@ -94,9 +76,5 @@ def select_global(
         selection=sel,
         assignment=assignment,
         selected_ids=selected,
-        digest=ids_digest(selected),
+        digest=device_digest(selected),
     )
-
-
-def _table_device(table: ScoreTable) -> torch.device:
-    return table.raw_scores.device
