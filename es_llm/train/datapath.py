@@ -41,7 +41,7 @@ from es_llm.errors import InputError
 from es_llm.eswp import lockstep_available, plan_epoch_global
 from es_llm.train.geometry import BatchGeometry
 from es_llm.train.global_selection import select_global
-from es_llm.train.records import _bits, _float
+from es_llm.train.records import bits_f32, f32_bits
 from es_llm.train.scoring import Scorer
 from es_llm.train.timing import StepTimers
 
@@ -357,9 +357,9 @@ class ESDataPath:
         if not a.draw.selecting:
             comm = dist.device()
             losses = torch.cat(a.train_losses) if a.train_losses else torch.zeros(0)
-            mine = torch.stack([a.ids.to(comm), _bits(losses.to(comm))], dim=1)
+            mine = torch.stack([a.ids.to(comm), f32_bits(losses.to(comm))], dim=1)
             everyone = dist.all_gather_cat(mine)
-            all_losses = _float(everyone[:, 1])
+            all_losses = bits_f32(everyone[:, 1])
             n = everyone.shape[0]
             packed = torch.cat([everyone[:, 0], _f64_bits(all_losses.mean())])
             host = self._to_host(packed)

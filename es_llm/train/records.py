@@ -18,19 +18,28 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RECORD_WORDS", "Assignment", "Records", "locality_first", "pack", "unpack"]
+__all__ = [
+    "RECORD_WORDS",
+    "Assignment",
+    "Records",
+    "bits_f32",
+    "f32_bits",
+    "locality_first",
+    "pack",
+    "unpack",
+]
 
 RECORD_WORDS = 3  # int64 words per sample: id | loss, score | valid, prune weight
 _LOW = (1 << 32) - 1
 
 
-def _bits(x: torch.Tensor) -> torch.Tensor:
+def f32_bits(x: torch.Tensor) -> torch.Tensor:
     """fp32 -> its 32 bits as a non-negative int64 (0 .. 2^32 - 1)."""
     return x.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & _LOW
 
 
-def _float(bits: torch.Tensor) -> torch.Tensor:
-    """Inverse of `_bits` for int64 holding 0 .. 2^32 - 1."""
+def bits_f32(bits: torch.Tensor) -> torch.Tensor:
+    """Inverse of `f32_bits` for int64 holding 0 .. 2^32 - 1."""
     signed = torch.where(bits >= (1 << 31), bits - (1 << 32), bits)
     return signed.to(torch.int32).view(torch.float32)
 
@@ -49,8 +58,8 @@ def pack(r: Records) -> torch.Tensor:
     if r.ids.dtype != torch.int64:
         raise TypeError(f"sample ids must be int64, got {r.ids.dtype}")
     w0 = r.ids.reshape(-1)
-    w1 = (_bits(r.losses.reshape(-1)) << 32) | _bits(r.scores.reshape(-1))
-    w2 = (r.valid.reshape(-1).to(torch.int64) << 32) | _bits(r.prune_weights.reshape(-1))
+    w1 = (f32_bits(r.losses.reshape(-1)) << 32) | f32_bits(r.scores.reshape(-1))
+    w2 = (r.valid.reshape(-1).to(torch.int64) << 32) | f32_bits(r.prune_weights.reshape(-1))
     return torch.stack([w0, w1, w2], dim=1)
 
 
@@ -58,10 +67,10 @@ def unpack(packed: torch.Tensor) -> Records:
     w0, w1, w2 = packed.unbind(dim=1)
     return Records(
         ids=w0.contiguous(),
-        losses=_float((w1 >> 32) & _LOW),
-        scores=_float(w1 & _LOW),
+        losses=bits_f32((w1 >> 32) & _LOW),
+        scores=bits_f32(w1 & _LOW),
         valid=((w2 >> 32) & 1).to(torch.bool),
-        prune_weights=_float(w2 & _LOW),
+        prune_weights=bits_f32(w2 & _LOW),
     )
 
 
