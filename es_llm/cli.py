@@ -65,7 +65,15 @@ def add_run_arguments(p: argparse.ArgumentParser, *, with_method: bool = True) -
         default=None,
         help="training data: 'stdlib' (default: the Python standard library sources of this "
         "interpreter, no download), a local .txt/.jsonl/.json/.parquet file or directory, or a "
-        "Hugging Face hub dataset 'name' or 'name:config'",
+        "Hugging Face hub dataset 'name' or 'name:config', or a data recipe such as "
+        "'recipe:code=1,junk=0.3' (embedded mixtures; see docs/regimes.md)",
+    )
+    p.add_argument(
+        "--val-data",
+        default=None,
+        help="validate on this separate source (same forms as --data), e.g. 'recipe:code=1' "
+        "while --data has junk; its held-out documents only, never a training document "
+        "(default: hold out part of --data)",
     )
     p.add_argument(
         "--tokenizer",
@@ -214,6 +222,7 @@ def options_from_args(args: argparse.Namespace, out: str | None = None):
         config=args.config,
         model=args.model,
         data=args.data,
+        val_data=getattr(args, "val_data", None),
         tokenizer=args.tokenizer,
         cache_dir=args.cache_dir,
         method=getattr(args, "method", None),

@@ -30,8 +30,11 @@ STDLIB_EXCLUDED_DIRS = frozenset(
 
 @dataclass(frozen=True)
 class Document:
-    key: str  # stable identity used for the train/val split
+    key: str  # stable identity of the document
     text: str
+    group: str = (
+        ""  # the train/val split hashes this (or the key when empty): same group, same side
+    )
 
 
 @dataclass
@@ -41,6 +44,8 @@ class Source:
     name: str
     fingerprint: dict
     load: Callable[[], list[Document]]
+    # component names when documents are keyed "<component>/..." (data recipes); else one
+    components: tuple[str, ...] | None = None
 
 
 def stable_hash(text: str) -> int:
@@ -244,9 +249,13 @@ def hub_source(data: str) -> Source:
 
 
 def resolve_source(data: str | None, max_documents: int | None = None) -> Source:
-    """Route the ``data`` argument: None/"stdlib", a local path, or a hub dataset name."""
+    """Route ``data``: None/"stdlib", "recipe:..." (data/recipes.py), a local path, or a hub name."""
     if data is None or data in STDLIB_NAMES:
         return stdlib_source(max_documents)
+    if isinstance(data, str) and data.strip().lower().startswith("recipe:"):
+        from es_llm.data.recipes import recipe_source
+
+        return recipe_source(data, max_documents)
     if not isinstance(data, str) or not data.strip():
         raise InputError(f"data must be None, 'stdlib', a path or a dataset name, got {data!r}")
     src = local_source(data) if looks_like_path(data) else hub_source(data)
