@@ -153,6 +153,18 @@ def test_recipes_are_deterministic_in_the_recipe_and_its_seed(files):
     assert {component_of(d.key) for d in a[: len(a) // 10]} == {"code", "junk", "dup"}
 
 
+def test_every_prefix_holds_the_mixture_to_within_one_document(files):
+    docs = build_documents(parse_recipe("recipe:code=1,junk=0.4"), files, is_val_group)
+    total = chars_by_component(docs)
+    share = total["junk"] / sum(total.values())
+    longest = max(len(d.text) for d in docs)
+    seen: Counter = Counter()
+    for n, d in enumerate(docs, 1):
+        seen[component_of(d.key)] += len(d.text)
+        # the junk characters so far are their share of all characters so far, +- one document
+        assert abs(seen["junk"] - share * sum(seen.values())) <= longest, n
+
+
 # --- corpus: composition and a separate clean validation source ---
 
 
