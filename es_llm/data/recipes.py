@@ -43,7 +43,7 @@ from es_llm.data.sources import Document, Source, _stat_entry, stable_hash, stdl
 from es_llm.errors import InputError
 
 PREFIX = "recipe:"
-RECIPE_VERSION = 1  # bump when the same recipe would build different documents
+RECIPE_VERSION = 2  # bump when the same recipe would build different documents
 DOMAINS = ("code", "prose")
 NOISE = ("junk", "dup")
 COMPONENTS = (*DOMAINS, *NOISE)
