@@ -45,7 +45,11 @@ def es_config_for_run(
         data["method"] = method
     data.update(overrides or {})
     cfg = es_config_from_ds_config({SECTION: data})
-    assert cfg is not None
+    if cfg is None:  # only an override can disable it here: the section's own flag was dropped
+        raise InputError(
+            "--es enabled=false would turn evolved sampling off for this run; use "
+            "--method uniform for plain training instead"
+        )
     return cfg
 
 
