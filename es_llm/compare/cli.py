@@ -165,6 +165,8 @@ def compare_once(args: argparse.Namespace, out: Path, command: str) -> dict[str,
     from es_llm.data import load_corpus
     from es_llm.train.metrics import write_json_atomic
 
+    runs = variants(args.methods, args.variant)
+    ref = match_reference(runs, args.match, enabled=not args.no_matched)
     out.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
     corpus = load_corpus(  # builds the cache once, before the children need it
@@ -173,8 +175,6 @@ def compare_once(args: argparse.Namespace, out: Path, command: str) -> dict[str,
         tokenizer=args.tokenizer, progress=not args.no_progress,
     )  # fmt: skip
     n_train = len(corpus.train)
-    runs = variants(args.methods, args.variant)
-    ref = match_reference(runs, args.match, enabled=not args.no_matched)
     _say(args, f"es-llm compare: {len(runs)} runs x {args.epochs} epochs, {n_train} "
          f"training sequences, {args.world_size} rank(s) -> {out}")  # fmt: skip
     base = options_from_args(args)  # every run's options: these, changed per run

@@ -37,7 +37,8 @@ class Variant:
 
 @dataclass
 class RunSpec:
-    """What one run trains, on top of the comparison's shared flags."""
+    """What one run trains, on top of the comparison's shared flags: every field but `name`
+    is a `TrainOptions` field of the same name and replaces it (ES overrides add up)."""
 
     name: str
     method: str

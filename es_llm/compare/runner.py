@@ -34,19 +34,12 @@ WORKER_FILE = "worker.json"
 
 
 def run_options(base: TrainOptions, spec: RunSpec, out: Path) -> TrainOptions:
-    """The comparison's shared options with this run's method, length, budgets and directory."""
-    return dataclasses.replace(
-        base,
-        out=out / spec.name,
-        method=spec.method,
-        es_overrides={**base.es_overrides, **spec.es_overrides},
-        epochs=spec.epochs,
-        max_steps=spec.max_steps,
-        eval_every=spec.eval_every,
-        max_wall_clock_s=spec.max_wall_clock_s,
-        max_cpu_time_s=spec.max_cpu_time_s,
-        progress=False,
-    )
+    """The comparison's shared options with this run's fields (a `RunSpec` names them as
+    `TrainOptions` does), its ES overrides on top of the shared ones, and its directory."""
+    fields = dataclasses.asdict(spec)
+    name = fields.pop("name")
+    fields["es_overrides"] = {**base.es_overrides, **fields["es_overrides"]}
+    return dataclasses.replace(base, out=out / name, progress=False, **fields)
 
 
 def _child_command(spec_file: Path, world: int) -> list[str]:
