@@ -24,7 +24,9 @@ from es_llm.compare.planning import (
     Variant,
     eval_every,
     match_reference,
+    matched_spec,
     matched_steps,
+    plan_runs,
     planned_steps,
     variants,
 )
@@ -150,6 +152,34 @@ def test_matched_steps_fit_the_budget_at_uniforms_step_time():
     assert matched_steps(33.3, 50.0, 100) == 67
     assert matched_steps(80.0, 50.0, 100) == 100  # never past uniform's own schedule
     assert matched_steps(0.1, 50.0, 100) == 1
+
+
+def test_matched_spec_budgets_uniform_by_the_reference_runs_clock():
+    uniform = {"wall_clock_s": 50.0, "cpu_time_s": 100.0, "steps": 100}
+    es = {"wall_clock_s": 30.0, "cpu_time_s": 25.0}
+    wall = matched_spec(uniform, es, clock="wall", epochs=3, requested_eval_every=None)
+    assert (wall.name, wall.method, wall.epochs, wall.es_overrides) == (MATCHED, "uniform", 3, {})
+    assert (wall.max_steps, wall.eval_every) == (60, 3)  # 30 s at 0.5 s a step; 60 // 20
+    assert (wall.max_wall_clock_s, wall.max_cpu_time_s) == (30.0, None)
+    cpu = matched_spec(uniform, es, clock="cpu", epochs=3, requested_eval_every=7)
+    assert (cpu.max_steps, cpu.eval_every) == (25, 7)  # 25 CPU s at 1 CPU s a step
+    assert (cpu.max_wall_clock_s, cpu.max_cpu_time_s) == (None, 25.0)
+
+
+def test_plan_runs_plans_every_run_before_any_starts(tiny_ds_config):
+    cfg = str(tiny_ds_config())
+    runs = variants(["es"], [Variant("es-b4", "es", {"burn_in_steps": 4})])
+    kw = {"n_train": 256, "world": 1, "epochs": 1, "max_steps": None}
+    specs = plan_runs(cfg, runs, {"burn_in_steps": 0}, requested_eval_every=None, **kw)
+    assert [(s.name, s.method, s.eval_every) for s in specs] == [
+        ("uniform", "uniform", 1),  # 32 steps -> every 1
+        ("es", "es", 1),
+        ("es-b4", "es", 1),
+    ]
+    assert specs[2].es_overrides == {"burn_in_steps": 4}
+    bad = [*runs, Variant("bad", "es", {"selection_ratio": 3})]
+    with pytest.raises(InputError, match="selection_ratio"):
+        plan_runs(cfg, bad, {}, requested_eval_every=None, **kw)
 
 
 def test_eval_every_spaces_about_twenty_evaluations_unless_given():

@@ -28,12 +28,10 @@ from es_llm.compare.metrics import (
 )
 from es_llm.compare.planning import (
     EVALS_PER_RUN,
-    RunSpec,
     Variant,
-    eval_every,
     match_reference,
-    matched_steps,
-    planned_steps,
+    matched_spec,
+    plan_runs,
     variants,
 )
 from es_llm.config import METHODS
@@ -178,44 +176,25 @@ def compare_once(args: argparse.Namespace, out: Path, command: str) -> dict[str,
     _say(args, f"es-llm compare: {len(runs)} runs x {args.epochs} epochs, {n_train} "
          f"training sequences, {args.world_size} rank(s) -> {out}")  # fmt: skip
     base = options_from_args(args)  # every run's options: these, changed per run
+    specs = plan_runs(
+        args.config, runs, base.es_overrides, n_train=n_train, world=args.world_size,
+        epochs=args.epochs, max_steps=args.max_steps, requested_eval_every=args.eval_every,
+    )  # fmt: skip
     summaries: dict[str, dict[str, Any]] = {}
-    plans: dict[str, RunSpec] = {}
-
-    def run(spec: RunSpec) -> dict[str, Any]:
-        plans[spec.name] = spec
-        return run_one(base, spec, out, world=args.world_size, quiet=args.quiet)
-
-    for v in runs:
-        steps = planned_steps(
-            args.config, v, base.es_overrides, n_train=n_train, world=args.world_size,
-            epochs=args.epochs, max_steps=args.max_steps,
-        )  # fmt: skip
-        summaries[v.name] = run(
-            RunSpec(
-                v.name,
-                v.method,
-                v.overrides,
-                args.epochs,
-                eval_every(args.eval_every, steps),
-                max_steps=args.max_steps,
-            )  # fmt: skip
-        )
+    for spec in specs:
+        summaries[spec.name] = run_one(base, spec, out, world=args.world_size, quiet=args.quiet)
     if ref is not None:
-        clock = "cpu_time_s" if args.match_clock == "cpu" else "wall_clock_s"
-        u, budget = summaries["uniform"], summaries[ref][clock]
-        steps = matched_steps(budget, u[clock], u["steps"])
-        summaries[MATCHED] = run(
-            RunSpec(
-                MATCHED,
-                "uniform",
-                {},
-                args.epochs,
-                eval_every(args.eval_every, steps),
-                max_steps=steps,
-                max_wall_clock_s=budget if clock == "wall_clock_s" else None,
-                max_cpu_time_s=budget if clock == "cpu_time_s" else None,
-            )  # fmt: skip
+        specs.append(
+            matched_spec(
+                summaries["uniform"],
+                summaries[ref],
+                clock=args.match_clock,
+                epochs=args.epochs,
+                requested_eval_every=args.eval_every,
+            )
         )
+        summaries[MATCHED] = run_one(base, specs[-1], out, world=args.world_size, quiet=args.quiet)
+    plans = {spec.name: spec for spec in specs}
 
     methods = comparison_methods(
         summaries, {name: _step_records(out / name) for name in summaries}, matched_to=ref

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from es_llm.compare.metrics import MATCHED
 from es_llm.errors import InputError
 
 __all__ = [
@@ -18,7 +19,9 @@ __all__ = [
     "Variant",
     "eval_every",
     "match_reference",
+    "matched_spec",
     "matched_steps",
+    "plan_runs",
     "planned_steps",
     "variants",
 ]
@@ -80,6 +83,30 @@ def planned_steps(
     )
 
 
+def plan_runs(
+    config: str,
+    runs: list[Variant],
+    es_overrides: dict[str, Any],
+    *,
+    n_train: int,
+    world: int,
+    epochs: int,
+    max_steps: int | None,
+    requested_eval_every: int | None,
+) -> list[RunSpec]:
+    """Every run's spec, planned before any of them starts: a bad override or batch size of
+    any run is reported (as an `InputError`) before the first run spends its time."""
+    specs = []
+    for v in runs:
+        steps = planned_steps(
+            config, v, es_overrides, n_train=n_train, world=world, epochs=epochs,
+            max_steps=max_steps,
+        )  # fmt: skip
+        every = eval_every(requested_eval_every, steps)
+        specs.append(RunSpec(v.name, v.method, v.overrides, epochs, every, max_steps=max_steps))
+    return specs
+
+
 def eval_every(requested: int | None, steps: int) -> int:
     """`--eval-every`, else about `EVALS_PER_RUN` evaluations over `steps`."""
     return requested or max(1, steps // EVALS_PER_RUN)
@@ -96,6 +123,27 @@ def matched_steps(budget_s: float, uniform_s: float, uniform_steps: int) -> int:
         return max(1, uniform_steps)
     per_step = uniform_s / uniform_steps
     return max(1, min(uniform_steps, round(budget_s / per_step)))
+
+
+def matched_spec(
+    uniform: dict[str, Any],
+    reference: dict[str, Any],
+    *,
+    clock: str,
+    epochs: int,
+    requested_eval_every: int | None,
+) -> RunSpec:
+    """uniform-matched: uniform given the reference run's training time on `clock` ("wall" or
+    "cpu"), from the two runs' summaries; planned for the steps that fit (`matched_steps`)."""
+    key = "cpu_time_s" if clock == "cpu" else "wall_clock_s"
+    budget = float(reference[key])
+    steps = matched_steps(budget, uniform[key], uniform["steps"])
+    return RunSpec(
+        MATCHED, "uniform", {}, epochs, eval_every(requested_eval_every, steps),
+        max_steps=steps,
+        max_wall_clock_s=budget if key == "wall_clock_s" else None,
+        max_cpu_time_s=budget if key == "cpu_time_s" else None,
+    )  # fmt: skip
 
 
 def variants(methods: list[str], extra: list[Variant]) -> list[Variant]:
