@@ -380,7 +380,7 @@ def test_compare_end_to_end_writes_json_table_and_plot(tmp_path, es_cache, tiny_
     cfg = tiny_ds_config(evolved_sampling={"burn_in_steps": 1})
     proc = run_cli(["compare", "--config", str(cfg), "--methods", "uniform,es", "--epochs", "1",
                     "--max-steps", "10", "--es", "beta1=0.3", "--out", str(out),
-                    *TINY_RUN_ARGS], es_cache)  # fmt: skip
+                    *TINY_RUN_ARGS], es_cache, timeout=1800)  # fmt: skip
     _ok(proc)
     result = json.loads((out / "compare.json").read_text())
     assert list(result["methods"]) == ["uniform", "es", MATCHED]
@@ -420,7 +420,7 @@ def test_epochs_grid_writes_one_comparison_per_budget_and_grid_json(
     cfg = tiny_ds_config(evolved_sampling={"method": "prune"})
     proc = run_cli(["compare", "--config", str(cfg), "--methods", "uniform,prune",
                     "--epochs-grid", "1,2", "--max-steps", "4", "--no-matched", "--out", str(out),
-                    *TINY_RUN_ARGS], es_cache)  # fmt: skip
+                    *TINY_RUN_ARGS], es_cache, timeout=1800)  # fmt: skip
     _ok(proc)
     grid = json.loads((out / "grid.json").read_text())
     assert set(grid["epochs"]) == {"1", "2"}

@@ -135,9 +135,11 @@ labels[1, 2:6] = -100
 expected, _ = _expected(plain, ids, labels)
 out = {"stage": engine.zero_optimization_stage(), "partitioned": hasattr(head, "ds_id"),
        "head_numel_outside_gather": head.numel(), "expected": expected.tolist()}
-for fused in (True, False):
-    loss, count = scoring_losses(engine, ids, labels=labels, use_fused_linear=fused)
-    out[f"fused={fused}"] = loss.tolist()
+for fused in (True, False):  # on the engine's device (a GPU where DeepSpeed has one)
+    loss, count = scoring_losses(
+        engine, ids.to(engine.device), labels=labels.to(engine.device), use_fused_linear=fused
+    )
+    out[f"fused={fused}"] = loss.cpu().tolist()
 out["head_numel_after"] = head.numel()
 print("RESULT " + json.dumps(out))
 """
