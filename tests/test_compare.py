@@ -441,3 +441,14 @@ def test_a_bad_match_is_one_line_of_error(tmp_path, es_cache, tiny_ds_config):
     assert proc.stderr.strip().splitlines() == [
         "es-llm: error: --match 'nope' must name one of the runs: uniform, es"
     ]
+
+
+@pytest.mark.multiproc
+def test_a_run_that_refuses_its_input_is_an_input_error_in_the_parent(tmp_path):
+    from es_llm.compare.planning import RunSpec
+    from es_llm.compare.runner import run_one
+    from es_llm.train.loop import TrainOptions
+
+    base = TrainOptions(out=tmp_path, config=str(tmp_path / "missing.json"))
+    with pytest.raises(InputError, match=r"^run 'uniform': .*missing\.json' does not exist"):
+        run_one(base, RunSpec("uniform", "uniform", {}, 1, 1), tmp_path, world=1, quiet=True)

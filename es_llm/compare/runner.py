@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from es_llm.compare.planning import RunSpec
+from es_llm.errors import InputError
 
 if TYPE_CHECKING:
     from es_llm.train.loop import TrainOptions
@@ -31,6 +32,7 @@ __all__ = ["load_avg", "machine_info", "run_one", "worker_main"]
 
 SPEC_FILE = "run_spec.json"
 WORKER_FILE = "worker.json"
+INPUT_ERROR_PREFIX = "es-llm compare worker: input error: "
 
 
 def run_options(base: TrainOptions, spec: RunSpec, out: Path) -> TrainOptions:
@@ -73,6 +75,9 @@ def run_one(
         )
     if proc.returncode != 0:
         tail = log.read_text(errors="replace").splitlines()[-25:]
+        said = [line for line in tail if line.startswith(INPUT_ERROR_PREFIX)]
+        if said:  # the run refused its input: that one line, not a traceback
+            raise InputError(f"run {spec.name!r}: {said[-1].removeprefix(INPUT_ERROR_PREFIX)}")
         raise RuntimeError(
             f"run {spec.name!r} failed (exit {proc.returncode}); last lines of {log}:\n"
             + "\n".join(tail)
@@ -104,7 +109,11 @@ def worker_main(argv: list[str]) -> int:
 
     options = json.loads(Path(a.worker).read_text())["options"]
     opts = TrainOptions(**{**options, "out": Path(options["out"])})
-    train(opts)
+    try:
+        train(opts)
+    except InputError as e:
+        print(INPUT_ERROR_PREFIX + str(e).strip().replace("\n", " "), file=sys.stderr, flush=True)
+        return 2
     if int(os.environ.get("RANK", "0")) == 0:
         (opts.out / WORKER_FILE).write_text(json.dumps({"torch_threads": torch.get_num_threads()}))
     return 0
