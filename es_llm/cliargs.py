@@ -39,14 +39,14 @@ def positive_int(text: str) -> int:
     return v
 
 
-def parse_key_value(text: str, flag: str = "--es") -> tuple[str, Any]:
+def parse_key_value(text: str) -> tuple[str, Any]:
     """`KEY=VALUE` -> (KEY, VALUE): the value read as JSON, else kept as the raw string.
 
     The one parser of ES overrides: `--es` and each item of compare's `--variant`.
     """
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"{flag} expects KEY=VALUE, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
@@ -54,17 +54,16 @@ def parse_key_value(text: str, flag: str = "--es") -> tuple[str, Any]:
     return key.strip(), value
 
 
-def parse_method_list(text: str, flag: str = "--methods") -> list[str]:
+def parse_method_list(text: str) -> list[str]:
     """`uniform,es,prune` -> the names, each checked against `config.METHODS`, none twice."""
     names = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in names if m not in METHODS]
     if bad or not names:
         raise argparse.ArgumentTypeError(
-            f"{flag}: unknown method(s) {', '.join(bad) or repr(text)}; "
-            f"choose from {', '.join(METHODS)}"
+            f"unknown method(s) {', '.join(bad) or repr(text)}; choose from {', '.join(METHODS)}"
         )
     if len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(f"{flag} lists a method twice: {text!r}")
+        raise argparse.ArgumentTypeError(f"a method is listed twice: {text!r}")
     return names
 
 

@@ -61,7 +61,7 @@ def parse_variant(text: str) -> Variant:
     if parts[0] in (MATCHED, *METHODS):
         raise argparse.ArgumentTypeError(f"--variant name {parts[0]!r} is taken by a method")
     items = parts[2].split(",") if len(parts) == 3 and parts[2] else []
-    overrides = dict(parse_key_value(item, "--variant override") for item in items)
+    overrides = dict(parse_key_value(item) for item in items)
     return Variant(parts[0], parts[1], overrides)
 
 
