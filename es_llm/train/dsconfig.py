@@ -45,11 +45,8 @@ def es_config_for_run(
         data["method"] = method
     data.update(overrides or {})
     cfg = es_config_from_ds_config({SECTION: data})
-    if cfg is None:  # only an override can disable it here: the section's own flag was dropped
-        raise InputError(
-            "--es enabled=false would turn evolved sampling off for this run; use "
-            "--method uniform for plain training instead"
-        )
+    if cfg is None:  # only an override can disable it here
+        raise InputError("--es enabled=false turns ES off: use --method uniform instead")
     return cfg
 
 
