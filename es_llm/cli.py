@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from es_llm.config import METHODS
+from es_llm.cuda_env import fix_torch_cuda_arch_list
 from es_llm.errors import InputError
 
 
@@ -266,6 +267,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    fix_torch_cuda_arch_list()  # before DeepSpeed JIT-builds any op (FusedAdam)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.local_rank is not None:
