@@ -55,6 +55,5 @@ def test_deepspeed_variable_names_the_launcher(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == (
-        "launcher:--extra --num_gpus 2 --master_port 29999 --module es_llm.cli train "
-        "--max-steps 3"
+        "launcher:--extra --num_gpus 2 --master_port 29999 --module es_llm.cli train --max-steps 3"
     )
