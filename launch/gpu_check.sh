@@ -4,8 +4,7 @@
 # es) with the shipped zero1_bf16 config and gpt2-124m, a plain PyTorch loop of the same model
 # and batch, host-sync counts, and a short `es-llm compare`; prints one table and writes
 # OUT_DIR/gpu_check.{json,md} (default OUT_DIR: runs/gpu_check). Needs no network: the data is
-# the embedded corpus. Takes about 10-20 minutes on an H100, most of it process start-up and
-# DeepSpeed's one-time FusedAdam build.
+# the embedded corpus. See docs/gpu.md for what each column means.
 # es-llm must be importable by $PYTHON (default python3): `pip install -e .` in this checkout,
 # or an offline install (see docs/gpu.md). Everything runs with the output directory as the
 # working directory, so this checkout's es_llm/ folder never shadows an installed package.
@@ -19,6 +18,10 @@ if [[ $# -gt 0 && "$1" != -* ]]; then
 fi
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
+if [[ "$OUT" == "$REPO" ]]; then
+  echo "gpu_check: choose an output directory other than the checkout root (its es_llm/ folder would shadow the installed package)" >&2
+  exit 2
+fi
 PYTHON=${PYTHON:-python3}
 cd "$OUT"
 if ! "$PYTHON" -c "import es_llm.gpu_check, es_llm.kernels" 2>/dev/null; then
