@@ -142,7 +142,11 @@ def run_plain(opts: PlainOptions) -> dict[str, Any]:
     bf16 = bool((ds_config.get("bf16") or {}).get("enabled")) and device.type == "cuda"
 
     gen = torch.Generator().manual_seed(opts.seed)
-    order, pos, epoch = torch.randperm(n, generator=gen), 0, 0
+
+    def permutation() -> torch.Tensor:  # on the device: a blocking copy per epoch, not per step
+        return torch.randperm(n, generator=gen).to(device)
+
+    order, pos, epoch = permutation(), 0, 0
     clock = _Clock(device)
     losses: list[torch.Tensor] = []
     if device.type == "cuda":
@@ -150,8 +154,8 @@ def run_plain(opts: PlainOptions) -> dict[str, Any]:
     t_start = time.perf_counter()
     for _ in range(opts.steps):
         if pos + geo.train_batch > n:
-            order, pos, epoch = torch.randperm(n, generator=gen), 0, epoch + 1
-        batch = order[pos : pos + geo.train_batch].to(device)
+            order, pos, epoch = permutation(), 0, epoch + 1
+        batch = order[pos : pos + geo.train_batch]
         pos += geo.train_batch
         start = clock.mark()
         step_loss = torch.zeros((), device=device)
