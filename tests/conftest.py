@@ -22,11 +22,11 @@ else:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["CUDA_VISIBLE_DEVICES"] = ""  # children: no GPU ...
 os.environ["DS_ACCELERATOR"] = "cpu"  # ... and DeepSpeed's CPU accelerator (gloo)
-# Children find this interpreter's scripts (deepspeed, torchrun) and python3 first, also when
-# the tests were started as /path/to/venv/bin/python -m pytest without activating the venv.
-_bin = os.path.dirname(sys.executable)
-if os.environ.get("PATH", "").split(os.pathsep)[0] != _bin:
-    os.environ["PATH"] = _bin + os.pathsep + os.environ.get("PATH", "")
+# launch/*.sh start the deepspeed launcher and probe torch with this interpreter, not with
+# whatever `deepspeed` / `python3` PATH finds (a venv without its own deepspeed script, a
+# machine where the script is missing).
+os.environ["DEEPSPEED"] = f"{sys.executable} -m deepspeed.launcher.runner"
+os.environ["PYTHON"] = sys.executable
 
 
 # --- shared fixtures for end-to-end runs (es-llm train as a real process) ---------------------
