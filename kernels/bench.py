@@ -73,10 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kernels",
         nargs="+",
-        choices=["ce", "es", "linear"],
-        default=["ce", "es", "linear"],
-        help="which kernels to time: ce = per-sample cross-entropy from logits, es = the fused "
-        "ES score epilogue, linear = the chunked fused-linear scoring path (default: all three)",
+        choices=["ce", "linear"],
+        default=["ce", "linear"],
+        help="which kernels to time: ce = per-sample cross-entropy from logits, linear = the "
+        "chunked fused-linear scoring path (default: both)",
     )
     parser.add_argument(
         "--iters", type=int, help="timed repetitions (median); default GPU 10, CPU 5"
@@ -327,36 +327,6 @@ def _bench_linear(ctx: _Ctx, n: int, v: int, h: int, dtype: torch.dtype) -> None
         _not_measured(ctx.rows, base, "triton (chunked)", "needs a GPU")
 
 
-def _bench_es(ctx: _Ctx) -> None:
-    """The epilogue on 65536 sequences (a large meta-batch), scores shard of 4x that."""
-    from . import fused_es_scores
-
-    m = 1 << 16
-    gen, dev = ctx.gen, ctx.device
-    scores = torch.rand(4 * m, generator=gen).to(dev)
-    ids = torch.randperm(4 * m, generator=gen)[:m].to(dev)
-    ls = (torch.rand(m, generator=gen) * 100).to(dev)
-    cnt = torch.randint(0, 3, (m,), generator=gen).float().to(dev)
-    base = {"kernel": "fused_es_scores", "n": m, "V": None, "H": None, "dtype": "float32"}
-    # loss_sum, count, id, s read + s write + w, loss, valid written
-    kw = dict(bytes_moved=m * (4 + 4 + 8 + 4 + 4 + 4 + 4 + 1), flops=None, ref_loss=None)
-    ctx.record(
-        base,
-        "reference",
-        lambda: fused_es_scores(ls, cnt, scores, ids, 0.2, 0.8, backend="reference"),
-        **kw,
-    )
-    if ctx.use_triton:
-        ctx.record(
-            base,
-            "triton",
-            lambda: fused_es_scores(ls, cnt, scores, ids, 0.2, 0.8, backend="triton"),
-            **kw,
-        )
-    else:
-        _not_measured(ctx.rows, base, "triton", "needs a GPU")
-
-
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -399,8 +369,6 @@ def run(args: argparse.Namespace) -> dict:
                 _bench_ce(ctx, n, v, dtype, compiled)
             if "linear" in args.kernels:
                 _bench_linear(ctx, n, v, h, dtype)
-    if "es" in args.kernels:
-        _bench_es(ctx)
 
     result = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
