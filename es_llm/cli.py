@@ -12,6 +12,7 @@ import os
 import sys
 
 from es_llm.cliargs import add_run_arguments, options_from_args, positive_int
+from es_llm.cuda_env import fix_torch_cuda_arch_list
 from es_llm.errors import InputError
 
 
@@ -131,6 +132,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    fix_torch_cuda_arch_list()  # before DeepSpeed JIT-builds any op (FusedAdam)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.local_rank is not None:
