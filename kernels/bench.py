@@ -71,19 +71,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=["bf16", "fp16", "fp32"], help="default GPU bf16, CPU fp32"
     )
     parser.add_argument(
-        "--kernels", nargs="+", choices=["ce", "es", "linear"], default=["ce", "es", "linear"]
+        "--kernels",
+        nargs="+",
+        choices=["ce", "es", "linear"],
+        default=["ce", "es", "linear"],
+        help="which kernels to time: ce (per-sample loss), es (fused ES scoring), linear "
+        "(fused linear scoring) (default: all three)",
     )
     parser.add_argument(
         "--iters", type=int, help="timed repetitions (median); default GPU 10, CPU 5"
     )
     parser.add_argument("--warmup", type=int, help="untimed calls first; default GPU 3, CPU 2")
-    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cuda", "cpu"],
+        default="auto",
+        help="where to run; auto takes cuda when available (default: %(default)s)",
+    )
     parser.add_argument(
         "--compile-on-cpu",
         action="store_true",
         help="also time torch.compile on CPU (slow to build)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the random inputs (default: %(default)s)"
+    )
 
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
