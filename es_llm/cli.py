@@ -49,6 +49,12 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         "the original run (a different run configuration is an error)",
     )
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the contents of an existing, non-empty --out first (without it, and "
+        "without --resume, a non-empty --out is refused)",
+    )
+    p.add_argument(
         "--stop-after",
         type=positive_int,
         default=None,
@@ -58,30 +64,61 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
-def _bench_parser(sub: argparse._SubParsersAction) -> None:
+def _bench_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p = sub.add_parser("bench", help="microbenchmarks (kernels, score table)")
     bsub = p.add_subparsers(dest="what", required=True)
-    from es_llm.kernels import bench as kbench
-
     pk = bsub.add_parser(
         "kernels",
         help="per-sample loss / scoring kernels vs PyTorch eager, torch.compile and Liger",
         description="Time the scoring kernels; writes OUT/kernels_bench.json.",
     )
-    kbench.add_arguments(pk)
+    if "kernels" in argv:  # its flags live with the kernels, which import torch: only when asked
+        from es_llm.kernels import bench as kbench
+
+        kbench.add_arguments(pk)
+    _add_verbose(pk)
     ps = bsub.add_parser(
         "scores",
         help="the score table at scale: ESWP epoch plan and per-step update",
         description="Build a score shard of N samples and time the epoch plan and the per-step "
         "update; writes OUT/scores_bench.json.",
     )
-    ps.add_argument("--num-samples", type=positive_int, default=10**8, help="(default: 10^8)")
-    ps.add_argument("--meta-batch", type=positive_int, default=1024, help="(default: %(default)s)")
-    ps.add_argument("--repeats", type=positive_int, default=3, help="(default: %(default)s)")
+    ps.add_argument(
+        "--num-samples",
+        type=positive_int,
+        default=10**8,
+        help="samples in the score shard (default: 10^8)",
+    )
+    ps.add_argument(
+        "--meta-batch",
+        type=positive_int,
+        default=1024,
+        help="samples scored per step (default: %(default)s)",
+    )
+    ps.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=3,
+        help="timed repetitions, the median is reported (default: %(default)s)",
+    )
     ps.add_argument("--out", default="runs/bench", help="output directory (default: %(default)s)")
+    _add_verbose(ps)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_verbose(p: argparse.ArgumentParser, *, top: bool = False) -> None:
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        # only the top level sets the default, so `es-llm --verbose train` is not undone
+        default=False if top else argparse.SUPPRESS,
+        help="show every DeepSpeed log line, also the known-harmless warnings that are "
+        "filtered by default",
+    )
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; ``argv`` only decides whether the kernel benchmark's flags are loaded."""
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
         prog="es-llm",
         description="Evolved Sampling (ES/ESWP) for LLM pre-training on DeepSpeed",
@@ -90,19 +127,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
     )
+    _add_verbose(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
-    _bench_parser(sub)
+    _bench_parser(sub, argv)
     from es_llm import compare
 
     compare.add_parser(sub)
+    for p in sub.choices.values():
+        _add_verbose(p)
     return parser
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from es_llm.ds_ops import announce_deepspeed_op_build
+    from es_llm.preflight import check_train_inputs, prepare_out_dir
+
+    check_train_inputs(args)  # every input problem, before any engine or process group
+    prepare_out_dir(args)
     from es_llm.train.loop import train
 
     opts = options_from_args(args)
+    announce_deepspeed_op_build()
     summary = train(opts)
     if int(os.environ.get("RANK", "0")) == 0:
         keys = ("method", "world_size", "steps", "epochs", "bp_samples", "scored_samples")
@@ -133,8 +179,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     fix_torch_cuda_arch_list()  # before DeepSpeed JIT-builds any op (FusedAdam)
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
+    from es_llm.quiet import quiet_deepspeed
+
+    quiet_deepspeed(verbose=args.verbose)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:

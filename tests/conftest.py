@@ -60,6 +60,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.fixture(autouse=True)
+def _child_tmpdir(monkeypatch: pytest.MonkeyPatch):
+    """Processes a test starts get a TMPDIR of their own, removed afterwards: launcher runs
+    otherwise leave /tmp/torchelastic_* folders behind. (This process keeps its tempdir.)"""
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="es_llm_test_tmp_")
+    monkeypatch.setenv("TMPDIR", path)
+    yield Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def es_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One corpus/tokenizer cache for the whole session: the stdlib corpus is built once."""
