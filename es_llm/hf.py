@@ -228,6 +228,9 @@ class ESTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, es_config: EvolvedSamplingConfig | None = None, **kwargs: Any):
+        from es_llm.cuda_env import fix_torch_cuda_arch_list
+
+        fix_torch_cuda_arch_list()  # before DeepSpeed JIT-builds any op (FusedAdam)
         super().__init__(*args, **kwargs)
         ds_config = _strip_es_section(self.args)
         self.es: EvolvedSamplingConfig | None = es_config

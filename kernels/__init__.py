@@ -1,6 +1,6 @@
 """Scoring kernels behind one dispatcher (spec section 6).
 
-Callers use only the three functions below. ``backend="auto"`` runs Triton when the tensors
+Callers use only the functions below. ``backend="auto"`` runs Triton when the tensors
 are on CUDA and ``triton`` imports, the plain-PyTorch reference otherwise; ``"triton"`` forces
 the Triton kernels (on CPU this needs ``TRITON_INTERPRET=1`` set before triton is imported,
 which is how the parity tests run them) and ``"reference"`` forces PyTorch.
@@ -20,7 +20,6 @@ Backend = Literal["auto", "triton", "reference"]
 
 __all__ = [
     "Backend",
-    "fused_es_scores",
     "fused_linear_per_sample_loss",
     "per_sample_loss",
     "triton_available",
@@ -134,39 +133,6 @@ def per_sample_loss(
         row = reference.row_losses_reference(x, y, ignore_index)
     count = _sum_rows((y != ignore_index).float(), seq, s, t, use_triton)
     return _sum_rows(row, seq, s, t, use_triton), count
-
-
-def fused_es_scores(
-    loss_sum: Tensor,
-    count: Tensor,
-    scores: Tensor,
-    ids: Tensor,
-    beta1: float,
-    beta2: float,
-    *,
-    offset: int = 0,
-    unscored_value: float | None = None,
-    backend: Backend = "auto",
-) -> tuple[Tensor, Tensor, Tensor]:
-    """ES scoring epilogue: gather ``s[id]``, return ``w``, update ``s`` in place.
-
-    ``loss_sum``/``count`` fp32 ``[S]`` as returned by ``per_sample_loss``; ``scores`` is the
-    fp32 score shard, indexed by ``ids [S] - offset`` (int64, unique within the call).
-    For sequences with ``count > 0``: ``l = loss_sum / count``,
-    ``w = beta1*s + (1-beta1)*l`` and ``s <- beta2*s + (1-beta2)*l``. Sequences with no valid
-    token leave ``s`` untouched and get ``w = 0``, ``loss = 0``, ``valid = False``. A stored
-    NaN reads as ``unscored_value`` when that is given (tables that encode "never scored" as
-    NaN). Returns ``(w fp32 [S], loss fp32 [S], valid bool [S])``.
-    """
-    if ids.dtype != torch.int64:
-        raise TypeError("ids must be int64")
-    if _use_triton(backend, loss_sum, count, scores, ids):
-        from .per_sample_ce import es_scores_triton
-
-        return es_scores_triton(loss_sum, count, scores, ids, beta1, beta2, offset, unscored_value)
-    return reference.es_scores_reference(
-        loss_sum, count, scores, ids, beta1, beta2, offset, unscored_value
-    )
 
 
 def fused_linear_per_sample_loss(

@@ -1,5 +1,5 @@
-"""Triton kernels: per-row cross-entropy (one pass, online log-sum-exp), a deterministic
-segment sum, and the ES scoring epilogue.
+"""Triton kernels: per-row cross-entropy (one pass, online log-sum-exp) and a deterministic
+segment sum.
 
 The CE kernel reads each logit once: a running max ``m`` and a running sum
 ``d = sum(exp(x - m))`` are rescaled whenever the max grows, so no second pass and no
@@ -147,76 +147,3 @@ def deterministic_segment_sum(values: Tensor, seq_index: Tensor, num_seqs: int) 
     bounds = torch.searchsorted(seq_index[perm], edges)
     _segment_sum_kernel[(num_seqs,)](values.contiguous(), perm, bounds, out, BLOCK=256)
     return out
-
-
-@triton.jit
-def _es_scores_kernel(
-    loss_sum_ptr,
-    count_ptr,
-    scores_ptr,
-    ids_ptr,
-    w_ptr,
-    loss_ptr,
-    valid_ptr,
-    n_seqs,
-    offset,
-    beta1,
-    beta2,
-    unscored_value,
-    HAS_UNSCORED: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < n_seqs
-    loss_sum = tl.load(loss_sum_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    count = tl.load(count_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    local = tl.load(ids_ptr + offs, mask=inb, other=0) - offset
-    valid = inb & (count > 0)
-    s = tl.load(scores_ptr + local, mask=inb, other=0.0).to(tl.float32)
-    if HAS_UNSCORED:
-        s = tl.where(s != s, unscored_value, s)
-    loss = tl.where(valid, loss_sum / tl.maximum(count, 1.0), 0.0)
-    w = tl.where(valid, beta1 * s + (1.0 - beta1) * loss, 0.0)
-    s_new = beta2 * s + (1.0 - beta2) * loss
-    tl.store(scores_ptr + local, s_new.to(scores_ptr.dtype.element_ty), mask=valid)
-    tl.store(w_ptr + offs, w, mask=inb)
-    tl.store(loss_ptr + offs, loss, mask=inb)
-    tl.store(valid_ptr + offs, valid.to(tl.int8), mask=inb)
-
-
-def es_scores_triton(
-    loss_sum: Tensor,
-    count: Tensor,
-    scores: Tensor,
-    ids: Tensor,
-    beta1: float,
-    beta2: float,
-    offset: int = 0,
-    unscored_value: float | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Triton ES epilogue; same contract as ``reference.es_scores_reference``."""
-    if not scores.is_contiguous():
-        raise ValueError("scores must be contiguous (it is updated in place)")
-    n = ids.numel()
-    w = torch.empty(n, dtype=torch.float32, device=scores.device)
-    loss = torch.empty_like(w)
-    valid = torch.empty(n, dtype=torch.int8, device=scores.device)
-    if n:
-        block = 256
-        _es_scores_kernel[(triton.cdiv(n, block),)](
-            loss_sum.contiguous(),
-            count.contiguous(),
-            scores,
-            ids.contiguous(),
-            w,
-            loss,
-            valid,
-            n,
-            offset,
-            float(beta1),
-            float(beta2),
-            float(unscored_value) if unscored_value is not None else 0.0,
-            HAS_UNSCORED=unscored_value is not None,
-            BLOCK=block,
-        )
-    return w, loss, valid.bool()

@@ -51,35 +51,6 @@ def per_sample_loss_reference(
     return segment_sum(row, seq_index, num_seqs), count
 
 
-def es_scores_reference(
-    loss_sum: Tensor,
-    count: Tensor,
-    scores: Tensor,
-    ids: Tensor,
-    beta1: float,
-    beta2: float,
-    offset: int = 0,
-    unscored_value: float | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The ES epilogue (spec section 2), updating ``scores`` in place.
-
-    ``l = loss_sum / count``; ``w = beta1*s + (1-beta1)*l``; ``s <- beta2*s + (1-beta2)*l``
-    at ``scores[ids - offset]`` for sequences with ``count > 0``. Sequences without a valid
-    token keep their score and get ``w = 0, loss = 0, valid = False``. Returns
-    ``(w fp32 [S], loss fp32 [S], valid bool [S])``.
-    """
-    local = ids.to(torch.int64) - offset
-    valid = count > 0
-    loss = torch.where(valid, loss_sum.float() / count.float().clamp_min(1.0), 0.0)
-    s = scores[local].float()
-    if unscored_value is not None:
-        s = torch.where(torch.isnan(s), torch.full_like(s, unscored_value), s)
-    w = torch.where(valid, beta1 * s + (1.0 - beta1) * loss, 0.0)
-    s_new = beta2 * s + (1.0 - beta2) * loss
-    scores[local[valid]] = s_new[valid].to(scores.dtype)
-    return w, loss, valid
-
-
 def linear_row_losses_reference(
     hidden: Tensor,
     weight: Tensor,

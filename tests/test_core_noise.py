@@ -14,12 +14,32 @@ from es_llm.core.noise import (
     STREAM_PRUNE,
     derive_key,
     gumbel,
+    hash_u64,
     prune_draws,
     prune_mask_np,
     uniform01,
 )
 
 M64 = (1 << 64) - 1
+
+
+def many_counters() -> np.ndarray:
+    """int64 counters across the whole range: random bit patterns (half negative), small ids,
+    ids near 2**62 and 2**63, and the extremes."""
+    rng = np.random.default_rng(0)
+    edges = [0, 1, 2, -1, -2, 2**31 - 1, 2**31, 2**32, 2**53 + 1, 2**63 - 1, -(2**63)]
+    near62 = [2**62 + d for d in range(-50, 50)]
+    near63 = [2**63 - 1 - d for d in range(50)] + [-(2**63) + d for d in range(50)]
+    rand = rng.integers(-(2**63), 2**63 - 1, size=20_000, dtype=np.int64, endpoint=True)
+    return np.concatenate(
+        [np.array(edges + near62 + near63, dtype=np.int64), rand, np.arange(5000, dtype=np.int64)]
+    )
+
+
+def np_uniform(seed: int, stream: int, counter: int, pos: np.ndarray) -> np.ndarray:
+    """The numpy uint64 path of the same generator (bits -> open (0, 1))."""
+    x = hash_u64(derive_key(seed, stream, counter), pos)
+    return (np.right_shift(x, np.uint64(12)).astype(np.float64)) * 2.0**-52 + 2.0**-53
 
 
 def ref_uniform(seed: int, stream: int, counter: int, pos: int) -> float:
@@ -107,3 +127,51 @@ def test_threshold_exact_at_a_drawn_value():
 def test_float_ids_are_rejected():
     with pytest.raises(TypeError):
         prune_draws(0, 0, torch.tensor([1.0, 2.0]))
+
+
+# --- torch int64 path == numpy uint64 path, on the tensor's own device ---
+
+
+@pytest.mark.parametrize("key_args", [(0, 0, 0), (5, STREAM_PRUNE, 3), (2**64 - 1, 1, 2**63 + 5)])
+def test_torch_hash_equals_numpy_hash_bit_for_bit(key_args):
+    c = many_counters()
+    key = derive_key(*key_args)
+    want = hash_u64(key, c)
+    got = hash_u64(key, torch.from_numpy(c))
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.int64
+    assert np.array_equal(got.numpy().view(np.uint64), want)
+    # narrower integer dtypes are widened as int64 first, as before
+    c32 = c[-5000:].astype(np.int32)
+    assert np.array_equal(
+        hash_u64(key, torch.from_numpy(c32)).numpy().view(np.uint64), hash_u64(key, c32)
+    )
+
+
+def test_torch_uniform_gumbel_prune_equal_numpy_path():
+    c = many_counters()
+    t = torch.from_numpy(c)
+    u = uniform01(7, STREAM_EPSILON, 11, t)
+    assert u.dtype == torch.float64 and np.array_equal(u.numpy(), np_uniform(7, 1, 11, c))
+    # (torch's log, as the keys always used: numpy's log may differ in the last bit)
+    want_g = -torch.log(-torch.log(torch.from_numpy(np_uniform(3, STREAM_GUMBEL, 9, c))))
+    assert torch.equal(gumbel(3, 9, t), want_g)
+    assert np.array_equal(prune_draws(4, 2, t).numpy(), np_uniform(4, STREAM_PRUNE, 2, c))
+    # the planner's integer fast path agrees with the torch draws too
+    first = 2**62 - 2500
+    ids = torch.arange(first, first + 5000, dtype=torch.int64)
+    assert np.array_equal(
+        prune_mask_np(4, 2, first, 5000, 0.3), (prune_draws(4, 2, ids) < 0.3).numpy()
+    )
+
+
+def test_noise_stays_on_the_device_of_its_input():
+    # the meta device carries no data: any host round-trip or numpy detour would fail here
+    pos = torch.arange(1000, device="meta")
+    for out in (
+        uniform01(1, 0, 2, pos),
+        gumbel(1, 2, pos),
+        prune_draws(1, 2, pos),
+        hash_u64(9, pos),
+    ):
+        assert out.device.type == "meta" and out.shape == pos.shape
+    assert uniform01(1, 0, 2, pos.reshape(10, 100)).shape == (10, 100)

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from es_llm.core.policies import es_weights, method_weights, select_without_replacement
+from es_llm.core.noise import STREAM_EPSILON, STREAM_GUMBEL, derive_key, hash_u64
+from es_llm.core.policies import (
+    es_weights,
+    method_weights,
+    select_without_replacement,
+    valid_weight_mask,
+)
 
 
 def plackett_luce_inclusion(w: list[float], k: int) -> tuple[np.ndarray, dict]:
@@ -193,3 +199,79 @@ def test_same_seed_and_step_same_selection_different_step_different():
     others = [select_without_replacement(w, 20, seed=7, step=s) for s in range(4, 14)]
     assert all(not torch.equal(a, o) for o in others)
     assert not torch.equal(a, select_without_replacement(w, 20, seed=8, step=3))
+
+
+# --- equal to the host algorithm it replaced ---
+
+
+def host_uniform(seed: int, stream: int, step: int, n: int) -> torch.Tensor:
+    x = hash_u64(derive_key(seed, stream, step), np.arange(n, dtype=np.int64))
+    return torch.from_numpy((x >> np.uint64(12)).astype(np.float64) * 2.0**-52 + 2.0**-53)
+
+
+def host_select(w, k, *, seed, step, valid=None, tau=1.0, epsilon=0.0, deterministic=False):
+    """The previous host implementation (numpy noise, a Python branch on the valid count)."""
+    w = torch.as_tensor(w).reshape(-1).to(torch.float64)
+    n = w.numel()
+    ok = valid_weight_mask(w, valid)
+    n_valid = int(ok.sum())
+    if n_valid <= k:
+        valid_pos = torch.nonzero(ok).reshape(-1)
+        filler = torch.nonzero(~ok).reshape(-1)[: k - n_valid]
+        return torch.sort(torch.cat([valid_pos, filler])).values
+    k_rand = round(epsilon * k)
+    neg_inf = torch.tensor(float("-inf"), dtype=torch.float64)
+    logw = torch.where(ok, torch.log(torch.where(ok, w, torch.ones_like(w))), neg_inf)
+    g = -torch.log(-torch.log(host_uniform(seed, STREAM_GUMBEL, step, n)))
+    keys = torch.where(ok, logw if deterministic else logw / tau + g, neg_inf)
+    chosen = torch.sort(keys, descending=True, stable=True).indices[: k - k_rand]
+    if k_rand:
+        rest = ok.clone()
+        rest[chosen] = False
+        ukeys = torch.where(rest, host_uniform(seed, STREAM_EPSILON, step, n), neg_inf)
+        chosen = torch.cat(
+            [chosen, torch.sort(ukeys, descending=True, stable=True).indices[:k_rand]]
+        )
+    return torch.sort(chosen).values
+
+
+def random_case(rng: np.random.Generator):
+    n = int(rng.integers(1, 60))
+    w = torch.from_numpy(rng.exponential(1.0, n))
+    # ties, zeros, negatives and non-finite weights, and invalid flags
+    special = rng.random(n)
+    w[special < 0.1] = 1.0
+    w[(special >= 0.1) & (special < 0.15)] = 0.0
+    w[(special >= 0.15) & (special < 0.18)] = float("nan")
+    w[(special >= 0.18) & (special < 0.2)] = -2.0
+    valid = torch.from_numpy(rng.random(n) > rng.choice([0.0, 0.3, 0.9]))
+    kw = dict(
+        k=int(rng.integers(0, n + 1)),
+        seed=int(rng.integers(0, 2**63)),
+        step=int(rng.integers(0, 10**6)),
+        valid=valid if rng.random() < 0.8 else None,
+        tau=float(rng.choice([1.0, 0.5, 3.0])),
+        epsilon=float(rng.choice([0.0, 0.0, 0.25, 0.5, 1.0])),
+        deterministic=bool(rng.random() < 0.2),
+    )
+    return w, kw
+
+
+def test_equals_the_host_algorithm_on_random_cases():
+    rng = np.random.default_rng(42)
+    few = 0
+    for _ in range(800):
+        w, kw = random_case(rng)
+        ok = valid_weight_mask(w, kw["valid"])
+        few += int(ok.sum()) <= kw["k"]
+        got = select_without_replacement(w, **kw)
+        assert torch.equal(got, host_select(w, **kw)), kw
+    assert few > 50  # the "fewer valid than k" regime was exercised
+
+
+def test_selection_stays_on_the_device_of_the_weights():
+    w = torch.rand(50, device="meta")
+    pos = select_without_replacement(
+        w, 10, seed=0, step=1, valid=torch.ones(50, dtype=torch.bool, device="meta"), epsilon=0.3
+    )
+    assert pos.device.type == "meta" and pos.shape == (10,) and pos.dtype == torch.int64

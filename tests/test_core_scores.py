@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -108,3 +109,63 @@ def test_scores_bench_smoke(tmp_path):
     assert res["bytes_per_sample"]["total"] <= 8
     assert 0.5 < res["kept_fraction"] < 1.0
     assert set(res["plan_epoch_s"]) >= {"min", "median"}
+
+
+# --- on a device, without host round-trips ---
+
+
+def host_update(scores: torch.Tensor, local, new, valid) -> None:
+    """The previous update: compact to the valid entries, keep each id's last, write."""
+    ok = torch.isfinite(new) & valid
+    local, new = local[ok], new[ok]
+    for i, v in zip(local.tolist(), new.tolist(), strict=True):
+        scores[i] = v
+
+
+def test_update_equals_the_compacting_update_on_random_duplicates():
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        n = int(rng.integers(1, 30))
+        m = int(rng.integers(0, 40))
+        t = ScoreTable(n, offset=2**40, s_init=0.5)
+        t.update(torch.arange(2**40, 2**40 + n), torch.from_numpy(rng.random(n)).float(), None)
+        t.update(torch.tensor([2**40]), torch.tensor([float("nan")]), None)
+        want = t.raw_scores.clone()
+        local = torch.from_numpy(rng.integers(0, n, m))
+        new = torch.from_numpy(rng.normal(size=m)).float()
+        new[torch.from_numpy(rng.random(m) < 0.1)] = float("nan")
+        valid = torch.from_numpy(rng.random(m) < 0.7)
+        host_update(want, local, new, valid)
+        t.update(local + 2**40, new, valid)
+        assert torch.equal(t.raw_scores.isnan(), want.isnan())
+        assert torch.equal(t.raw_scores.nan_to_num(), want.nan_to_num())
+
+
+def test_table_lives_on_its_device_and_checkpoints_through_the_host():
+    # the meta device holds no data, so any read back to the host (an ownership check with
+    # bool(), a boolean compaction, .item()) would raise here
+    dev = torch.device("meta")
+    t = ScoreTable(1000, offset=2**33, s_init=0.1, device=dev)
+    assert t.device == dev and t.raw_scores.device == dev and t.nbytes == 4000
+    ids = torch.arange(2**33, 2**33 + 64, device=dev)
+    got = t.gather(ids.reshape(8, 8))
+    assert got.device == dev and got.shape == (8, 8) and got.dtype == torch.float32
+    t.update(ids, torch.empty(64, device=dev), torch.empty(64, dtype=torch.bool, device=dev))
+    assert t.scored_mask().device == dev
+    # a CPU table returns its live storage; state is always on the host
+    c = ScoreTable(5, offset=2**33, s_init=0.1)
+    c.update(torch.tensor([2**33 + 1]), torch.tensor([3.0]), None)
+    sd = c.state_dict()
+    assert sd["scores"].device.type == "cpu" and sd["scores"].data_ptr() == c.raw_scores.data_ptr()
+
+
+def test_sum_and_count_chunked_in_float64(monkeypatch):
+    import es_llm.core.scores as scores_mod
+
+    monkeypatch.setattr(scores_mod, "_CHUNK", 7)
+    t = ScoreTable(50, s_init=0.0)
+    vals = torch.linspace(0.1, 5.0, 25)
+    t.update(torch.arange(0, 50, 2), vals, None)
+    total, count = t.sum_and_count()
+    assert count == 25 and isinstance(total, float) and isinstance(count, int)
+    assert total == pytest.approx(float(vals.double().sum()), rel=1e-12)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import struct
+from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 
 from es_llm.config import EvolvedSamplingConfig
+from es_llm.core.policies import valid_weight_mask
 from es_llm.core.schedule import Phase, anneal_start_step, phase_for_step, resolve_burn_in_steps
 from es_llm.core.scores import ScoreTable
-from es_llm.core.selector import select_step, selection_digest
+from es_llm.core.selector import device_digest, importance_weights, select_step, selection_digest
 
 
 def batch(n: int = 32, seed: int = 0, base: int = 0):
@@ -59,7 +63,9 @@ def test_selection_is_deterministic_in_seed_and_step():
     }
     assert len(digests) == 10
     assert a.positions.numel() == 16 and torch.equal(a.positions, torch.sort(a.positions).values)
-    assert torch.equal(a.loss_weights, torch.ones(16)) and a.num_invalid == 0
+    assert torch.equal(a.loss_weights, torch.ones(16))
+    assert a.num_invalid.dtype == torch.int64 and a.num_invalid.shape == ()
+    assert int(a.num_invalid) == 0
     assert torch.allclose(a.weights, 0.2 * prev + 0.8 * losses)
     assert torch.allclose(a.new_scores, 0.8 * prev + 0.2 * losses)
 
@@ -93,7 +99,7 @@ def test_filler_gets_zero_loss_weight():
     )
     assert sel.positions.tolist() == [0, 1, 2, 3, 6]
     assert sel.loss_weights.tolist() == [0.0, 1.0, 0.0, 1.0, 1.0]
-    assert sel.num_invalid == 2
+    assert int(sel.num_invalid) == 2
 
 
 def test_importance_weights_inverse_to_weight_with_mean_one():
@@ -182,6 +188,174 @@ def test_length_mismatch_and_float_ids_rejected():
         select_step(
             cfg, step=0, seed=0, ids=ids.double(), losses=losses, prev_scores=prev, valid=None, k=2
         )
+
+
+# --- no host round-trip ---
+
+_SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+@contextlib.contextmanager
+def no_host_sync() -> Iterator[None]:
+    """Every Tensor method that reads a value back to the host raises while inside."""
+
+    def boom(name: str):
+        def raiser(self, *args, **kwargs):
+            raise AssertionError(f"host sync: Tensor.{name} called")
+
+        return raiser
+
+    saved = {name: getattr(torch.Tensor, name) for name in _SYNCS}
+    try:
+        for name in _SYNCS:
+            setattr(torch.Tensor, name, boom(name))
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def test_the_patch_catches_host_reads():
+    t = torch.ones(3)
+    with no_host_sync():
+        for read in (t.sum().item, t.tolist, t.cpu, lambda: bool(t.sum()), lambda: int(t[0])):
+            with pytest.raises(AssertionError, match="host sync"):
+                read()
+    assert t.tolist() == [1.0, 1.0, 1.0]
+
+
+CONFIGS = [
+    EvolvedSamplingConfig(),
+    EvolvedSamplingConfig(method="topk", importance_weighting=True),
+    EvolvedSamplingConfig(tau=2.0, epsilon=0.3, importance_weighting=True),
+    EvolvedSamplingConfig(method="loss", epsilon=1.0),
+    EvolvedSamplingConfig(method="uniform"),
+    EvolvedSamplingConfig(method="ema", importance_weighting=True),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.method}-iw{c.importance_weighting}")
+@pytest.mark.parametrize("n_valid", [40, 12, 3, 0])  # enough valid, fewer than k, none
+def test_select_step_reads_nothing_back_to_the_host(cfg, n_valid):
+    ids, losses, prev = batch(40, seed=n_valid, base=2**62)
+    valid = torch.arange(40) < n_valid
+    losses[5] = float("nan")
+    base = torch.linspace(0.5, 2.0, 40)
+    kw = dict(step=7, seed=3, ids=ids, losses=losses, prev_scores=prev, valid=valid, k=16)
+    want = select_step(cfg, base_loss_weights=base, **kw)
+    with no_host_sync():
+        got = select_step(cfg, base_loss_weights=base, **kw)
+        digest = device_digest(ids[got.positions])
+    assert torch.equal(got.positions, want.positions)
+    assert torch.equal(got.loss_weights, want.loss_weights)
+    assert torch.equal(digest, device_digest(ids[want.positions]))
+    assert int(got.num_invalid) == max(0, 16 - n_valid + (n_valid > 5))
+
+
+def test_select_step_runs_on_the_meta_device():
+    dev = torch.device("meta")
+    cfg = EvolvedSamplingConfig(epsilon=0.25, importance_weighting=True)
+    n = 64
+    sel = select_step(
+        cfg,
+        step=1,
+        seed=2,
+        ids=torch.arange(n, device=dev),
+        losses=torch.empty(n, device=dev),
+        prev_scores=torch.empty(n, device=dev),
+        valid=torch.empty(n, dtype=torch.bool, device=dev),
+        k=16,
+        base_loss_weights=torch.empty(n, device=dev),
+    )
+    for t in (sel.positions, sel.loss_weights, sel.weights, sel.new_scores, sel.num_invalid):
+        assert t.device == dev
+    assert sel.positions.shape == (16,) and sel.num_invalid.shape == ()
+    assert device_digest(sel.positions).device == dev
+
+
+# --- importance weights equal the host computation they replaced ---
+
+
+def host_importance_weights(w, ok, positions, *, k, tau, epsilon, deterministic):
+    w = w.to(torch.float64)
+    n_valid = int(ok.sum())
+    out = torch.zeros(positions.numel(), dtype=torch.float32)
+    chosen_ok = ok[positions]
+    if n_valid == 0 or not bool(chosen_ok.any()):
+        return out
+    logw = torch.log(torch.where(ok, w, torch.ones_like(w)))
+    if not deterministic:
+        logw = logw / tau
+    logw = torch.where(ok, logw, torch.tensor(float("-inf"), dtype=torch.float64))
+    p = torch.softmax(logw, dim=0)
+    e = round(epsilon * k) / k if k else 0.0
+    p = (1.0 - e) * p + e / n_valid
+    inv = 1.0 / p[positions[chosen_ok]]
+    out[chosen_ok] = (inv / inv.mean()).to(torch.float32)
+    return out
+
+
+def test_importance_weights_equal_the_host_computation():
+    rng = np.random.default_rng(7)
+    for case in range(300):
+        n = int(rng.integers(1, 50))
+        k = int(rng.integers(0, n + 1))
+        w = torch.from_numpy(rng.exponential(1.0, n)).float()
+        ok = valid_weight_mask(w, torch.from_numpy(rng.random(n) < rng.choice([0.2, 0.8, 1.0])))
+        positions = torch.sort(torch.from_numpy(rng.permutation(n)[:k])).values
+        kw = dict(
+            k=k,
+            tau=float(rng.choice([1.0, 2.0])),
+            epsilon=float(rng.choice([0.0, 0.3])),
+            deterministic=bool(rng.random() < 0.3),
+        )
+        got = importance_weights(w, ok, positions, **kw)
+        want = host_importance_weights(w, ok, positions, **kw)
+        if bool(ok[positions].all()):
+            assert torch.equal(got, want), case  # same sum over the same values
+        else:  # the mean now sums zeros in place of the invalid: last-bit differences only
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=0.0)
+
+
+# --- device digest ---
+
+M64 = (1 << 64) - 1
+
+
+def py_mix64(x: int) -> int:
+    x &= M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & M64
+    return x ^ (x >> 31)
+
+
+def py_device_digest(ids: list[int]) -> int:
+    """Pure-Python integers: what every device must compute, whatever its reduction order."""
+    from es_llm.core.noise import STREAM_DIGEST, derive_key
+
+    key, golden = derive_key(0, STREAM_DIGEST, 0), 0x9E3779B97F4A7C15
+    total = 0
+    for j, i in enumerate(ids):
+        h = py_mix64(key + (i & M64) * golden)
+        total += py_mix64(h ^ ((j * golden) & M64))
+    return py_mix64(total + len(ids) * golden) & ((1 << 63) - 1)
+
+
+def test_device_digest_equals_integer_reference_and_is_order_sensitive():
+    ids = [0, 1, 2**31, 2**62 + 3, 2**63 - 1, -5, -(2**63), 7, 7]
+    d = device_digest(torch.tensor(ids, dtype=torch.int64))
+    assert d.dtype == torch.int64 and d.shape == () and int(d) >= 0
+    assert int(d) == py_device_digest(ids)
+    assert int(device_digest(torch.tensor(ids[::-1]))) == py_device_digest(ids[::-1]) != int(d)
+    assert int(device_digest(torch.zeros(0, dtype=torch.int64))) == py_device_digest([])
+    big = torch.randint(-(2**63), 2**63 - 1, (5000,), generator=torch.Generator().manual_seed(1))
+    assert int(device_digest(big)) == py_device_digest(big.tolist())
+    swapped = big.clone()
+    swapped[[10, 20]] = big[[20, 10]]
+    assert int(device_digest(swapped)) != int(device_digest(big))
+    assert int(device_digest(big[:-1])) != int(device_digest(big))
+    with pytest.raises(TypeError):
+        device_digest(torch.tensor([1.0]))
 
 
 # --- schedule ---

@@ -11,7 +11,13 @@ from es_llm.core.policies import (
 from es_llm.core.pruning import EpochPlan, anneal_epoch, plan_epoch
 from es_llm.core.schedule import Phase, anneal_start_step, phase_for_step, resolve_burn_in_steps
 from es_llm.core.scores import ScoreTable
-from es_llm.core.selector import Selection, importance_weights, select_step, selection_digest
+from es_llm.core.selector import (
+    Selection,
+    device_digest,
+    importance_weights,
+    select_step,
+    selection_digest,
+)
 
 __all__ = [
     "METHODS",
@@ -21,6 +27,7 @@ __all__ = [
     "Selection",
     "anneal_epoch",
     "anneal_start_step",
+    "device_digest",
     "es_weights",
     "gumbel",
     "importance_weights",

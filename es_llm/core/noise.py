@@ -7,8 +7,13 @@ No global RNG is touched anywhere.
 
 The generator is a splitmix64 stream: a 64-bit key is derived from (seed, stream, counter) by
 hashing, then element j gets ``mix64(key + j * GOLDEN)`` (mod 2**64), where ``mix64`` is the
-bijective splitmix64 finaliser. The arithmetic runs on numpy uint64 (well-defined wrapping,
-logical shifts); ids cross the torch/numpy boundary as int64 bit patterns, never as floats.
+bijective splitmix64 finaliser.
+
+Two bit-identical implementations: tensors are hashed on their own device with torch int64
+arithmetic (multiply and add wrap mod 2**64; a logical right shift is an arithmetic shift
+followed by a mask), so a CUDA step draws its noise without a host round-trip; numpy uint64
+arrays take the numpy path, which the ESWP planner uses for its chunked host-side fast path.
+Ids are int64 bit patterns everywhere, never floats.
 """
 
 from __future__ import annotations
@@ -19,12 +24,15 @@ import numpy as np
 import torch
 
 __all__ = [
+    "STREAM_DIGEST",
     "STREAM_EPSILON",
     "STREAM_GUMBEL",
     "STREAM_PRUNE",
+    "as_int64",
     "derive_key",
     "gumbel",
     "hash_u64",
+    "mix64_",
     "mix64_inplace",
     "prune_draws",
     "prune_mask_np",
@@ -40,11 +48,23 @@ _M2 = 0x94D049BB133111EB
 STREAM_GUMBEL = 0  # Gumbel keys of the selection
 STREAM_EPSILON = 1  # uniform fill of the epsilon slots
 STREAM_PRUNE = 2  # ESWP per-epoch pruning draws
+STREAM_DIGEST = 3  # the on-device selection digest
 
 U_GOLDEN = np.uint64(GOLDEN)
 _U_M1 = np.uint64(_M1)
 _U_M2 = np.uint64(_M2)
 _S30, _S27, _S31, _S12 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(12)
+
+
+def as_int64(x: int) -> int:
+    """The signed int64 with the same 64-bit pattern as `x` (what a torch int64 scalar holds)."""
+    x &= MASK64
+    return x - (1 << 64) if x >> 63 else x
+
+
+_I_GOLDEN = as_int64(GOLDEN)
+_I_M1 = as_int64(_M1)
+_I_M2 = as_int64(_M2)
 
 
 def _mix64_int(x: int) -> int:
@@ -62,6 +82,9 @@ def derive_key(seed: int, stream: int, counter: int) -> int:
     return _mix64_int(k ^ (((counter & MASK64) + 1) * _M2 & MASK64))
 
 
+# --- numpy uint64 path ---
+
+
 def mix64_inplace(x: np.ndarray, tmp: np.ndarray) -> np.ndarray:
     """In-place splitmix64 finaliser on a uint64 array (tmp: scratch of the same shape)."""
     np.right_shift(x, _S30, out=tmp)
@@ -75,46 +98,78 @@ def mix64_inplace(x: np.ndarray, tmp: np.ndarray) -> np.ndarray:
     return x
 
 
-def _as_u64(counters: torch.Tensor | np.ndarray) -> np.ndarray:
-    """The int64 bit pattern of `counters` as uint64 (copies; never via float)."""
+def _np_as_u64(counters: np.ndarray) -> np.ndarray:
+    """The bit pattern of integer `counters` as a fresh uint64 array (never via float)."""
+    arr = np.asarray(counters)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"counters/ids must be integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "i":
+        arr = arr.astype(np.int64, copy=False)
+    return arr.astype(np.uint64, copy=True)
+
+
+# --- torch int64 path (any device) ---
+
+
+def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns: arithmetic shift, then clear the sign fill."""
+    return torch.bitwise_and(torch.bitwise_right_shift(x, s), (1 << (64 - s)) - 1)
+
+
+def mix64_(x: torch.Tensor) -> torch.Tensor:
+    """In-place splitmix64 finaliser on an int64 tensor (wrapping), on its own device."""
+    x.bitwise_xor_(_srl(x, 30))
+    x.mul_(_I_M1)
+    x.bitwise_xor_(_srl(x, 27))
+    x.mul_(_I_M2)
+    x.bitwise_xor_(_srl(x, 31))
+    return x
+
+
+def _torch_as_i64(counters: torch.Tensor) -> torch.Tensor:
+    """`counters` as a fresh int64 tensor on the same device (never via float)."""
+    if counters.is_floating_point() or counters.is_complex() or counters.dtype == torch.bool:
+        raise TypeError(f"counters/ids must be an integer tensor, got {counters.dtype}")
+    return counters.detach().to(torch.int64, copy=True)
+
+
+def _hash_torch(key: int, counters: torch.Tensor) -> torch.Tensor:
+    x = _torch_as_i64(counters)
+    x.mul_(_I_GOLDEN).add_(as_int64(key))
+    return mix64_(x)
+
+
+def hash_u64(key: int, counters: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    """mix64(key + counter * GOLDEN) per element.
+
+    A tensor gives an int64 tensor (the uint64 bit pattern) on the same device; a numpy
+    array gives a uint64 array. Both paths are bit-identical.
+    """
     if isinstance(counters, torch.Tensor):
-        if counters.dtype != torch.int64:
-            if counters.is_floating_point():
-                raise TypeError("counters/ids must be an integer tensor, not floating point")
-            counters = counters.to(torch.int64)
-        arr = counters.detach().cpu().contiguous().numpy()
-    else:
-        arr = np.asarray(counters)
-        if arr.dtype.kind not in "iu":
-            raise TypeError(f"counters/ids must be integers, got dtype {arr.dtype}")
-        arr = arr.astype(np.int64, copy=False) if arr.dtype.kind == "i" else arr
-    return arr.astype(np.uint64, copy=True) if arr.dtype != np.uint64 else arr.copy()
+        return _hash_torch(key, counters)
+    y = _np_as_u64(counters)
+    np.multiply(y, U_GOLDEN, out=y)
+    np.add(y, np.uint64(key & MASK64), out=y)
+    return mix64_inplace(y, np.empty_like(y))
 
 
-def hash_u64(key: int, counters: torch.Tensor | np.ndarray) -> np.ndarray:
-    """mix64(key + counter * GOLDEN) per element, as a uint64 array of the same shape."""
-    x = _as_u64(counters)
-    np.multiply(x, U_GOLDEN, out=x)
-    np.add(x, np.uint64(key & MASK64), out=x)
-    return mix64_inplace(x, np.empty_like(x))
-
-
-def _u64_to_open01(x: np.ndarray) -> np.ndarray:
+def _bits_to_open01(x: torch.Tensor) -> torch.Tensor:
     """(2m + 1) / 2**53 with m the top 52 bits: exact in float64 and strictly inside (0, 1)."""
-    m = np.right_shift(x, _S12).astype(np.float64)
-    return m * 2.0**-52 + 2.0**-53
+    return _srl(x, 12).to(torch.float64).mul_(2.0**-52).add_(2.0**-53)
 
 
-def uniform01(seed: int, stream: int, step: int, positions: torch.Tensor) -> torch.Tensor:
-    """Uniform draws in the open interval (0, 1), float64, one per position."""
-    u = _u64_to_open01(hash_u64(derive_key(seed, stream, step), positions))
-    return torch.from_numpy(u).reshape(tuple(positions.shape))
+def uniform01(
+    seed: int, stream: int, step: int, positions: torch.Tensor | np.ndarray
+) -> torch.Tensor:
+    """Uniform draws in the open interval (0, 1), float64, one per position, on its device."""
+    pos = positions if isinstance(positions, torch.Tensor) else torch.as_tensor(positions)
+    return _bits_to_open01(_hash_torch(derive_key(seed, stream, step), pos))
 
 
 def gumbel(seed: int, step: int, positions: torch.Tensor) -> torch.Tensor:
     """Standard Gumbel noise -log(-log(u)), float64; always finite since u is in (0, 1)."""
     u = uniform01(seed, STREAM_GUMBEL, step, positions)
-    return -torch.log(-torch.log(u))
+    return u.log_().neg_().log_().neg_()
 
 
 def prune_draws(seed: int, epoch: int, ids: torch.Tensor) -> torch.Tensor:

@@ -89,9 +89,15 @@ def valid_weight_mask(weights: torch.Tensor, valid: torch.Tensor | None = None) 
     return ok
 
 
-def _stable_desc(keys: torch.Tensor) -> torch.Tensor:
-    """Indices by descending key, ties broken by lower position (deterministic everywhere)."""
-    return torch.sort(keys, descending=True, stable=True).indices
+def _tiered_order(keys: torch.Tensor, tier: torch.Tensor) -> torch.Tensor:
+    """Indices by (tier ascending, key descending, position ascending), on the keys' device.
+
+    Two stable sorts, so there is no data-dependent branch: the lower tier always comes first
+    and ties of key are broken by the lower position, deterministically everywhere.
+    """
+    by_key = torch.sort(keys, descending=True, stable=True).indices
+    by_tier = torch.sort(tier.index_select(0, by_key), stable=True).indices
+    return by_key.index_select(0, by_tier)
 
 
 def select_without_replacement(
@@ -114,9 +120,13 @@ def select_without_replacement(
     - invalid positions (valid=False, non-finite or non-positive w) are never chosen while
       at least k valid ones exist; otherwise all valid ones are taken and the rest of the k
       slots go to invalid positions, lowest first (the caller gives them loss weight 0).
+
+    Runs on the device of `weights` without a host sync: both draws order positions by tier
+    (valid first, invalid after, already taken last) and then by key, so "fewer valid than k"
+    needs no branch.
     """
     w = torch.as_tensor(weights).reshape(-1).to(torch.float64)
-    n = w.numel()
+    n, dev = w.numel(), w.device
     if not 0 <= k <= n:
         raise ValueError(f"k must be in [0, {n}] (the meta-batch size), got {k}")
     if not tau > 0:
@@ -124,28 +134,20 @@ def select_without_replacement(
     if not 0.0 <= epsilon <= 1.0:
         raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
     ok = valid_weight_mask(w, valid)
-    n_valid = int(ok.sum())
-
-    if n_valid <= k:
-        valid_pos = torch.nonzero(ok).reshape(-1)
-        filler = torch.nonzero(~ok).reshape(-1)[: k - n_valid]
-        return torch.sort(torch.cat([valid_pos, filler])).values
-
-    positions = torch.arange(n, dtype=torch.int64)
+    positions = torch.arange(n, dtype=torch.int64, device=dev)
     k_rand = round(epsilon * k)
     k_weighted = k - k_rand
-    neg_inf = torch.tensor(float("-inf"), dtype=torch.float64)
 
-    logw = torch.where(ok, torch.log(torch.where(ok, w, torch.ones_like(w))), neg_inf)
+    logw = torch.log(torch.where(ok, w, torch.ones_like(w)))
     keys = logw if deterministic else logw / tau + gumbel(seed, step, positions)
-    keys = torch.where(ok, keys, neg_inf)
-    chosen = _stable_desc(keys)[:k_weighted]
+    keys = keys.masked_fill(~ok, float("-inf"))
+    tier = (~ok).to(torch.int8)  # 0 valid, 1 invalid
+    chosen = _tiered_order(keys, tier)[:k_weighted]
 
     if k_rand:
-        rest = ok.clone()
-        rest[chosen] = False
-        u = uniform01(seed, STREAM_EPSILON, step, positions)
-        # a uniformly random subset of the rest: the k_rand largest i.i.d. uniforms
-        ukeys = torch.where(rest, u, neg_inf)
-        chosen = torch.cat([chosen, _stable_desc(ukeys)[:k_rand]])
+        # a uniformly random subset of the valid rest: the k_rand largest i.i.d. uniforms;
+        # when fewer remain, the lowest invalid positions not yet taken follow
+        tier = tier.index_fill(0, chosen, 2)  # 2: taken by the weighted draw
+        u = uniform01(seed, STREAM_EPSILON, step, positions).masked_fill(tier != 0, float("-inf"))
+        chosen = torch.cat([chosen, _tiered_order(u, tier)[:k_rand]])
     return torch.sort(chosen).values

@@ -252,7 +252,7 @@ def plan_epoch(
         plan.prune_ratio, plan.rescale = float(prune_ratio), bool(rescale)
         return plan
 
-    scores = table.raw_scores.numpy()
+    scores = table.raw_scores.detach().cpu().numpy()  # one host copy per epoch off the CPU
     thr_s = _f32_at_least(global_mean)
     thr_u = np.uint64(prune_threshold_u64(prune_ratio))
     key = derive_key(seed, STREAM_PRUNE, epoch)

@@ -2,7 +2,9 @@
 
 Why one function: every rank calls it on the same all-gathered (ids, losses, scores, valid)
 and must get the same answer; keeping it pure makes the W-rank == 1-rank invariant a
-property of this function alone.
+property of this function alone. It runs on the device of its inputs and never waits on it
+(no `.item()`, no host copy, no data-dependent Python branch), so a CUDA training step keeps
+the host free until it logs; `device_digest` is the matching sync-free cross-rank check.
 """
 
 from __future__ import annotations
@@ -14,9 +16,14 @@ import numpy as np
 import torch
 
 from es_llm.config import EvolvedSamplingConfig
+from es_llm.core.noise import GOLDEN, STREAM_DIGEST, as_int64, derive_key, hash_u64, mix64_
 from es_llm.core.policies import method_weights, select_without_replacement, valid_weight_mask
 
-__all__ = ["Selection", "importance_weights", "select_step", "selection_digest"]
+__all__ = ["Selection", "device_digest", "importance_weights", "select_step", "selection_digest"]
+
+_DIGEST_KEY = derive_key(0, STREAM_DIGEST, 0)
+_MASK63 = (1 << 63) - 1
+_I_GOLDEN = as_int64(GOLDEN)
 
 
 @dataclass
@@ -25,7 +32,7 @@ class Selection:
     loss_weights: torch.Tensor  # fp32 per chosen position (0 for invalid filler)
     weights: torch.Tensor  # fp32 w of the whole meta-batch (for metrics)
     new_scores: torch.Tensor  # fp32 s(t) of the whole meta-batch (prev score where invalid)
-    num_invalid: int  # invalid filler among the chosen
+    num_invalid: torch.Tensor  # 0-dim int64 on the device: invalid filler among the chosen
 
 
 def selection_digest(ids: torch.Tensor) -> str:
@@ -35,6 +42,25 @@ def selection_digest(ids: torch.Tensor) -> str:
         raise TypeError("selection_digest needs integer ids, not floating point")
     arr = t.detach().cpu().to(torch.int64).contiguous().numpy().astype("<i8", copy=False)
     return hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest()
+
+
+def device_digest(ids: torch.Tensor) -> torch.Tensor:
+    """An order-sensitive 63-bit hash of int64 `ids`, as a 0-dim int64 on their device.
+
+    Each id is hashed with its position (splitmix64 of the id, salted by j * GOLDEN, mixed
+    again), the hashes are folded with a wrapping sum (order-free, so any reduction order on
+    any device gives the same bits) and the sum with the length is mixed once more. Integer
+    arithmetic only: equal ids give equal digests on CPU and GPU, without a host sync, so
+    ranks can compare it with one all-reduce (MIN == MAX). Not the logged sha1 digest.
+    """
+    t = torch.as_tensor(ids).reshape(-1)
+    if t.is_floating_point():
+        raise TypeError("device_digest needs integer ids, not floating point")
+    x = hash_u64(_DIGEST_KEY, t)
+    j = torch.arange(t.numel(), dtype=torch.int64, device=t.device)
+    x.bitwise_xor_(j.mul_(_I_GOLDEN))
+    folded = mix64_(x).sum(dtype=torch.int64).add_(as_int64(t.numel() * _I_GOLDEN))
+    return mix64_(folded.reshape(1)).reshape(()).bitwise_and_(_MASK63)
 
 
 def importance_weights(
@@ -56,22 +82,20 @@ def importance_weights(
     ignored (p_i = w_i / sum w). Invalid chosen positions get 0 and are excluded from the mean.
     """
     w = weights.to(torch.float64)
-    n_valid = int(ok.sum())
-    out = torch.zeros(positions.numel(), dtype=torch.float32)
-    chosen_ok = ok[positions]
-    if n_valid == 0 or not bool(chosen_ok.any()):
-        return out
+    ok = ok.to(torch.bool)
+    n_valid = ok.sum().to(torch.float64)
+    chosen_ok = ok.index_select(0, positions)
     logw = torch.log(torch.where(ok, w, torch.ones_like(w)))
     if not deterministic:
         logw = logw / tau
     # softmax over valid positions = w**(1/tau) / sum, computed stably in log space
-    logw = torch.where(ok, logw, torch.tensor(float("-inf"), dtype=torch.float64))
-    p = torch.softmax(logw, dim=0)
+    # (all NaN when nothing is valid; then no chosen position is valid and all get 0)
+    p = torch.softmax(logw.masked_fill(~ok, float("-inf")), dim=0)
     e = round(epsilon * k) / k if k else 0.0
-    p = (1.0 - e) * p + e / n_valid
-    inv = 1.0 / p[positions[chosen_ok]]
-    out[chosen_ok] = (inv / inv.mean()).to(torch.float32)
-    return out
+    p = (1.0 - e) * p + e / n_valid.clamp_min(1)
+    inv = torch.where(chosen_ok, 1.0 / p.index_select(0, positions), 0.0)
+    mean = inv.sum() / chosen_ok.sum().clamp_min(1)
+    return torch.where(chosen_ok, inv / mean, 0.0).to(torch.float32)
 
 
 def select_step(
@@ -143,5 +167,5 @@ def select_step(
         loss_weights=lw,
         weights=w,
         new_scores=s_new,
-        num_invalid=int((~chosen_ok).sum()),
+        num_invalid=(~chosen_ok).sum(),
     )

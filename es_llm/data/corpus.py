@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -104,6 +105,22 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def lock_path(cache: Path, name: str) -> Path:
+    """Where the lock of one cache entry lives: all of them in ``CACHE/locks/``."""
+    return cache / "locks" / f"{name}.lock"
+
+
+def _announce_build(name: str, final: Path, progress: bool) -> None:
+    """One line before the build, so a first run does not sit silent."""
+    if progress:
+        print(
+            f"es-llm: building the corpus cache for {name} once (read, train the tokenizer, "
+            f"tokenize, pack; seconds per 10 MB of text) -> {final}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 @contextmanager
 def _datasets_progress(enabled: bool) -> Iterator[None]:
     """Silence the ``datasets`` progress bars for a quiet build, restoring the global setting."""
@@ -136,7 +153,11 @@ def split_documents(docs: list[Document]) -> tuple[list[int], list[int], str]:
     """(train indices, val indices, rule used) by the stable hash of each document key."""
     n = len(docs)
     if n < 2:
-        raise InputError(f"need at least 2 documents for a train and a validation split, got {n}")
+        raise InputError(
+            f"need at least 2 documents for a train and a validation split, got {n}: give a "
+            f"folder of several files (one document per file), a .jsonl/.json/.parquet file "
+            f"with several records, or one .txt file (cut into paragraphs)"
+        )
     val = [i for i, d in enumerate(docs) if is_val_group(_split_key(d))]
     if 0 < len(val) < n:
         val_set = set(val)
@@ -233,6 +254,7 @@ def _tokenizer_for(
     tokenizer: str | None,
     vocab_size: int,
     cache_dir: Path,
+    progress: bool = False,
 ) -> tuple[Tokenizer, int, Path]:
     """The user's tokenizer, or a BPE trained on the train documents (cached by its own key)."""
     if tokenizer is not None:
@@ -247,7 +269,9 @@ def _tokenizer_for(
     else:
         t0 = time.perf_counter()
         logger.info("training a %d-token BPE on %d documents", vocab_size, len(train_idx))
-        tok = train_bpe((docs[i].text for i in train_idx), vocab_size, length=len(train_idx))
+        tok = train_bpe(
+            (docs[i].text for i in train_idx), vocab_size, length=len(train_idx), progress=progress
+        )
         save_tokenizer_atomic(tok, path)
         logger.info("tokenizer trained in %.1fs -> %s", time.perf_counter() - t0, path)
     return tok, eod_id(tok, EOD_TOKEN, where=str(path)), path
@@ -279,7 +303,13 @@ def _build(
         doc_src = [src] * len(train_idx) + [val_src] * len(val_idx)
         tok_src = Source(src.name, {"train": src.fingerprint, "val": val_src.fingerprint}, src.load)
     tok, eod, tok_path = _tokenizer_for(
-        tok_src, docs, train_idx, tokenizer=tokenizer, vocab_size=vocab_size, cache_dir=cache_dir
+        tok_src,
+        docs,
+        train_idx,
+        tokenizer=tokenizer,
+        vocab_size=vocab_size,
+        cache_dir=cache_dir,
+        progress=progress,
     )
     token_lists = _encode(tok, [d.text for d in docs], eod, f"tokenizing {src.name}", progress)
     total = _num_tokens(token_lists, list(range(len(docs))))
@@ -438,8 +468,11 @@ def load_corpus(
     final = cache / f"{src.name}-T{seq_len}-{key}"
 
     if not (final / "meta.json").is_file():
-        with _file_lock(cache / f".{src.name}-{key}.lock"):
+        # lock files live in one folder; they are kept (deleting a flock file while another
+        # process waits on it would let a third one lock a new file and build concurrently)
+        with _file_lock(lock_path(cache, f"{src.name}-{key}")):
             if not (final / "meta.json").is_file():  # another rank may have built it meanwhile
+                _announce_build(src.name, final, progress)
                 tmp = Path(
                     tempfile.mkdtemp(prefix=f".build-{key}-{uuid.uuid4().hex[:8]}-", dir=cache)
                 )

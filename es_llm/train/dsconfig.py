@@ -45,7 +45,8 @@ def es_config_for_run(
         data["method"] = method
     data.update(overrides or {})
     cfg = es_config_from_ds_config({SECTION: data})
-    assert cfg is not None
+    if cfg is None:  # only an override can disable it here
+        raise InputError("--es enabled=false turns ES off: use --method uniform instead")
     return cfg
 
 
