@@ -10,116 +10,10 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
-from typing import Any
 
-from es_llm.config import METHODS
+from es_llm.cliargs import add_run_arguments, options_from_args, positive_int
+from es_llm.cuda_env import fix_torch_cuda_arch_list
 from es_llm.errors import InputError
-
-
-def _parse_override(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--es expects KEY=VALUE, got {text!r}")
-    key, raw = text.split("=", 1)
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key.strip(), value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from e
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def add_run_arguments(p: argparse.ArgumentParser, *, with_method: bool = True) -> None:
-    """Flags shared by `train` and `compare`."""
-    if with_method:
-        p.add_argument(
-            "--method",
-            choices=METHODS,
-            default=None,
-            help="sampling method; overrides evolved_sampling.method of the DeepSpeed config. "
-            "Default: the config's method, or plain uniform training when the config has no "
-            "evolved_sampling section",
-        )
-    p.add_argument(
-        "--config",
-        default="cpu_tiny",
-        help="DeepSpeed JSON config (a path, or a name in configs/ds/). Its 'evolved_sampling' "
-        "section configures ES (default: %(default)s)",
-    )
-    p.add_argument(
-        "--model",
-        default="gpt2-tiny",
-        help="model preset (a path, or a name in configs/models/) (default: %(default)s)",
-    )
-    p.add_argument(
-        "--data",
-        default=None,
-        help="training data: 'stdlib' (default: the Python standard library sources of this "
-        "interpreter, no download), a local .txt/.jsonl/.json/.parquet file or directory, or a "
-        "Hugging Face hub dataset 'name' or 'name:config'",
-    )
-    p.add_argument(
-        "--tokenizer",
-        default=None,
-        help="tokenizer.json or local Hugging Face tokenizer directory (default: train a "
-        "byte-level BPE on the training data, cached)",
-    )
-    p.add_argument(
-        "--cache-dir",
-        default=None,
-        help="where tokenizers and packed datasets are cached (default: $ES_LLM_CACHE or "
-        "~/.cache/es_llm)",
-    )
-    p.add_argument("--epochs", type=_positive_int, default=2, help="epochs (default: %(default)s)")
-    p.add_argument(
-        "--max-steps",
-        type=_positive_int,
-        default=None,
-        help="stop after this many optimizer steps (default: run all epochs)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="run seed (default: %(default)s)")
-    p.add_argument(
-        "--seq-len", type=_positive_int, default=128, help="tokens per sequence (default: %(default)s)"
-    )
-    p.add_argument(
-        "--vocab-size",
-        type=_positive_int,
-        default=4096,
-        help="vocabulary of the trained BPE tokenizer (default: %(default)s)",
-    )
-    p.add_argument(
-        "--max-train-samples",
-        type=_positive_int,
-        default=None,
-        help="use only the first N training sequences (default: all)",
-    )
-    p.add_argument(
-        "--max-val-samples",
-        type=_positive_int,
-        default=None,
-        help="use only the first N validation sequences (default: all)",
-    )
-    p.add_argument(
-        "--es",
-        action="append",
-        type=_parse_override,
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one field of the evolved_sampling section, e.g. --es selection_ratio=0.75 "
-        "(repeatable; values are JSON)",
-    )
-    p.add_argument(
-        "--no-progress", action="store_true", help="no progress bar (logs stay clean in CI)"
-    )
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
@@ -131,18 +25,16 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         "`deepspeed --num_gpus N --module es_llm.cli train ...`.",
     )
     add_run_arguments(p)
-    p.add_argument(
-        "--out", default="runs/train", help="output directory (default: %(default)s)"
-    )
+    p.add_argument("--out", default="runs/train", help="output directory (default: %(default)s)")
     p.add_argument(
         "--eval-every",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="also evaluate on the validation split every N steps (default: each epoch end)",
     )
     p.add_argument(
         "--save-every",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="save a checkpoint (DeepSpeed's files + the ES state of every rank) to "
         "OUT/checkpoints/global_step<N>/ every N steps, at a stop and at the end "
@@ -157,8 +49,14 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         "the original run (a different run configuration is an error)",
     )
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the contents of an existing, non-empty --out first (without it, and "
+        "without --resume, a non-empty --out is refused)",
+    )
+    p.add_argument(
         "--stop-after",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="STEP",
         help="stop after optimizer step STEP (checkpointed with --save-every) without changing "
@@ -166,77 +64,91 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
-def _bench_parser(sub: argparse._SubParsersAction) -> None:
+def _bench_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p = sub.add_parser("bench", help="microbenchmarks (kernels, score table)")
     bsub = p.add_subparsers(dest="what", required=True)
-    from es_llm.kernels import bench as kbench
-
     pk = bsub.add_parser(
         "kernels",
         help="per-sample loss / scoring kernels vs PyTorch eager, torch.compile and Liger",
         description="Time the scoring kernels; writes OUT/kernels_bench.json.",
     )
-    kbench.add_arguments(pk)
+    if "kernels" in argv:  # its flags live with the kernels, which import torch: only when asked
+        from es_llm.kernels import bench as kbench
+
+        kbench.add_arguments(pk)
+    _add_verbose(pk)
     ps = bsub.add_parser(
         "scores",
         help="the score table at scale: ESWP epoch plan and per-step update",
         description="Build a score shard of N samples and time the epoch plan and the per-step "
         "update; writes OUT/scores_bench.json.",
     )
-    ps.add_argument("--num-samples", type=_positive_int, default=10**8, help="(default: 10^8)")
-    ps.add_argument("--meta-batch", type=_positive_int, default=1024, help="(default: %(default)s)")
-    ps.add_argument("--repeats", type=_positive_int, default=3, help="(default: %(default)s)")
+    ps.add_argument(
+        "--num-samples",
+        type=positive_int,
+        default=10**8,
+        help="samples in the score shard (default: 10^8)",
+    )
+    ps.add_argument(
+        "--meta-batch",
+        type=positive_int,
+        default=1024,
+        help="samples scored per step (default: %(default)s)",
+    )
+    ps.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=3,
+        help="timed repetitions, the median is reported (default: %(default)s)",
+    )
     ps.add_argument("--out", default="runs/bench", help="output directory (default: %(default)s)")
+    _add_verbose(ps)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_verbose(p: argparse.ArgumentParser, *, top: bool = False) -> None:
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        # only the top level sets the default, so `es-llm --verbose train` is not undone
+        default=False if top else argparse.SUPPRESS,
+        help="show every DeepSpeed log line, also the known-harmless warnings that are "
+        "filtered by default",
+    )
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; ``argv`` only decides whether the kernel benchmark's flags are loaded."""
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
         prog="es-llm",
         description="Evolved Sampling (ES/ESWP) for LLM pre-training on DeepSpeed",
     )
     # the deepspeed launcher passes --local_rank to every rank
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )
+    _add_verbose(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
-    _bench_parser(sub)
+    _bench_parser(sub, argv)
     from es_llm import compare
 
     compare.add_parser(sub)
+    for p in sub.choices.values():
+        _add_verbose(p)
     return parser
 
 
-def options_from_args(args: argparse.Namespace, out: str | None = None):
-    from es_llm.train.loop import TrainOptions
-
-    resume = getattr(args, "resume", None)
-    return TrainOptions(
-        out=Path(out or resume or args.out),
-        config=args.config,
-        model=args.model,
-        data=args.data,
-        tokenizer=args.tokenizer,
-        cache_dir=args.cache_dir,
-        method=getattr(args, "method", None),
-        es_overrides=dict(args.es),
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        seed=args.seed,
-        seq_len=args.seq_len,
-        vocab_size=args.vocab_size,
-        max_train_samples=args.max_train_samples,
-        max_val_samples=args.max_val_samples,
-        eval_every=getattr(args, "eval_every", None),
-        progress=not args.no_progress,
-        save_every=getattr(args, "save_every", None),
-        resume=resume is not None,
-        stop_after=getattr(args, "stop_after", None),
-    )
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
+    from es_llm.ds_ops import announce_deepspeed_op_build
+    from es_llm.preflight import check_train_inputs, prepare_out_dir
+
+    check_train_inputs(args)  # every input problem, before any engine or process group
+    prepare_out_dir(args)
     from es_llm.train.loop import train
 
     opts = options_from_args(args)
+    announce_deepspeed_op_build()
     summary = train(opts)
     if int(os.environ.get("RANK", "0")) == 0:
         keys = ("method", "world_size", "steps", "epochs", "bp_samples", "scored_samples")
@@ -266,8 +178,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    fix_torch_cuda_arch_list()  # before DeepSpeed JIT-builds any op (FusedAdam)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
+    from es_llm.quiet import quiet_deepspeed
+
+    quiet_deepspeed(verbose=args.verbose)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from es_llm.errors import InputError
 
-Method = Literal["es", "eswp", "prune", "uniform", "loss", "ema", "topk"]
+Method = Literal["es", "eswp", "prune", "uniform", "loss", "ema", "topk", "lp", "trim"]
 # The one list of method names: choices, --help and validation all derive from it.
 METHODS: tuple[str, ...] = get_args(Method)
 
@@ -84,6 +84,10 @@ class EvolvedSamplingConfig(BaseModel):
     seed: int | None = None
     scoring_micro_batch_size: int | None = None
     ignore_index: int = -100
+    # learnability-aware selection (core/learnability.py)
+    lp_floor: float = 0.5  # lp: weight of a sample without progress, x the mean progress
+    trim_top: float = 0.0  # never select this highest-loss share of a meta-batch (by rank)
+    trim_z: float | None = None  # ... nor a loss above mean + trim_z * std of the meta-batch
 
     # --- per-field ranges (messages name the field and the interval) ---
     @field_validator("selection_ratio")
@@ -137,6 +141,25 @@ class EvolvedSamplingConfig(BaseModel):
     def _v_delta(cls, v: float) -> float:
         return _check_range("delta", v, 0.0, 1.0, True, False)
 
+    @field_validator("lp_floor")
+    @classmethod
+    def _v_lp_floor(cls, v: float) -> float:
+        if math.isinf(v):
+            raise ValueError(f"lp_floor must be finite and in [0, inf), got {v!r}")
+        return _check_range("lp_floor", v, 0.0, None, False, True)
+
+    @field_validator("trim_top")
+    @classmethod
+    def _v_trim_top(cls, v: float) -> float:
+        return _check_range("trim_top", v, 0.0, 1.0, False, True)
+
+    @field_validator("trim_z")
+    @classmethod
+    def _v_trim_z(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError(f"trim_z must be a finite number or null, got {v!r}")
+        return v
+
     @field_validator("burn_in_steps", "burn_in_epochs")
     @classmethod
     def _v_burn_in(cls, v: int | None, info: Any) -> int | None:
@@ -167,6 +190,16 @@ class EvolvedSamplingConfig(BaseModel):
             raise ValueError(
                 "burn_in_steps and burn_in_epochs are mutually exclusive; set at most one "
                 f"(got burn_in_steps={self.burn_in_steps}, burn_in_epochs={self.burn_in_epochs})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _v_trim_needs_scoring(self) -> EvolvedSamplingConfig:
+        trims = self.trim_top > 0 or self.trim_z is not None
+        if trims and self.method in ("uniform", "prune"):
+            raise ValueError(
+                f"trim_top/trim_z need the scoring forward; method {self.method!r} has none "
+                "(use method 'trim' for a uniform draw among the untrimmed samples)"
             )
         return self
 

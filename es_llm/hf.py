@@ -134,6 +134,9 @@ class ESTrainer(Trainer):
         scorer: Scorer | None = None,
         **kwargs: Any,
     ):
+        from es_llm.cuda_env import fix_torch_cuda_arch_list
+
+        fix_torch_cuda_arch_list()  # before DeepSpeed JIT-builds any op (FusedAdam)
         super().__init__(*args, **kwargs)
         ds_config = _strip_es_section(self.args)
         self.es: EvolvedSamplingConfig | None = es_config

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a model is built: presets load without it
+    import torch
 
 from es_llm.errors import InputError
 
@@ -46,7 +47,9 @@ def load_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise InputError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
+        raise InputError(
+            f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+        ) from e
 
 
 def load_model_preset(name_or_path: str) -> dict[str, Any]:
@@ -62,6 +65,7 @@ def build_model(
     preset: dict[str, Any], *, vocab_size: int, seq_len: int, device: str | torch.device = "cpu"
 ) -> torch.nn.Module:
     """Instantiate the preset with random weights (pre-training starts from scratch)."""
+    import torch
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     fields = {k: v for k, v in preset.items() if k not in ("family", "description", "seq_len")}

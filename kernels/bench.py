@@ -71,19 +71,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=["bf16", "fp16", "fp32"], help="default GPU bf16, CPU fp32"
     )
     parser.add_argument(
-        "--kernels", nargs="+", choices=["ce", "es", "linear"], default=["ce", "es", "linear"]
+        "--kernels",
+        nargs="+",
+        choices=["ce", "linear"],
+        default=["ce", "linear"],
+        help="which kernels to time: ce = per-sample cross-entropy from logits, linear = the "
+        "chunked fused-linear scoring path (default: both)",
     )
     parser.add_argument(
         "--iters", type=int, help="timed repetitions (median); default GPU 10, CPU 5"
     )
     parser.add_argument("--warmup", type=int, help="untimed calls first; default GPU 3, CPU 2")
-    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cuda", "cpu"],
+        default="auto",
+        help="where to run: auto = the GPU when torch sees one, else the CPU (default: auto)",
+    )
     parser.add_argument(
         "--compile-on-cpu",
         action="store_true",
         help="also time torch.compile on CPU (slow to build)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the random inputs (default: %(default)s)"
+    )
 
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -315,36 +327,6 @@ def _bench_linear(ctx: _Ctx, n: int, v: int, h: int, dtype: torch.dtype) -> None
         _not_measured(ctx.rows, base, "triton (chunked)", "needs a GPU")
 
 
-def _bench_es(ctx: _Ctx) -> None:
-    """The epilogue on 65536 sequences (a large meta-batch), scores shard of 4x that."""
-    from . import fused_es_scores
-
-    m = 1 << 16
-    gen, dev = ctx.gen, ctx.device
-    scores = torch.rand(4 * m, generator=gen).to(dev)
-    ids = torch.randperm(4 * m, generator=gen)[:m].to(dev)
-    ls = (torch.rand(m, generator=gen) * 100).to(dev)
-    cnt = torch.randint(0, 3, (m,), generator=gen).float().to(dev)
-    base = {"kernel": "fused_es_scores", "n": m, "V": None, "H": None, "dtype": "float32"}
-    # loss_sum, count, id, s read + s write + w, loss, valid written
-    kw = dict(bytes_moved=m * (4 + 4 + 8 + 4 + 4 + 4 + 4 + 1), flops=None, ref_loss=None)
-    ctx.record(
-        base,
-        "reference",
-        lambda: fused_es_scores(ls, cnt, scores, ids, 0.2, 0.8, backend="reference"),
-        **kw,
-    )
-    if ctx.use_triton:
-        ctx.record(
-            base,
-            "triton",
-            lambda: fused_es_scores(ls, cnt, scores, ids, 0.2, 0.8, backend="triton"),
-            **kw,
-        )
-    else:
-        _not_measured(ctx.rows, base, "triton", "needs a GPU")
-
-
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -387,8 +369,6 @@ def run(args: argparse.Namespace) -> dict:
                 _bench_ce(ctx, n, v, dtype, compiled)
             if "linear" in args.kernels:
                 _bench_linear(ctx, n, v, h, dtype)
-    if "es" in args.kernels:
-        _bench_es(ctx)
 
     result = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

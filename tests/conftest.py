@@ -1,18 +1,38 @@
-"""Run Triton kernels through the interpreter when there is no GPU (must precede `import triton`)."""
+"""Test-session setup and the helpers of the end-to-end tests.
+
+Devices: the kernel tests run in this process, on the GPU when there is one, else through the
+Triton interpreter (`TRITON_INTERPRET=1` must be set before `import triton`). Every process the
+tests start (training runs, the deepspeed launcher, torchrun, spawned ranks) runs on the CPU
+with gloo, on a GPU machine too: a 2-rank test cannot put two ranks on one GPU, and the tests
+compare against CPU results. So this process claims its GPU first (CUDA reads
+`CUDA_VISIBLE_DEVICES` once, at initialisation) and then hides all GPUs from its children
+through the environment they inherit.
+"""
 
 import os
+import sys
 
 import torch
 
-if not torch.cuda.is_available():
+if torch.cuda.is_available():
+    torch.cuda.init()  # from here on this process keeps its GPUs, whatever the environment says
+    CUDA_DEVICES = torch.cuda.device_count()
+else:
+    CUDA_DEVICES = 0
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["CUDA_VISIBLE_DEVICES"] = ""  # children: no GPU ...
+os.environ["DS_ACCELERATOR"] = "cpu"  # ... and DeepSpeed's CPU accelerator (gloo)
+# launch/*.sh start the deepspeed launcher and probe torch with this interpreter, not with
+# whatever `deepspeed` / `python3` PATH finds (a venv without its own deepspeed script, a
+# machine where the script is missing).
+os.environ["DEEPSPEED"] = f"{sys.executable} -m deepspeed.launcher.runner"
+os.environ["PYTHON"] = sys.executable
 
 
 # --- shared fixtures for end-to-end runs (es-llm train as a real process) ---------------------
 import json  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -38,6 +58,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.fixture(autouse=True)
+def _child_tmpdir(monkeypatch: pytest.MonkeyPatch):
+    """Processes a test starts get a TMPDIR of their own, removed afterwards: launcher runs
+    otherwise leave /tmp/torchelastic_* folders behind. (This process keeps its tempdir.)"""
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="es_llm_test_tmp_")
+    monkeypatch.setenv("TMPDIR", path)
+    yield Path(path)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

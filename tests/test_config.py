@@ -155,3 +155,32 @@ def test_resolved_s_init_and_seed():
     assert EvolvedSamplingConfig(s_init=2.5).resolved_s_init(400) == 2.5
     assert EvolvedSamplingConfig().resolved_seed(7) == 7
     assert EvolvedSamplingConfig(seed=3).resolved_seed(7) == 3
+
+
+def test_the_method_list_is_the_method_type():
+    from typing import get_args
+
+    from es_llm.config import METHODS, Method
+
+    assert get_args(Method) == METHODS and len(set(METHODS)) == len(METHODS)
+    for method in METHODS:  # every listed name validates, so choices and validation agree
+        assert EvolvedSamplingConfig(method=method).method == method
+
+
+def test_errors_from_the_config_are_input_errors():
+    from es_llm.errors import InputError
+
+    with pytest.raises(InputError):
+        es_config_from_ds_config({"evolved_sampling": {"tau": -1}})
+
+
+def test_an_override_that_disables_the_section_is_an_input_error():
+    from es_llm.errors import InputError
+    from es_llm.train.dsconfig import es_config_for_run
+
+    ds = {"evolved_sampling": {"method": "es"}}
+    assert es_config_for_run(ds, None, {"tau": 2}).tau == 2
+    with pytest.raises(InputError, match="--method uniform"):
+        es_config_for_run(ds, None, {"enabled": False})
+    # the section's own enabled=false still means plain uniform training, not an error
+    assert es_config_for_run({"evolved_sampling": {"enabled": False}}, None).method == "uniform"

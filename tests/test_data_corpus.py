@@ -273,8 +273,13 @@ def test_bad_parameters(txt_dir, tmp_path):
         build(txt_dir, tmp_path, vocab_size=100)
     one = tmp_path / "one.txt"
     one.write_text("just one document " * 50)
-    with pytest.raises(ValueError, match="at least 2 documents"):
+    with pytest.raises(ValueError, match="holds 899 characters.*needs at least 2000"):
         build(one, tmp_path)
+    folder = tmp_path / "one_file"
+    folder.mkdir()
+    (folder / "only.txt").write_text("just one document " * 50)
+    with pytest.raises(ValueError, match="at least 2 documents.*folder of several files"):
+        build(folder, tmp_path)
 
 
 def _load_in_child(data, cache, q):
@@ -296,5 +301,9 @@ def test_concurrent_builds_do_not_corrupt_the_cache(txt_dir, tmp_path):
         assert p.exitcode == 0
     results = [q.get(timeout=5) for _ in procs]
     assert len(set(map(str, results))) == 1
-    entries = [p for p in (tmp_path / "cache").iterdir() if p.is_dir() and p.name != "tokenizers"]
+    cache = tmp_path / "cache"
+    entries = [p for p in cache.iterdir() if p.is_dir() and p.name not in ("tokenizers", "locks")]
     assert len(entries) == 1  # one entry, no leftover temp dirs
+    # lock files are kept in one place, never beside the entries
+    assert [p.name for p in cache.iterdir() if p.is_file()] == []
+    assert [p.suffix for p in (cache / "locks").iterdir()] == [".lock"]

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -111,28 +109,70 @@ def test_unwraps_engine_like_wrapper_and_keeps_train_mode() -> None:
     assert model.training
 
 
-def test_zero3_partitioned_head_is_gathered(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A param carrying ds_id (ZeRO-3) is read inside deepspeed.zero.GatheredParameters."""
-    deepspeed = pytest.importorskip("deepspeed")
-    model = _llama().to(DEVICE).eval()
-    ids = torch.randint(0, V, (2, 9), device=DEVICE)
-    expected = _expected(model, ids, ids)[0]
-    full = model.lm_head.weight.data.clone()
-    model.lm_head.weight.ds_id = 7
-    model.lm_head.weight.data = torch.empty(0, device=DEVICE)  # "partitioned"
-    calls = []
+# A real ZeRO-3 engine in its own process (DeepSpeed keeps process-group state): after
+# deepspeed.initialize every parameter is partitioned, so the scoring forward must gather the
+# lm_head (and the engine's hooks the rest) to match the plain model it was built from.
+ZERO3_SCRIPT = """
+import copy, json, os, sys
+import torch
+import deepspeed
+from test_kernels_scoring import _expected, _llama
+from es_llm.train.dsconfig import deepspeed_config, load_ds_config
+from es_llm.train.geometry import resolve_geometry
+from es_llm.train.scoring import scoring_losses
 
-    @contextlib.contextmanager
-    def fake_gather(params, modifier_rank=None):
-        calls.append((list(params), modifier_rank))
-        params[0].data = full
-        yield
-        params[0].data = torch.empty(0, device=DEVICE)
+torch.manual_seed(0)
+model = _llama().eval()
+plain = copy.deepcopy(model)
+ds = load_ds_config(sys.argv[1])
+config = deepspeed_config(ds, resolve_geometry(ds, 1, 1.0), total_steps=10)
+engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+engine.eval()
+head = engine.module.lm_head.weight
+ids = torch.randint(0, 101, (3, 9), generator=torch.Generator().manual_seed(2))
+labels = ids.clone()
+labels[1, 2:6] = -100
+expected, _ = _expected(plain, ids, labels)
+out = {"stage": engine.zero_optimization_stage(), "partitioned": hasattr(head, "ds_id"),
+       "head_numel_outside_gather": head.numel(), "expected": expected.tolist()}
+for fused in (True, False):  # on the engine's device (a GPU where DeepSpeed has one)
+    loss, count = scoring_losses(
+        engine, ids.to(engine.device), labels=labels.to(engine.device), use_fused_linear=fused
+    )
+    out[f"fused={fused}"] = loss.cpu().tolist()
+out["head_numel_after"] = head.numel()
+print("RESULT " + json.dumps(out))
+"""
 
-    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", fake_gather)
-    loss, _ = scoring_losses(model, ids)
-    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-4)
-    assert len(calls) == 1 and calls[0][1] is None and calls[0][0][0] is model.lm_head.weight
+
+@pytest.mark.multiproc
+def test_zero3_engine_scores_like_the_plain_model(tmp_path) -> None:
+    """A single-process ZeRO-3 engine (DeepSpeed on CPU, configs/ds/cpu_test_zero3.json)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO, free_port
+
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", ZERO3_SCRIPT, str(REPO / "configs/ds/cpu_test_zero3.json")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
+    out = json.loads(lines[-1].removeprefix("RESULT "))
+    assert out["stage"] == 3 and out["partitioned"]
+    # partitioned: the rank holds none of the weight outside a gather, before and after
+    assert out["head_numel_outside_gather"] == 0 and out["head_numel_after"] == 0
+    expected = torch.tensor(out["expected"])
+    for fused in (True, False):
+        torch.testing.assert_close(
+            torch.tensor(out[f"fused={fused}"]), expected, rtol=1e-4, atol=1e-4
+        )
 
 
 def test_logit_softcapping_takes_plain_forward() -> None:

@@ -89,7 +89,8 @@ def test_nan_scoring_losses_are_never_selected_and_training_goes_on(tmp_path, es
     script = tmp_path / "poisoned.py"
     script.write_text(
         "import sys, torch\n"
-        "from es_llm.cli import build_parser, options_from_args\n"
+        "from es_llm.cli import build_parser\n"
+        "from es_llm.cliargs import options_from_args\n"
         "from es_llm.train.datapath import ESDataPath\n"
         "from es_llm.train.loop import train\n"
         "def poison(inner):\n"

@@ -69,7 +69,8 @@ def test_documents_shorter_than_the_sequence_length(tmp_path, es_cache):
 def test_too_little_data_for_one_meta_batch(tmp_path, es_cache, tiny_ds_config):
     cfg = tiny_ds_config(train_batch_size=64, train_micro_batch_size_per_gpu=8)
     args = [a if a != "256" else "100" for a in TINY_RUN_ARGS]  # --max-train-samples 100
-    proc = run_cli(["train", "--config", str(cfg), "--out", str(tmp_path), *args], es_cache)
+    out = tmp_path / "out"  # tmp_path holds the config: a non-empty --out is refused first
+    proc = run_cli(["train", "--config", str(cfg), "--out", str(out), *args], es_cache)
     _fails_cleanly(proc, "fewer than one meta-batch of 128")
 
 

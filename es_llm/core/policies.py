@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from es_llm.config import METHODS
+from es_llm.core.learnability import progress_weights, trim_keep
 from es_llm.core.noise import STREAM_EPSILON, gumbel, uniform01
 
 __all__ = [
@@ -33,22 +34,50 @@ def es_weights(
 
 
 def method_weights(
-    method: str, prev_scores: torch.Tensor, losses: torch.Tensor, beta1: float, beta2: float
+    method: str,
+    prev_scores: torch.Tensor,
+    losses: torch.Tensor,
+    beta1: float,
+    beta2: float,
+    *,
+    lp_floor: float = 0.5,
+    trim_top: float = 0.0,
+    trim_z: float | None = None,
+    valid: torch.Tensor | None = None,
+    k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w, s_new) for any policy; s_new is always the beta2 EMA so scores stay comparable.
+    """(w, s_new) for any policy.
 
-    es/eswp/topk: ES weight; ema: w = s_new; loss: w = loss; uniform/prune: w = 1.
+    es/eswp/topk: ES weight; ema: w = s_new; loss: w = loss; uniform/prune/trim: w = 1;
+    lp: learning progress ``max(s - l, 0) + lp_floor * mean`` (core.learnability). s_new is the
+    beta2 EMA for every method but lp, whose score is the last loss (so ``s - l`` is the progress
+    since the previous visit).
+
+    Trimming (``trim_top`` > 0 or ``trim_z`` set; needs ``k``, the number to select) sets w = 0
+    for the highest-loss valid samples (core.learnability.trim_keep), which the draw never
+    takes while ``k`` others are valid.
     """
     w, s_new = es_weights(prev_scores, losses, beta1, beta2)
+    lo = torch.as_tensor(losses).to(torch.float32)
     if method in ("es", "eswp", "topk"):
-        return w, s_new
-    if method == "ema":
-        return s_new.clone(), s_new
-    if method == "loss":
-        return torch.as_tensor(losses).to(torch.float32).clone(), s_new
-    if method in ("uniform", "prune"):
-        return torch.ones_like(s_new), s_new
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        pass
+    elif method == "ema":
+        w = s_new.clone()
+    elif method == "loss":
+        w = lo.clone()
+    elif method in ("uniform", "prune", "trim"):
+        w = torch.ones_like(s_new)
+    elif method == "lp":
+        w = progress_weights(prev_scores, lo, lp_floor)
+        s_new = lo.clone()
+    else:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if trim_top > 0 or trim_z is not None:
+        if k is None:
+            raise ValueError("trimming needs k, the number of samples to select")
+        ok = torch.ones_like(lo, dtype=torch.bool) if valid is None else valid
+        w = torch.where(trim_keep(lo, ok, k, top=trim_top, z=trim_z), w, torch.zeros_like(w))
+    return w, s_new
 
 
 def valid_weight_mask(weights: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:

@@ -131,7 +131,10 @@ def select_step(
     if valid is not None:
         ok &= torch.as_tensor(valid).reshape(-1).to(torch.bool)
 
-    w, s_new = method_weights(cfg.method, prev, torch.where(ok, losses, prev), cfg.beta1, cfg.beta2)
+    w, s_new = method_weights(
+        cfg.method, prev, torch.where(ok, losses, prev), cfg.beta1, cfg.beta2,
+        lp_floor=cfg.lp_floor, trim_top=cfg.trim_top, trim_z=cfg.trim_z, valid=ok, k=k,
+    )  # fmt: skip
     s_new = torch.where(ok, s_new, prev)
     deterministic = cfg.method == "topk"
     positions = select_without_replacement(

@@ -5,13 +5,23 @@ documents -> split by document (no leakage) -> BPE tokenizer trained on the trai
 -> tokenize, append one end-of-document token per document, concatenate -> cut into rows of
 ``seq_len`` tokens (the remainder of each split is dropped) -> ``save_to_disk``.
 
-Validation split *(our choice)*: a document is held out when ``sha1(key) mod 20 == 0``
-(about 5%), so the split depends only on the document's own key, never on the rest of the
+Validation split *(our choice)*: a document is held out when ``sha1(group) mod 20 == 0``
+(about 5%; the group is the document's key unless a source groups documents, e.g. a recipe's
+copies of a file), so the split depends only on the document itself, never on the rest of the
 corpus. When that leaves no validation document, no train document, or too few validation
 tokens for one row, the split falls back to holding out the trailing documents in corpus
 order: the fewest, at least ceil(5%) of them, whose tokens fill one row. In that fallback the
 trained tokenizer may have seen the text of the moved documents (BPE merges only; no
 validation row is ever a train row).
+
+With a separate validation source (``val_data``, e.g. a clean source while the training data
+has junk), the train documents are the training source's train side of that rule and the
+validation documents are the validation source's held-out side, minus any document whose
+exact text is among the train documents; the tokenizer is trained on the train documents.
+
+Each entry also records its composition: the tokens of every component (``code``, ``junk``,
+... for recipes, else the source's name) in each packed row and where each document starts,
+so ``Corpus.composition`` describes exactly the rows kept by ``max_*_samples``.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -48,7 +59,7 @@ from es_llm.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when the build changes what lands on disk
+FORMAT_VERSION = 2  # bump when the build changes what lands on disk
 VAL_MODULUS = 20  # hold out documents with stable_hash(key) % VAL_MODULUS == 0
 SPLIT_RULE = f"sha1-mod-{VAL_MODULUS}-or-tail"
 ENCODE_CHUNK = 64  # documents per encode_batch call (bounds memory, drives the progress bar)
@@ -65,6 +76,8 @@ class Corpus:
     eod_id: int = 0
     cache_path: str | None = None
     stats: dict = field(default_factory=dict)
+    # documents/tokens per component of the rows in use, per split (see _composition)
+    composition: dict = field(default_factory=dict)
 
 
 def default_cache_dir() -> Path:
@@ -92,6 +105,22 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def lock_path(cache: Path, name: str) -> Path:
+    """Where the lock of one cache entry lives: all of them in ``CACHE/locks/``."""
+    return cache / "locks" / f"{name}.lock"
+
+
+def _announce_build(name: str, final: Path, progress: bool) -> None:
+    """One line before the build, so a first run does not sit silent."""
+    if progress:
+        print(
+            f"es-llm: building the corpus cache for {name} once (read, train the tokenizer, "
+            f"tokenize, pack; seconds per 10 MB of text) -> {final}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 @contextmanager
 def _datasets_progress(enabled: bool) -> Iterator[None]:
     """Silence the ``datasets`` progress bars for a quiet build, restoring the global setting."""
@@ -106,6 +135,15 @@ def _datasets_progress(enabled: bool) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------- split
+def is_val_group(group: str) -> bool:
+    """Whether documents of this split group are held out for validation (the hash rule)."""
+    return stable_hash(group) % VAL_MODULUS == 0
+
+
+def _split_key(doc: Document) -> str:
+    return doc.group or doc.key
+
+
 def _tail_split(n: int, min_val: int) -> tuple[list[int], list[int]]:
     k = min(max(min_val, 1), n - 1)
     return list(range(n - k)), list(range(n - k, n))
@@ -115,8 +153,12 @@ def split_documents(docs: list[Document]) -> tuple[list[int], list[int], str]:
     """(train indices, val indices, rule used) by the stable hash of each document key."""
     n = len(docs)
     if n < 2:
-        raise InputError(f"need at least 2 documents for a train and a validation split, got {n}")
-    val = [i for i, d in enumerate(docs) if stable_hash(d.key) % VAL_MODULUS == 0]
+        raise InputError(
+            f"need at least 2 documents for a train and a validation split, got {n}: give a "
+            f"folder of several files (one document per file), a .jsonl/.json/.parquet file "
+            f"with several records, or one .txt file (cut into paragraphs)"
+        )
+    val = [i for i, d in enumerate(docs) if is_val_group(_split_key(d))]
     if 0 < len(val) < n:
         val_set = set(val)
         return [i for i in range(n) if i not in val_set], val, "hash"
@@ -160,6 +202,49 @@ def _num_tokens(token_lists: list[np.ndarray], idx: list[int]) -> int:
     return int(sum(len(token_lists[i]) for i in idx))
 
 
+# ----------------------------------------------------------------------------- composition
+def _component(src: Source, doc: Document) -> str:
+    return doc.key.split("/", 1)[0] if src.components else src.name
+
+
+def _save_composition(
+    out_dir: Path, split: str, token_lists: list, comp: np.ndarray, n_comp: int, seq_len: int
+) -> None:
+    """Per packed row the tokens of each component, and each document's start and component."""
+    lengths = np.array([len(t) for t in token_lists], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else lengths
+    flat = np.repeat(comp.astype(np.int16), lengths)
+    rows = len(flat) // seq_len
+    per_row = flat[: rows * seq_len].reshape(rows, seq_len)
+    counts = np.stack([(per_row == c).sum(axis=1) for c in range(n_comp)], axis=1)
+    np.save(out_dir / f"{split}_row_tokens.npy", counts.astype(np.int32))
+    np.save(out_dir / f"{split}_doc_starts.npy", starts)
+    np.save(out_dir / f"{split}_doc_component.npy", comp.astype(np.int16))
+
+
+def _composition(entry: Path, meta: dict, n_train: int, n_val: int) -> dict:
+    """Documents (those starting inside the kept rows) and tokens per component and split."""
+    names = meta["components"]
+    out: dict = {"data": meta["data"], "val_data": meta["val_data"]}
+    for split, n in (("train", n_train), ("val", n_val)):
+        tokens = np.load(entry / f"{split}_row_tokens.npy", mmap_mode="r")[:n].sum(axis=0)
+        starts = np.load(entry / f"{split}_doc_starts.npy")
+        comp = np.load(entry / f"{split}_doc_component.npy")
+        docs = np.bincount(comp[starts < n * meta["seq_len"]], minlength=len(names))
+        total = max(int(tokens.sum()), 1)
+        out[split] = {
+            name: {
+                "documents": int(docs[i]),
+                "tokens": int(tokens[i]),
+                "token_share": round(int(tokens[i]) / total, 4),
+            }
+            for i, name in enumerate(names)
+            if docs[i] or tokens[i]
+        }
+        out[split + "_sequences"] = n
+    return out
+
+
 # ----------------------------------------------------------------------------- build
 def _tokenizer_for(
     src: Source,
@@ -169,6 +254,7 @@ def _tokenizer_for(
     tokenizer: str | None,
     vocab_size: int,
     cache_dir: Path,
+    progress: bool = False,
 ) -> tuple[Tokenizer, int, Path]:
     """The user's tokenizer, or a BPE trained on the train documents (cached by its own key)."""
     if tokenizer is not None:
@@ -183,7 +269,9 @@ def _tokenizer_for(
     else:
         t0 = time.perf_counter()
         logger.info("training a %d-token BPE on %d documents", vocab_size, len(train_idx))
-        tok = train_bpe((docs[i].text for i in train_idx), vocab_size, length=len(train_idx))
+        tok = train_bpe(
+            (docs[i].text for i in train_idx), vocab_size, length=len(train_idx), progress=progress
+        )
         save_tokenizer_atomic(tok, path)
         logger.info("tokenizer trained in %.1fs -> %s", time.perf_counter() - t0, path)
     return tok, eod_id(tok, EOD_TOKEN, where=str(path)), path
@@ -199,14 +287,29 @@ def _build(
     cache_dir: Path,
     progress: bool,
     data_label: str,
+    val_src: Source | None = None,
 ) -> None:
     t0 = time.perf_counter()
     docs = src.load()
     if not docs:
         raise InputError(f"data {data_label}: no documents with text (empty dataset)")
-    train_idx, val_idx, rule = split_documents(docs)
+    if val_src is None:
+        train_idx, val_idx, rule = split_documents(docs)
+        doc_src = [src] * len(docs)
+        tok_src = src
+    else:
+        docs, train_idx, val_idx = _split_with_val_source(docs, val_src, data_label)
+        rule = "hash-separate-val-data"
+        doc_src = [src] * len(train_idx) + [val_src] * len(val_idx)
+        tok_src = Source(src.name, {"train": src.fingerprint, "val": val_src.fingerprint}, src.load)
     tok, eod, tok_path = _tokenizer_for(
-        src, docs, train_idx, tokenizer=tokenizer, vocab_size=vocab_size, cache_dir=cache_dir
+        tok_src,
+        docs,
+        train_idx,
+        tokenizer=tokenizer,
+        vocab_size=vocab_size,
+        cache_dir=cache_dir,
+        progress=progress,
     )
     token_lists = _encode(tok, [d.text for d in docs], eod, f"tokenizing {src.name}", progress)
     total = _num_tokens(token_lists, list(range(len(docs))))
@@ -216,6 +319,12 @@ def _build(
             f"(end-of-document tokens included); seq_len={seq_len} needs at least "
             f"{2 * seq_len} tokens: {seq_len} for one train and {seq_len} for one validation "
             f"sequence. Use more data or a smaller seq_len."
+        )
+    if val_src is not None and _num_tokens(token_lists, val_idx) < seq_len:
+        raise InputError(
+            f"validation data {val_src.name!r}: its {len(val_idx)} held-out documents hold "
+            f"{_num_tokens(token_lists, val_idx)} tokens, fewer than seq_len={seq_len}; "
+            "use a larger validation source or a smaller seq_len"
         )
     if _num_tokens(token_lists, val_idx) < seq_len:
         # Too little held-out text for one row: hold out the fewest trailing documents that fill one.
@@ -236,6 +345,12 @@ def _build(
         )
     train_rows = pack([token_lists[i] for i in train_idx], seq_len)
     val_rows = pack([token_lists[i] for i in val_idx], seq_len)
+    comp_of = [_component(doc_src[i], d) for i, d in enumerate(docs)]
+    components = sorted(set(comp_of))
+    comp_id = np.array([components.index(c) for c in comp_of], dtype=np.int16)
+    for split, idx in (("train", train_idx), ("val", val_idx)):
+        lists = [token_lists[i] for i in idx]
+        _save_composition(out_dir, split, lists, comp_id[idx], len(components), seq_len)
     with _datasets_progress(progress):
         _to_dataset(train_rows).save_to_disk(str(out_dir / "train"))
         _to_dataset(val_rows).save_to_disk(str(out_dir / "val"))
@@ -243,6 +358,9 @@ def _build(
     meta = {
         "format_version": FORMAT_VERSION,
         "name": src.name,
+        "data": data_label,
+        "val_data": None if val_src is None else val_src.name,
+        "components": components,
         "seq_len": seq_len,
         "vocab_size": tok.get_vocab_size(with_added_tokens=True),
         "requested_vocab_size": None if tokenizer else vocab_size,
@@ -264,6 +382,28 @@ def _build(
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
+def _split_with_val_source(
+    docs: list[Document], val_src: Source, data_label: str
+) -> tuple[list[Document], list[int], list[int]]:
+    """Train side of ``docs`` + held-out side of ``val_src`` (minus texts trained on)."""
+    train = [d for d in docs if not is_val_group(_split_key(d))]
+    seen = {hashlib.sha1(d.text.encode("utf-8", "replace")).digest() for d in train}
+    val = [
+        d
+        for d in val_src.load()
+        if is_val_group(_split_key(d))
+        and hashlib.sha1(d.text.encode("utf-8", "replace")).digest() not in seen
+    ]
+    if not train:
+        raise InputError(f"data {data_label}: every document falls on the validation side")
+    if not val:
+        raise InputError(
+            f"validation data {val_src.name!r}: no held-out document that is not also a "
+            "training document; use a larger or different validation source"
+        )
+    return train + val, list(range(len(train))), list(range(len(train), len(train) + len(val)))
+
+
 def _truncate(ds: datasets.Dataset, n: int | None, what: str) -> datasets.Dataset:
     if n is None:
         return ds
@@ -283,6 +423,7 @@ def load_corpus(
     tokenizer: str | None = None,
     max_documents: int | None = None,
     progress: bool = True,
+    val_data: str | None = None,
 ) -> Corpus:
     """Build (once) or load the packed corpus for ``data``; safe to call from many ranks at once.
 
@@ -292,6 +433,8 @@ def load_corpus(
     directory; None trains a byte-level BPE of ``vocab_size`` on the train documents.
     ``max_documents`` keeps the first documents only (a knob for tests; part of the cache key).
     ``max_*_samples`` keep the first rows, so ids stay the row index.
+    ``val_data``: validate on this separate source's held-out documents instead (any form
+    ``data`` takes; see the module docstring); None splits ``data`` itself.
     """
     if not isinstance(seq_len, int) or seq_len < 2:
         raise InputError(f"seq_len must be an integer >= 2, got {seq_len!r}")
@@ -301,6 +444,7 @@ def load_corpus(
     label = repr(data) if data is not None else "'stdlib'"
 
     src = resolve_source(data, max_documents)
+    val_src = None if val_data is None else resolve_source(val_data, max_documents)
     if tokenizer is not None:
         from es_llm.data.tokenizer import resolve_tokenizer_file
 
@@ -318,13 +462,17 @@ def load_corpus(
             "tokenizer": tok_fp,
             "seq_len": seq_len,
             "split": SPLIT_RULE,
+            **({} if val_src is None else {"val_source": val_src.fingerprint}),
         }
     )[:16]
     final = cache / f"{src.name}-T{seq_len}-{key}"
 
     if not (final / "meta.json").is_file():
-        with _file_lock(cache / f".{src.name}-{key}.lock"):
+        # lock files live in one folder; they are kept (deleting a flock file while another
+        # process waits on it would let a third one lock a new file and build concurrently)
+        with _file_lock(lock_path(cache, f"{src.name}-{key}")):
             if not (final / "meta.json").is_file():  # another rank may have built it meanwhile
+                _announce_build(src.name, final, progress)
                 tmp = Path(
                     tempfile.mkdtemp(prefix=f".build-{key}-{uuid.uuid4().hex[:8]}-", dir=cache)
                 )
@@ -338,6 +486,7 @@ def load_corpus(
                         cache_dir=cache,
                         progress=progress,
                         data_label=label,
+                        val_src=val_src,
                     )
                     if final.exists():  # a half entry (no meta.json) from an older crash
                         shutil.rmtree(final, ignore_errors=True)
@@ -352,9 +501,11 @@ def load_corpus(
     meta = json.loads((final / "meta.json").read_text())
     train = datasets.load_from_disk(str(final / "train"))
     val = datasets.load_from_disk(str(final / "val"))
+    train = _truncate(train, max_train_samples, "max_train_samples")
+    val = _truncate(val, max_val_samples, "max_val_samples")
     return Corpus(
-        train=_truncate(train, max_train_samples, "max_train_samples"),
-        val=_truncate(val, max_val_samples, "max_val_samples"),
+        train=train,
+        val=val,
         vocab_size=int(meta["vocab_size"]),
         seq_len=seq_len,
         tokenizer_path=str(final / "tokenizer.json"),
@@ -362,4 +513,5 @@ def load_corpus(
         eod_id=int(meta["eod_id"]),
         cache_path=str(final),
         stats=meta,
+        composition=_composition(final, meta, len(train), len(val)),
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import sysconfig
 from collections.abc import Callable, Iterable
@@ -30,8 +31,11 @@ STDLIB_EXCLUDED_DIRS = frozenset(
 
 @dataclass(frozen=True)
 class Document:
-    key: str  # stable identity used for the train/val split
+    key: str  # stable identity of the document
     text: str
+    group: str = (
+        ""  # the train/val split hashes this (or the key when empty): same group, same side
+    )
 
 
 @dataclass
@@ -41,6 +45,8 @@ class Source:
     name: str
     fingerprint: dict
     load: Callable[[], list[Document]]
+    # component names when documents are keyed "<component>/..." (data recipes); else one
+    components: tuple[str, ...] | None = None
 
 
 def stable_hash(text: str) -> int:
@@ -171,11 +177,77 @@ def _read_parquet(path: Path) -> list[str]:
     return pq.read_table(path, columns=["text"]).column("text").to_pylist()
 
 
-def read_local_file(path: Path) -> list[str]:
-    """The texts of one file: a .txt file is one document, .jsonl/.json/.parquet one per record."""
+# A single .txt file given as --data is cut into documents before the train/validation split
+# (a folder of .txt files keeps one document per file). The rule, also in the README:
+# paragraphs (separated by blank lines) are joined in order into documents of at least
+# TEXT_DOC_CHARS characters; when that gives fewer than TEXT_MIN_DOCS documents, the file is
+# cut into TEXT_MIN_DOCS blocks of about equal size instead, each ending at a line end where
+# the block has one in its second half. Below TEXT_MIN_CHARS characters it is refused.
+TEXT_DOC_CHARS = 2000
+TEXT_MIN_DOCS = 20
+TEXT_MIN_BLOCK_CHARS = 100
+TEXT_MIN_CHARS = TEXT_MIN_DOCS * TEXT_MIN_BLOCK_CHARS
+TEXT_SPLIT_RULE = f"paragraphs>={TEXT_DOC_CHARS}-or-{TEXT_MIN_DOCS}-blocks"
+_BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n\s*")
+
+
+def _paragraph_documents(text: str, min_chars: int) -> list[str]:
+    """Blank-line paragraphs joined in order until each document holds ``min_chars``."""
+    docs: list[str] = []
+    current: list[str] = []
+    size = 0
+    for para in _BLANK_LINE.split(text):
+        if not para.strip():
+            continue
+        current.append(para)
+        size += len(para)
+        if size >= min_chars:
+            docs.append("\n\n".join(current))
+            current, size = [], 0
+    if current:  # a short rest joins the previous document
+        rest = "\n\n".join(current)
+        if docs:
+            docs[-1] = docs[-1] + "\n\n" + rest
+        else:
+            docs.append(rest)
+    return docs
+
+
+def _block_documents(text: str, count: int) -> list[str]:
+    """``count`` blocks of about equal size: each cut at ``k * len / count``, moved back to
+    just after a line end when one lies within half a block before it."""
+    size = len(text) / count
+    cuts = [0]
+    for k in range(1, count):
+        cut = round(k * size)
+        nl = text.rfind("\n", max(cuts[-1] + 1, round(cut - size / 2)), cut)
+        cuts.append(nl + 1 if nl != -1 else cut)
+    cuts.append(len(text))
+    return [text[a:b] for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+
+
+def split_text_file(text: str, where: str) -> list[str]:
+    """The documents of one whole .txt file (see TEXT_SPLIT_RULE above)."""
+    chars = len(text.strip())
+    if chars < TEXT_MIN_CHARS:
+        raise InputError(
+            f"{where} holds {chars} characters of text; a single text file needs at least "
+            f"{TEXT_MIN_CHARS} (it is cut into {TEXT_MIN_DOCS} documents for the train/"
+            f"validation split): add text, or give a folder of several text files"
+        )
+    docs = _paragraph_documents(text, TEXT_DOC_CHARS)
+    if len(docs) < TEXT_MIN_DOCS:
+        docs = _block_documents(text.strip(), TEXT_MIN_DOCS)
+    return docs
+
+
+def read_local_file(path: Path, *, split_text: bool = False) -> list[str]:
+    """The texts of one file: .jsonl/.json/.parquet give one per record; a .txt file is one
+    document, or with ``split_text`` (a single file given as the data) cut by split_text_file."""
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return [path.read_bytes().decode("utf-8", errors="replace")]
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        return split_text_file(text, str(path)) if split_text else [text]
     if suffix in (".jsonl", ".json"):
         return _read_json(path)
     if suffix == ".parquet":
@@ -201,16 +273,19 @@ def local_source(data: str) -> Source:
     if not path.exists():
         raise InputError(f"data path does not exist: {data}")
     files = local_files(path)
+    split_text = path.is_file() and path.suffix.lower() == ".txt"
     fingerprint = {
         "kind": "local",
         "root": str(path.resolve()),
         "files": [_stat_entry(p, rel) for rel, p in files],
     }
+    if split_text:
+        fingerprint["text_split"] = TEXT_SPLIT_RULE
 
     def load() -> list[Document]:
         docs: list[Document] = []
         for rel, p in files:
-            docs.extend(_keep_texts(read_local_file(p), rel, str(p)))
+            docs.extend(_keep_texts(read_local_file(p, split_text=split_text), rel, str(p)))
         return docs
 
     return Source(path.name or str(path), fingerprint, load)
@@ -244,9 +319,13 @@ def hub_source(data: str) -> Source:
 
 
 def resolve_source(data: str | None, max_documents: int | None = None) -> Source:
-    """Route the ``data`` argument: None/"stdlib", a local path, or a hub dataset name."""
+    """Route ``data``: None/"stdlib", "recipe:..." (data/recipes.py), a local path, or a hub name."""
     if data is None or data in STDLIB_NAMES:
         return stdlib_source(max_documents)
+    if isinstance(data, str) and data.strip().lower().startswith("recipe:"):
+        from es_llm.data.recipes import recipe_source
+
+        return recipe_source(data, max_documents)
     if not isinstance(data, str) or not data.strip():
         raise InputError(f"data must be None, 'stdlib', a path or a dataset name, got {data!r}")
     src = local_source(data) if looks_like_path(data) else hub_source(data)

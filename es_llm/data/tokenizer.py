@@ -22,8 +22,10 @@ EOD_CANDIDATES = (EOD_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "
 MIN_VOCAB = 257  # 256 byte symbols + the end-of-document token
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, *, length: int | None = None) -> Tokenizer:
-    """Train a byte-level BPE with ``EOD_TOKEN`` as id 0."""
+def train_bpe(
+    texts: Iterable[str], vocab_size: int, *, length: int | None = None, progress: bool = False
+) -> Tokenizer:
+    """Train a byte-level BPE with ``EOD_TOKEN`` as id 0 (``progress``: the trainer's bars)."""
     if vocab_size < MIN_VOCAB:
         raise InputError(
             f"vocab_size must be at least {MIN_VOCAB} (256 bytes + end-of-document), got {vocab_size}"
@@ -35,7 +37,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, length: int | None = Non
         vocab_size=vocab_size,
         special_tokens=[EOD_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=progress,
     )
     tok.train_from_iterator(texts, trainer=trainer, length=length)
     return tok

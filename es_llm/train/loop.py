@@ -54,6 +54,7 @@ class TrainOptions:
     config: str = "cpu_tiny"
     model: str = "gpt2-tiny"
     data: str | None = None
+    val_data: str | None = None  # a separate clean validation source (--val-data)
     tokenizer: str | None = None
     cache_dir: str | None = None
     method: str | None = None
@@ -173,6 +174,7 @@ class ESRun:
         o = self.opts
         return load_corpus(
             o.data,
+            val_data=o.val_data,
             seq_len=o.seq_len,
             cache_dir=o.cache_dir,
             vocab_size=o.vocab_size,
@@ -394,6 +396,7 @@ class ESRun:
             "collective_bytes_received_per_step": dist.traffic["bytes_received"] / steps,
             "train_samples": data.num_samples,
             "val_samples": len(self.corpus.val),
+            "data_composition": self.corpus.composition,
             "seq_len": self.corpus.seq_len,
             "vocab_size": self.corpus.vocab_size,
             "model": self.opts.model,

@@ -52,8 +52,59 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
+TRAIN_COLOR = "#9ecae1"  # raw per-step training loss (light blue)
+SMOOTH_COLOR = "#08519c"  # its moving average (dark blue)
+VAL_COLOR = "#e6550d"  # validation loss (orange)
+EPOCH_COLOR = "#636363"  # epoch boundaries (grey)
+
+
+def _moving_average(values: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def epoch_boundaries(steps: list[dict[str, Any]]) -> list[tuple[float, int]]:
+    """(x position between two steps, number of the epoch that starts) for each epoch change."""
+    marks = []
+    for prev, cur in zip(steps, steps[1:], strict=False):
+        if cur.get("epoch") is not None and cur.get("epoch") != prev.get("epoch"):
+            marks.append(((prev["step"] + cur["step"]) / 2, int(cur["epoch"]) + 1))
+    return marks
+
+
+def _interp(x: float, xs: list[float], ys: list[float]) -> float:
+    """Linear interpolation of ys at x (xs increasing)."""
+    for (x0, y0), (x1, y1) in zip(
+        zip(xs, ys, strict=True), zip(xs[1:], ys[1:], strict=True), strict=False
+    ):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return ys[-1] if x > xs[-1] else ys[0]
+
+
+def _mark_epochs(ax: Any, marks: list[tuple[float, int]]) -> None:
+    """Dashed vertical lines, each labelled with the epoch that starts there."""
+    for n, (x, epoch) in enumerate(marks):
+        ax.axvline(x, color=EPOCH_COLOR, ls="--", lw=1, label="epoch boundary" if n == 0 else None)
+        ax.annotate(
+            f"epoch {epoch}",
+            (x, 0),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, 4),
+            textcoords="offset points",
+            color=EPOCH_COLOR,
+            fontsize=8,
+        )
+
+
 def plot_loss_curves(metrics_path: Path, out_png: Path, title: str) -> None:
-    """Training loss against step and validation loss against wall-clock, side by side."""
+    """Loss against optimizer step (training, its moving average and validation, epoch
+    boundaries marked) and, in a second panel, the same against training wall-clock."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,18 +113,52 @@ def plot_loss_curves(metrics_path: Path, out_png: Path, title: str) -> None:
     rows = read_jsonl(metrics_path)
     steps = [r for r in rows if r.get("type", "step") == "step" and r.get("train_loss") is not None]
     evals = [r for r in rows if r.get("type") == "eval" and r.get("val_loss") is not None]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ax1.plot([r["step"] for r in steps], [r["train_loss"] for r in steps], lw=0.8, label="train")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    window = max(1, len(steps) // 25)
+    train = [r["train_loss"] for r in steps]
+    smooth = _moving_average(train, window)
+    step_x = [r["step"] for r in steps]
+    clock_x = [r.get("wall_clock_s") for r in steps]
+    ax1.plot(step_x, train, color=TRAIN_COLOR, lw=0.8, label="training loss (selected batch)")
+    if window > 1:
+        ax1.plot(step_x, smooth, color=SMOOTH_COLOR, lw=1.8, label=f"training, mean of {window}")
+    if evals:
+        ax1.plot(
+            [r["step"] for r in evals],
+            [r["val_loss"] for r in evals],
+            "o-",
+            color=VAL_COLOR,
+            ms=5,
+            lw=1.8,
+            label="validation loss",
+        )
+    marks = epoch_boundaries(steps)
+    _mark_epochs(ax1, marks)
     ax1.set_xlabel("optimizer step")
     ax1.set_ylabel("loss (nats/token)")
-    ax1.set_title("training loss of the trained batch")
+    ax1.set_title("loss against optimizer step")
     ax1.grid(alpha=0.3)
+    ax1.legend(loc="best", fontsize=8)
+
+    if all(c is not None for c in clock_x):
+        ax2.plot(clock_x, smooth, color=SMOOTH_COLOR, lw=1.8, label="training (mean)")
     if evals:
-        ax2.plot([r["wall_clock_s"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=3)
-    ax2.set_xlabel("training wall-clock (s)")
-    ax2.set_ylabel("validation loss (nats/token)")
-    ax2.set_title("held-out validation loss")
+        ax2.plot(
+            [r["wall_clock_s"] for r in evals],
+            [r["val_loss"] for r in evals],
+            "o-",
+            color=VAL_COLOR,
+            ms=5,
+            lw=1.8,
+            label="validation loss",
+        )
+    if marks and all(c is not None for c in clock_x):  # the same boundaries, in seconds
+        _mark_epochs(ax2, [(_interp(x, step_x, clock_x), e) for x, e in marks])
+    ax2.set_xlabel("training wall-clock (s, evaluation excluded)")
+    ax2.set_ylabel("loss (nats/token)")
+    ax2.set_title("loss against training time")
     ax2.grid(alpha=0.3)
+    ax2.legend(loc="best", fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)

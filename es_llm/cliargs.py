@@ -1,0 +1,184 @@
+"""Command-line pieces shared by `es-llm train` (`es_llm.cli`) and `es-llm compare`.
+
+Why a module of its own: both commands take the same run flags and build the same
+`TrainOptions` from them. Keeping the flags, their value parsers and the one
+flags -> options function here lets `es_llm.cli` and `es_llm.compare` import them without
+importing each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from es_llm.config import METHODS
+
+if TYPE_CHECKING:  # the training loop imports torch and deepspeed: only when options are built
+    from es_llm.train.loop import TrainOptions
+
+__all__ = [
+    "add_run_arguments",
+    "options_from_args",
+    "parse_key_value",
+    "parse_method_list",
+    "positive_int",
+]
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        v = int(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from e
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def parse_key_value(text: str) -> tuple[str, Any]:
+    """`KEY=VALUE` -> (KEY, VALUE): the value read as JSON, else kept as the raw string.
+
+    The one parser of ES overrides: `--es` and each item of compare's `--variant`.
+    """
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def parse_method_list(text: str) -> list[str]:
+    """`uniform,es,prune` -> the names, each checked against `config.METHODS`, none twice."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in names if m not in METHODS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown method(s) {', '.join(bad) or repr(text)}; choose from {', '.join(METHODS)}"
+        )
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"a method is listed twice: {text!r}")
+    return names
+
+
+def add_run_arguments(p: argparse.ArgumentParser, *, with_method: bool = True) -> None:
+    """Flags shared by `train` and `compare`."""
+    if with_method:
+        p.add_argument(
+            "--method",
+            choices=METHODS,
+            default=None,
+            help=f"sampling method, one of {', '.join(METHODS)}; overrides "
+            "evolved_sampling.method of the DeepSpeed config. Default: the config's method, or "
+            "plain uniform training when the config has no evolved_sampling section",
+        )
+    p.add_argument(
+        "--config",
+        default="cpu_tiny",
+        help="DeepSpeed JSON config (a path, or a name in configs/ds/). Its 'evolved_sampling' "
+        "section configures ES (default: %(default)s)",
+    )
+    p.add_argument(
+        "--model",
+        default="gpt2-tiny",
+        help="model preset (a path, or a name in configs/models/) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="training data: 'stdlib' (default: the Python standard library sources of this "
+        "interpreter, no download), a local .txt/.jsonl/.json/.parquet file or directory, or a "
+        "Hugging Face hub dataset 'name' or 'name:config', or a data recipe such as "
+        "'recipe:code=1,junk=0.3' (embedded mixtures; see docs/regimes.md)",
+    )
+    p.add_argument(
+        "--val-data",
+        default=None,
+        help="validate on this separate source (same forms as --data), e.g. 'recipe:code=1' "
+        "while --data has junk; its held-out documents only, never a training document "
+        "(default: hold out part of --data)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer.json or local Hugging Face tokenizer directory (default: train a "
+        "byte-level BPE on the training data, cached)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where tokenizers and packed datasets are cached (default: $ES_LLM_CACHE or "
+        "~/.cache/es_llm)",
+    )
+    p.add_argument("--epochs", type=positive_int, default=2, help="epochs (default: %(default)s)")
+    p.add_argument(
+        "--max-steps",
+        type=positive_int,
+        default=None,
+        help="stop after this many optimizer steps (default: run all epochs)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="run seed (default: %(default)s)")
+    p.add_argument(
+        "--seq-len",
+        type=positive_int,
+        default=128,
+        help="tokens per sequence (default: %(default)s)",
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=positive_int,
+        default=4096,
+        help="vocabulary of the trained BPE tokenizer (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-train-samples",
+        type=positive_int,
+        default=None,
+        help="use only the first N training sequences (default: all)",
+    )
+    p.add_argument(
+        "--max-val-samples",
+        type=positive_int,
+        default=None,
+        help="use only the first N validation sequences (default: all)",
+    )
+    p.add_argument(
+        "--es",
+        action="append",
+        type=parse_key_value,
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one field of the evolved_sampling section, e.g. --es selection_ratio=0.75 "
+        "(repeatable; values are JSON)",
+    )
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (logs stay clean in CI)"
+    )
+
+
+def options_from_args(args: argparse.Namespace, **changes: Any) -> TrainOptions:
+    """The one place a `TrainOptions` is built from parsed flags (`train`, compare's runs).
+
+    A flag whose dest is an option's field name fills that field (so a new option needs only
+    its flag); four differ: `--out`/`--resume DIR` give `out` and `resume`, `--es` gives
+    `es_overrides`, `--no-progress` gives `progress`. Fields without a flag in this command
+    (compare has no --method or --save-every) keep their defaults, and `changes` replaces
+    fields last, e.g. compare's per-run method, output directory and budgets.
+    """
+    from es_llm.train.loop import TrainOptions
+
+    given = vars(args)
+    values = {f.name: given[f.name] for f in dataclasses.fields(TrainOptions) if f.name in given}
+    resume = given.get("resume")
+    values["out"] = Path(resume or given["out"])
+    values["resume"] = resume is not None
+    values["es_overrides"] = dict(given.get("es") or [])
+    values["progress"] = not given.get("no_progress", False)
+    values.update(changes)
+    return TrainOptions(**values)

@@ -1,0 +1,173 @@
+"""Which runs a comparison makes, how long each is, and uniform-matched's budget.
+
+Run lengths come from the core's one step estimator (`core.schedule.estimate_total_steps`,
+which counts burn-in steps at B and pruned epochs at their expected kept share), so compare
+spaces evaluations on the schedule the training loop will actually follow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from es_llm.compare.metrics import MATCHED
+from es_llm.errors import InputError
+
+__all__ = [
+    "EVALS_PER_RUN",
+    "RunSpec",
+    "Variant",
+    "eval_every",
+    "match_reference",
+    "matched_spec",
+    "matched_steps",
+    "plan_runs",
+    "planned_steps",
+    "variants",
+]
+
+EVALS_PER_RUN = 20  # evaluations per run: time-to-target resolution of 5% of the run
+
+
+@dataclass
+class Variant:
+    """One run of the comparison: a display name, a method and its own ES overrides."""
+
+    name: str
+    method: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunSpec:
+    """What one run trains, on top of the comparison's shared flags: every field but `name`
+    is a `TrainOptions` field of the same name and replaces it (ES overrides add up)."""
+
+    name: str
+    method: str
+    es_overrides: dict[str, Any]
+    epochs: int
+    eval_every: int
+    max_steps: int | None = None
+    max_wall_clock_s: float | None = None
+    max_cpu_time_s: float | None = None
+
+
+def planned_steps(
+    config: str,
+    variant: Variant,
+    es_overrides: dict[str, Any],
+    *,
+    n_train: int,
+    world: int,
+    epochs: int,
+    max_steps: int | None,
+) -> int:
+    """Optimizer steps the run of `variant` will take (the training loop's own estimate)."""
+    from es_llm.core.schedule import estimate_total_steps
+    from es_llm.data.sharding import shard_range
+    from es_llm.train.dsconfig import es_config_for_run, load_ds_config
+    from es_llm.train.geometry import resolve_geometry
+
+    ds = load_ds_config(config)
+    es = es_config_for_run(ds, variant.method, {**es_overrides, **variant.overrides})
+    geo = resolve_geometry(ds, world, es.effective_selection_ratio)
+    shards = [shard_range(n_train, r, world) for r in range(world)]
+    return estimate_total_steps(
+        es,
+        min_local=min(hi - lo for lo, hi in shards),
+        train_per_rank=geo.train_per_rank,
+        meta_per_rank=geo.meta_per_rank,
+        epochs=epochs,
+        max_steps=max_steps,
+    )
+
+
+def plan_runs(
+    config: str,
+    runs: list[Variant],
+    es_overrides: dict[str, Any],
+    *,
+    n_train: int,
+    world: int,
+    epochs: int,
+    max_steps: int | None,
+    requested_eval_every: int | None,
+) -> list[RunSpec]:
+    """Every run's spec, planned before any of them starts: a bad override or batch size of
+    any run is reported (as an `InputError`) before the first run spends its time."""
+    specs = []
+    for v in runs:
+        steps = planned_steps(
+            config, v, es_overrides, n_train=n_train, world=world, epochs=epochs,
+            max_steps=max_steps,
+        )  # fmt: skip
+        every = eval_every(requested_eval_every, steps)
+        specs.append(RunSpec(v.name, v.method, v.overrides, epochs, every, max_steps=max_steps))
+    return specs
+
+
+def eval_every(requested: int | None, steps: int) -> int:
+    """`--eval-every`, else about `EVALS_PER_RUN` evaluations over `steps`."""
+    return requested or max(1, steps // EVALS_PER_RUN)
+
+
+def matched_steps(budget_s: float, uniform_s: float, uniform_steps: int) -> int:
+    """Steps uniform-matched plans for: those of uniform's step time that fit `budget_s`.
+
+    Never more than uniform's own run (the budget would outlast its data), never fewer than 1.
+    Its LR schedule is planned for this length, so it is a properly annealed run; the clock
+    budget stops it in any case.
+    """
+    if uniform_steps < 1 or uniform_s <= 0:
+        return max(1, uniform_steps)
+    per_step = uniform_s / uniform_steps
+    return max(1, min(uniform_steps, round(budget_s / per_step)))
+
+
+def matched_spec(
+    uniform: dict[str, Any],
+    reference: dict[str, Any],
+    *,
+    clock: str,
+    epochs: int,
+    requested_eval_every: int | None,
+) -> RunSpec:
+    """uniform-matched: uniform given the reference run's training time on `clock` ("wall" or
+    "cpu"), from the two runs' summaries; planned for the steps that fit (`matched_steps`)."""
+    key = "cpu_time_s" if clock == "cpu" else "wall_clock_s"
+    budget = float(reference[key])
+    steps = matched_steps(budget, uniform[key], uniform["steps"])
+    return RunSpec(
+        MATCHED, "uniform", {}, epochs, eval_every(requested_eval_every, steps),
+        max_steps=steps,
+        max_wall_clock_s=budget if key == "wall_clock_s" else None,
+        max_cpu_time_s=budget if key == "cpu_time_s" else None,
+    )  # fmt: skip
+
+
+def variants(methods: list[str], extra: list[Variant]) -> list[Variant]:
+    """The runs: one per method, then the `--variant`s; uniform always, and first."""
+    out = [Variant(m, m) for m in methods] + list(extra)
+    names = [v.name for v in out]
+    if len(set(names)) != len(names):
+        raise InputError(f"duplicate run names {names}: give each --variant its own NAME")
+    if "uniform" not in names:
+        out.insert(0, Variant("uniform", "uniform"))  # the target comes from uniform
+    return sorted(out, key=lambda v: v.name != "uniform")
+
+
+def match_reference(runs: list[Variant], match: str | None, *, enabled: bool = True) -> str | None:
+    """The run whose training time uniform-matched gets: `--match`, else es, else the first
+    run that is not uniform; None without uniform-matched."""
+    if not enabled:
+        return None
+    names = [v.name for v in runs]
+    if match is not None:
+        if match not in names:
+            raise InputError(f"--match {match!r} must name one of the runs: {', '.join(names)}")
+        return match
+    for cand in ("es", *names):
+        if cand in names and cand != "uniform":
+            return cand
+    return None

@@ -1,0 +1,161 @@
+"""Each run of a comparison in its own process, and the machine the runs were timed on.
+
+Why processes: DeepSpeed keeps process-group state between engines, and `--world-size N`
+needs the deepspeed launcher anyway. The parent writes the run's `TrainOptions` (built once
+from the flags, then changed per run) to DIR/<name>/run_spec.json; the child
+(`python -m es_llm.compare --worker FILE`, on every rank) trains from it. Threads per rank
+are left to the training loop (`es_llm.dist.share_cpu_threads`, which honours
+OMP_NUM_THREADS); the child records the count it trained with in DIR/<name>/worker.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from es_llm.compare.planning import RunSpec
+from es_llm.errors import InputError
+
+if TYPE_CHECKING:
+    from es_llm.train.loop import TrainOptions
+
+__all__ = ["load_avg", "machine_info", "run_one", "worker_main"]
+
+SPEC_FILE = "run_spec.json"
+WORKER_FILE = "worker.json"
+INPUT_ERROR_PREFIX = "es-llm compare worker: input error: "
+
+
+def run_options(base: TrainOptions, spec: RunSpec, out: Path) -> TrainOptions:
+    """The comparison's shared options with this run's fields (a `RunSpec` names them as
+    `TrainOptions` does), its ES overrides on top of the shared ones, and its directory."""
+    fields = dataclasses.asdict(spec)
+    name = fields.pop("name")
+    fields["es_overrides"] = {**base.es_overrides, **fields["es_overrides"]}
+    return dataclasses.replace(base, out=out / name, progress=False, **fields)
+
+
+def _child_command(spec_file: Path, world: int) -> list[str]:
+    if world == 1:
+        return [sys.executable, "-m", "es_llm.compare", "--worker", str(spec_file)]
+    from es_llm.dist import _free_port
+
+    return [
+        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world),
+        "--master_port", str(_free_port()), "--module", "es_llm.compare",
+        "--worker", str(spec_file),
+    ]  # fmt: skip
+
+
+def run_one(
+    base: TrainOptions, spec: RunSpec, out: Path, *, world: int, quiet: bool = False
+) -> dict[str, Any]:
+    """Train one run in child process(es); return its summary.json (plus "threads_per_rank")."""
+    opts = run_options(base, spec, out)
+    run_dir = Path(opts.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec_file = run_dir / SPEC_FILE
+    options = {**dataclasses.asdict(opts), "out": str(opts.out)}
+    spec_file.write_text(json.dumps({"spec": dataclasses.asdict(spec), "options": options}))
+    log = run_dir / "run.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    t0 = time.perf_counter()
+    with log.open("w") as fh:
+        proc = subprocess.run(
+            _child_command(spec_file, world), stdout=fh, stderr=subprocess.STDOUT, env=env
+        )
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace").splitlines()[-25:]
+        said = [line for line in tail if line.startswith(INPUT_ERROR_PREFIX)]
+        if said:  # the run refused its input: that one line, not a traceback
+            raise InputError(f"run {spec.name!r}: {said[-1].removeprefix(INPUT_ERROR_PREFIX)}")
+        raise RuntimeError(
+            f"run {spec.name!r} failed (exit {proc.returncode}); last lines of {log}:\n"
+            + "\n".join(tail)
+        )
+    summary = json.loads((run_dir / "summary.json").read_text())
+    worker = json.loads((run_dir / WORKER_FILE).read_text())
+    summary["threads_per_rank"] = worker["torch_threads"]
+    if not quiet:
+        print(
+            f"  {spec.name:<16} final val {summary['final_val_loss']:.4f}  train "
+            f"{summary['wall_clock_s']:.1f}s wall / {summary['cpu_time_s']:.1f}s CPU  "
+            f"({time.perf_counter() - t0:.0f}s with start-up and evaluation)",
+            flush=True,
+        )
+    return summary
+
+
+def worker_main(argv: list[str]) -> int:
+    """One training run from a run_spec.json: what `run_one` starts, on every rank."""
+    p = argparse.ArgumentParser(prog="python -m es_llm.compare")
+    p.add_argument("--worker", required=True, metavar="RUN_SPEC_JSON")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None)
+    a = p.parse_args(argv)
+    if a.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(a.local_rank))
+    import torch
+
+    from es_llm.train.loop import TrainOptions, train
+
+    options = json.loads(Path(a.worker).read_text())["options"]
+    opts = TrainOptions(**{**options, "out": Path(options["out"])})
+    try:
+        train(opts)
+    except InputError as e:
+        print(INPUT_ERROR_PREFIX + str(e).strip().replace("\n", " "), file=sys.stderr, flush=True)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        (opts.out / WORKER_FILE).write_text(json.dumps({"torch_threads": torch.get_num_threads()}))
+    return 0
+
+
+def load_avg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """Enough to judge the timings: the CPU, thread settings, versions and the load."""
+    import torch
+
+    try:
+        import deepspeed
+
+        ds_version = deepspeed.__version__
+    except ImportError:  # pragma: no cover - deepspeed is a dependency
+        ds_version = None
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "threads_per_rank": None,  # what the runs trained with, filled in from worker.json
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "deepspeed": ds_version,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "load_average_start": load_avg(),
+    }

@@ -1,0 +1,88 @@
+"""Checks of `es-llm train`'s input that run before any engine or process group exists.
+
+A wrong --config, --model, --data, --tokenizer or --resume is reported in a second, not after
+the DeepSpeed engine is up; a non-empty --out is refused unless --resume or --overwrite says
+what to do with it. Nothing here builds a model or reads the corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+from es_llm.errors import InputError
+
+SMALL_TEXT = 1 << 20  # a single text file up to this size is split once here, as a check
+
+
+def check_train_inputs(args: argparse.Namespace) -> None:
+    """Raise InputError for the first problem with the run's configs, data or checkpoint."""
+    from es_llm.model import load_model_preset
+    from es_llm.train.dsconfig import es_config_for_run, load_ds_config
+    from es_llm.train.geometry import resolve_geometry
+
+    ds_config = load_ds_config(args.config)
+    es = es_config_for_run(ds_config, getattr(args, "method", None), dict(args.es))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    resolve_geometry(ds_config, world, es.effective_selection_ratio)
+    load_model_preset(args.model)
+    _check_data(args.data)
+    if args.tokenizer is not None and not Path(args.tokenizer).expanduser().exists():
+        raise InputError(f"--tokenizer {args.tokenizer}: no such file or directory")
+    if getattr(args, "resume", None) is not None:
+        from es_llm.train.checkpoint import checkpoint_root, find_complete_tag
+
+        resume = Path(args.resume)
+        if not resume.is_dir():
+            raise InputError(f"--resume {resume}: no such run directory")
+        find_complete_tag(checkpoint_root(resume))
+
+
+def _check_data(data: str | None) -> None:
+    from es_llm.data.sources import STDLIB_NAMES, local_source, looks_like_path
+
+    if data is None or data in STDLIB_NAMES or not looks_like_path(data):
+        return  # the standard library, or a dataset name resolved when the corpus is built
+    local_source(data)  # lists the files: a missing path or no data files fail here
+    path = Path(data).expanduser()
+    if path.is_file() and path.suffix.lower() == ".txt" and path.stat().st_size <= SMALL_TEXT:
+        from es_llm.data.sources import read_local_file
+
+        read_local_file(path, split_text=True)  # too little text to split fails here
+
+
+def _guarded(out: Path) -> bool:
+    """Folders --overwrite must never clear: the working directory, home, or one above."""
+    here = out.resolve()
+    protected = [Path.cwd().resolve(), Path.home().resolve()]
+    return any(here == p or here in p.parents for p in protected)
+
+
+def prepare_out_dir(args: argparse.Namespace) -> None:
+    """Refuse a non-empty --out, or clear it for --overwrite (rank 0 only); --resume keeps it."""
+    if getattr(args, "resume", None) is not None:
+        return
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a directory: choose another --out")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not args.overwrite:
+        raise InputError(
+            f"--out {out} already holds a run's files: pass --overwrite to delete them first, "
+            f"--resume {out} to continue that run, or choose another --out"
+        )
+    if _guarded(out):
+        raise InputError(
+            f"--overwrite would delete {out.resolve()}, which holds the working directory or "
+            f"the home directory: choose a dedicated --out"
+        )
+    if os.environ.get("RANK", "0") != "0":
+        return  # rank 0 clears it; the others must not race it
+    for child in out.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()

@@ -1,0 +1,44 @@
+"""Known-harmless DeepSpeed log lines, filtered unless the user asks for everything.
+
+DeepSpeed logs through one ``logging`` logger named "DeepSpeed"; a filter on it drops the
+records listed here and nothing else. ``es-llm --verbose`` (or ES_LLM_VERBOSE=1, which the
+command line sets so that launched ranks inherit it) leaves every line in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+VERBOSE_ENV = "ES_LLM_VERBOSE"
+
+# Substrings of DeepSpeed log messages that say nothing a user of es-llm can act on.
+KNOWN_HARMLESS = (
+    # CPU machines: the accelerator is detected correctly, the line only alarms.
+    "Setting accelerator to CPU",
+    # DeepSpeed reads the learning rate for its own logging before the first step.
+    "Attempting to get learning rate from scheduler before it has started",
+)
+
+
+class KnownHarmlessFilter(logging.Filter):
+    """Drops records whose message contains one of ``KNOWN_HARMLESS``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in KNOWN_HARMLESS)
+
+
+def verbose_requested() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def quiet_deepspeed(verbose: bool = False) -> None:
+    """Install the filter on DeepSpeed's logger (before or after deepspeed is imported)."""
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    if verbose or verbose_requested():
+        return
+    ds_logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, KnownHarmlessFilter) for f in ds_logger.filters):
+        ds_logger.addFilter(KnownHarmlessFilter())
