@@ -86,8 +86,8 @@ def test_trainer_eswp_across_epochs_matches_native(tmp_path, es_cache):
     hf = _run_hf(tmp_path / "hf", es_cache, 1, path, "--epochs", "2", "--max-train-samples", "64")
     native = _run_native(tmp_path / "native", es_cache, 1, path, "--epochs", "2",
                          "--max-train-samples", "64")
-    # The Trainer runs the planned step count (14 here); the native loop runs its epochs out
-    # (15: burn-in consumed B, not B_meta). Every step the Trainer ran is the native one.
+    # Both drive the same data path, which stops at the planned step count (14 here) or when
+    # the pruned epochs run out. Every step the Trainer ran is the native one.
     assert len(hf) == 14 and len(native) >= len(hf)
     assert {r["epoch"] for r in hf} == {0, 1}
     assert [_key(r) for r in hf] == [_key(r) for r in native[: len(hf)]]

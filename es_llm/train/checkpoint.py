@@ -34,7 +34,7 @@ import torch
 from es_llm import dist
 from es_llm.errors import InputError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the rank file holds ESRun.state_dict() under "run"
 MARKER = "es_complete.json"
 LATEST = "latest"
 CHECKPOINT_SUBDIR = "checkpoints"
