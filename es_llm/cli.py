@@ -14,6 +14,7 @@ import sys
 from es_llm.cliargs import add_run_arguments, options_from_args, positive_int
 from es_llm.cuda_env import fix_torch_cuda_arch_list
 from es_llm.errors import InputError
+from es_llm.train.stopping import RunStopped
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
@@ -196,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return compare.run_from_args(args, argv)
         parser.error(f"unknown command {args.command!r}")
+    except RunStopped as e:  # a requested stop, carried out: not an error
+        if os.environ.get("RANK") in (None, "0"):
+            print("es-llm: " + e.message, file=sys.stderr)
+        return e.exit_code
     except InputError as e:
         rank = os.environ.get("RANK")
         prefix = f"es-llm (rank {rank}): error: " if rank not in (None, "0") else "es-llm: error: "

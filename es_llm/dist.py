@@ -221,17 +221,30 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
-def lockstep_diverged(digest: torch.Tensor) -> torch.Tensor:
+def lockstep_diverged(
+    digest: torch.Tensor, flag: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """0-dim bool tensor: did any rank compute a different 0-dim int64 `digest`? No host sync.
 
     Every rank all-reduces (max digest, max -digest); the ranks agree iff both equal its own.
     The caller reads the flag at its one host sync of the step and raises there.
+
+    With `flag` (a 0/1 int64 tensor on the same device) the same all-reduce also carries it:
+    returns `(diverged, any rank's flag set)`, e.g. a stop request that every rank must honour
+    at the same step.
     """
     check_device("lockstep_diverged", digest)
     d = digest.reshape(1).to(torch.int64)
-    both = torch.cat([d, -d])
+    parts = [d, -d]
+    if flag is not None:
+        check_device("lockstep_diverged", flag)
+        parts.append(flag.reshape(1).to(torch.int64))
+    both = torch.cat(parts)
     all_reduce_(both, "max")
-    return (both[0] != d[0]) | (-both[1] != d[0])
+    diverged = (both[0] != d[0]) | (-both[1] != d[0])
+    if flag is None:
+        return diverged
+    return diverged, both[2] > 0
 
 
 def raise_if_diverged(diverged: bool, digest: str) -> None:

@@ -25,6 +25,7 @@ class Phase(Enum):
     BURN_IN = "burn_in"
     SELECT = "select"
     ANNEAL = "anneal"
+    PLAIN = "plain"  # a method without a scoring pass (uniform, prune): every step is plain
 
 
 def _ceil(x: float) -> int:

@@ -18,6 +18,7 @@ ids of the samples it receives), in a plain step at `finish_step` (for the logge
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,11 +161,14 @@ class ESDataPath:
         self.timers = StepTimers(self.device)
         self.host_syncs = 0
         self.moved_samples = 0
+        # Polled once per step; the ranks agree on it inside the step's collectives, so a
+        # stop (SIGINT/SIGTERM on any rank) lands on the same step everywhere.
+        self.stop_requested: Callable[[], bool] = lambda: False
 
     # ------------------------------------------------------------------ schedule
     def phase(self) -> Phase:
         if not self.es.uses_scoring_forward:
-            return Phase.ANNEAL  # plain batches of B (uniform, prune)
+            return Phase.PLAIN  # plain batches of B (uniform, prune)
         return phase_for_step(self.step, self.total_steps, self.es, self.steps_per_epoch)
 
     def _start_epoch(self) -> None:
@@ -231,6 +235,10 @@ class ESDataPath:
             return t
         return t.pin_memory().to(self.device, non_blocking=True)
 
+    def _stop_flag(self, device: torch.device) -> torch.Tensor:
+        """This rank's stop request as a 0/1 int64 [1] on `device` (a fill, no host copy)."""
+        return torch.full((1,), int(self.stop_requested()), dtype=torch.int64, device=device)
+
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
         """The step's one device -> host copy."""
         self.host_syncs += 1
@@ -285,7 +293,10 @@ class ESDataPath:
                     gs.selected_ids,
                     g.ids[chosen],
                     a.local.to(torch.int64),
-                    dist.lockstep_diverged(gs.digest).to(torch.int64).reshape(1),
+                    *(
+                        t.to(torch.int64).reshape(1)
+                        for t in dist.lockstep_diverged(gs.digest, self._stop_flag(comm))
+                    ),
                     (~g.valid).sum().reshape(1),
                     a.moved.reshape(1),
                     _f64_bits(_masked_mean(sel_losses, sel_ok)),
@@ -295,8 +306,8 @@ class ESDataPath:
             host = self._to_host(packed)
         k, q = self.geo.train_batch, self.geo.train_per_rank
         selected, my_ids, local = host[:k], host[k : k + q], host[k + q : k + 2 * q].bool()
-        diverged, n_invalid, moved = (int(v) for v in host[k + 2 * q : k + 2 * q + 3])
-        train_loss, meta_loss = (float(v) for v in host[k + 2 * q + 3 :].view(torch.float64))
+        diverged, stop, n_invalid, moved = (int(v) for v in host[k + 2 * q : k + 2 * q + 4])
+        train_loss, meta_loss = (float(v) for v in host[k + 2 * q + 4 :].view(torch.float64))
         digest = selection_digest(selected)
         dist.raise_if_diverged(bool(diverged), digest)
         tokens = self._assemble_tokens(draw, a.positions.to(self.device), my_ids, local)
@@ -313,6 +324,7 @@ class ESDataPath:
             "invalid": n_invalid,
             "meta_loss": meta_loss,
             "digest": digest,
+            "stop_requested": bool(stop),
         }
         return StepAssignment(
             draw=draw,
@@ -357,11 +369,14 @@ class ESDataPath:
         if not a.draw.selecting:
             comm = dist.device()
             losses = torch.cat(a.train_losses) if a.train_losses else torch.zeros(0)
-            mine = torch.stack([a.ids.to(comm), f32_bits(losses.to(comm))], dim=1)
+            flag = self._stop_flag(comm).expand(a.ids.numel())
+            mine = torch.stack([a.ids.to(comm), f32_bits(losses.to(comm)), flag], dim=1)
             everyone = dist.all_gather_cat(mine)
             all_losses = bits_f32(everyone[:, 1])
             n = everyone.shape[0]
-            packed = torch.cat([everyone[:, 0], _f64_bits(all_losses.mean())])
+            packed = torch.cat(
+                [everyone[:, 0], _f64_bits(all_losses.mean()), everyone[:, 2].amax().reshape(1)]
+            )
             host = self._to_host(packed)
             self.totals["bp_samples"] += n
             a.record = {
@@ -370,6 +385,7 @@ class ESDataPath:
                 "selected": n,
                 "invalid": 0,
                 "digest": selection_digest(host[:n]),
+                "stop_requested": bool(host[n + 1]),
             }
         a.record.update(step=a.draw.step + 1, epoch=a.draw.epoch, phase=a.draw.phase)
         self.step += 1

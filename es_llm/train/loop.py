@@ -41,6 +41,7 @@ from es_llm.train.geometry import BatchGeometry, resolve_geometry
 from es_llm.train.losses import training_losses
 from es_llm.train.metrics import MetricsWriter, plot_loss_curves, write_json_atomic
 from es_llm.train.scoring import ModelScorer, Scorer, scoring_losses
+from es_llm.train.stopping import RunStopped, StopRequest
 from es_llm.train.timing import TIMERS
 
 __all__ = ["TIMERS", "ESRun", "TrainOptions", "TrainingError", "train"]
@@ -95,6 +96,7 @@ class ESRun:
         self.eval_clock = 0.0
         self.resumed_from: Path | None = None
         self._last_saved_step: int | None = None
+        self.stop = StopRequest()  # `train()` installs the signal handlers
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -242,15 +244,26 @@ class ESRun:
             self.data.observe_training_losses(a, a.ids[i : i + micro], per_sample)
 
     # ------------------------------------------------------------------ eval
-    def evaluate(self) -> float:
+    def evaluate(self, where: str = "eval") -> float:
+        from tqdm.auto import tqdm
+
         t0 = time.perf_counter()
         module = self.engine.module
         was_training = module.training
         module.eval()
         acc = torch.zeros(2, dtype=torch.float64, device=self.device)
+        n = len(self.val_shard)
+        starts = range(0, n, self.scoring_mbs)
+        bar = tqdm(
+            starts,
+            desc=f"validation ({where}, {len(self.corpus.val)} sequences)",
+            unit="batch",
+            leave=False,
+            disable=not (self.is_main and self.opts.progress),
+            dynamic_ncols=True,
+        )
         with torch.no_grad():
-            n = len(self.val_shard)
-            for i in range(0, n, self.scoring_mbs):
+            for i in bar:
                 rows = self.val_shard[i : min(n, i + self.scoring_mbs)]["input_ids"]
                 tokens = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device)
                 s, c = scoring_losses(module, tokens, ignore_index=self.es.ignore_index)
@@ -261,7 +274,7 @@ class ESRun:
         return total / count if count > 0 else float("nan")
 
     def _record_eval(self, where: str, epoch: int) -> float:
-        val = self.evaluate()
+        val = self.evaluate(where)
         rec = {
             "type": "eval",
             "step": self.data.step,
@@ -291,16 +304,20 @@ class ESRun:
         from tqdm.auto import tqdm
 
         opts, data = self.opts, self.data
+        data.stop_requested = lambda: self.stop.requested
+        if self.resumed_from is None:
+            self._record_eval("start", data.epoch)
+        # created after the start-up evaluation: the bar counts optimizer steps only
         bar = tqdm(
             total=data.total_steps,
             initial=data.step,
             desc=f"{self.method} x{self.world}",
+            unit="step",
             disable=not (self.is_main and opts.progress),
             dynamic_ncols=True,
         )
-        if self.resumed_from is None:
-            self._record_eval("start", data.epoch)
         stop = False
+        signalled = False
         trained = False
         epoch = data.epoch
         last = time.perf_counter()
@@ -313,6 +330,7 @@ class ESRun:
                 self.train_clock += time.perf_counter() - t0
                 self.train_cpu += time.process_time() - c0
                 self._record_eval("epoch_end", epoch)
+                bar.unpause()  # the evaluation is not step time
                 epoch = draw.epoch
                 t0, c0 = time.perf_counter(), time.process_time()
             a = data.assign(draw)
@@ -330,18 +348,39 @@ class ESRun:
                     samples_s=f"{rec['selected'] / max(now - last, 1e-9):.0f}",
                 )
             last = now
-            if opts.eval_every and data.step % opts.eval_every == 0:
+            # a signal on any rank: every rank saw the same agreed flag in this step
+            signalled = bool(rec.get("stop_requested"))
+            stop = signalled or self._should_stop()
+            if opts.eval_every and data.step % opts.eval_every == 0 and not signalled:
                 self._record_eval("interval", epoch)
-            stop = self._should_stop()
+                bar.unpause()
             if opts.save_every and (stop or data.step % opts.save_every == 0):
                 self._save()
-        if trained or self.resumed_from is None:  # a finished run resumed: nothing new
+        # a signal stops without the final evaluation: the launcher gives the ranks only
+        # seconds, and the last validation loss is in the history already
+        if not signalled and (trained or self.resumed_from is None):
             self._record_eval("stop" if stop else "epoch_end", epoch)
+        bar.total = max(data.step, bar.n)  # pruned epochs: the true count, known only now
+        bar.refresh()
         bar.close()
         if opts.save_every and self._last_saved_step != data.step:
             self._save()  # the finished state: resuming it runs no more steps
-        final = self.val_history[-1]["val_loss"]
-        return self._finish(final)
+        final = self.val_history[-1]["val_loss"] if self.val_history else float("nan")
+        summary = self._finish(final, stopped=signalled)
+        if signalled:
+            raise RunStopped(self._stop_message(), self.stop.exit_code)
+        return summary
+
+    def _stop_message(self) -> str:
+        name = self.stop.signal_name or "a signal on another rank"
+        head = (
+            f"stopped by {name} after step {self.data.step} of {self.data.total_steps}; "
+            f"summary and plot in {self.out}/"
+        )
+        if self.opts.save_every:
+            tag = ckpt.checkpoint_root(self.out) / ckpt.tag_for_step(self.data.step)
+            return f"{head}; checkpoint {tag}; to continue, run the same command with --resume {self.out}"
+        return f"{head}; no checkpoint was written (run with --save-every N to be able to resume)"
 
     def _log_step(self, rec: dict[str, Any], step_s: float) -> None:
         if not self.is_main:
@@ -366,7 +405,7 @@ class ESRun:
             }
         )
 
-    def _finish(self, final_val: float) -> dict[str, Any]:
+    def _finish(self, final_val: float, *, stopped: bool = False) -> dict[str, Any]:
         data = self.data
         timers = data.timers.state_dict()
         steps = max(1, data.step)
@@ -410,6 +449,15 @@ class ESRun:
             "evolved_sampling": self.es.model_dump(),
             "seed": self.opts.seed,
             "planned_steps": data.total_steps,
+            "stopped": (
+                {
+                    "signal": self.stop.signal_name,
+                    "step": data.step,
+                    "checkpoint": bool(self.opts.save_every),
+                }
+                if stopped
+                else None
+            ),
             "burn_in_steps": data.burn_in_steps,
         }
         if self.is_main:
@@ -427,8 +475,10 @@ def train(opts: TrainOptions, *, wrap_scorer: Any = None) -> dict[str, Any]:
     `wrap_scorer(default_scorer) -> scorer` replaces the scoring forward (see `ESRun`).
     """
     run = ESRun(opts, wrap_scorer=wrap_scorer)
-    try:
-        run.setup()
-        return run.run()
-    finally:
-        dist.destroy()
+    # from the start: a signal during set-up or the first evaluation stops after one step
+    with StopRequest(announce=int(os.environ.get("RANK", "0")) == 0) as run.stop:
+        try:
+            run.setup()
+            return run.run()
+        finally:
+            dist.destroy()
