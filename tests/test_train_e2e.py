@@ -77,6 +77,10 @@ def test_two_ranks_through_the_deepspeed_launcher(tmp_path, es_cache, tiny_ds_co
     assert {r["epoch"] for r in steps} == {0, 1}  # crossed an epoch: pruning planned at epoch 1
     assert summary["pruned_sample_epochs"] > 0
     assert all(r["selected"] == 8 for r in steps)
+    # records only (docs/scale.md): a SELECT step all-gathers 8 samples x 24 bytes per rank
+    # plus a 24-byte all-reduce (lock-step digest, stop flag); the burn-in step 4 x 16 bytes
+    # plus one 16-byte row (stop flag); never token ids
+    assert summary["collective_bytes_sent_per_step"] == pytest.approx((19 * 216 + 80) / 20)
 
 
 @pytest.mark.multiproc

@@ -369,13 +369,20 @@ class ESDataPath:
         if not a.draw.selecting:
             comm = dist.device()
             losses = torch.cat(a.train_losses) if a.train_losses else torch.zeros(0)
-            flag = self._stop_flag(comm).expand(a.ids.numel())
-            mine = torch.stack([a.ids.to(comm), f32_bits(losses.to(comm)), flag], dim=1)
-            everyone = dist.all_gather_cat(mine)
-            all_losses = bits_f32(everyone[:, 1])
-            n = everyone.shape[0]
+            # one extra row per rank carries its stop request: (flag, 0)
+            flag = self._stop_flag(comm)
+            mine = torch.cat(
+                [
+                    torch.stack([a.ids.to(comm), f32_bits(losses.to(comm))], dim=1),
+                    torch.stack([flag, torch.zeros_like(flag)], dim=1),
+                ]
+            )
+            everyone = dist.all_gather_cat(mine).view(self.world, -1, 2)
+            samples, flags = everyone[:, :-1].reshape(-1, 2), everyone[:, -1, 0]
+            all_losses = bits_f32(samples[:, 1])
+            n = samples.shape[0]
             packed = torch.cat(
-                [everyone[:, 0], _f64_bits(all_losses.mean()), everyone[:, 2].amax().reshape(1)]
+                [samples[:, 0], _f64_bits(all_losses.mean()), flags.amax().reshape(1)]
             )
             host = self._to_host(packed)
             self.totals["bp_samples"] += n
