@@ -49,8 +49,17 @@ TINY_DS_CONFIG = {
     "evolved_sampling": {"method": "es", "selection_ratio": 0.5},
 }
 TINY_RUN_ARGS = [
-    "--model", "gpt2-tiny", "--seq-len", "32", "--vocab-size", "512",
-    "--max-train-samples", "256", "--max-val-samples", "32", "--no-progress",
+    "--model",
+    "gpt2-tiny",
+    "--seq-len",
+    "32",
+    "--vocab-size",
+    "512",
+    "--max-train-samples",
+    "256",
+    "--max-val-samples",
+    "32",
+    "--no-progress",
 ]
 
 
@@ -99,8 +108,9 @@ def tiny_ds_config(tmp_path: Path):
     return make
 
 
-def run_cli(args: list[str], cache: Path, *, ranks: int = 1, timeout: int = 600,
-            env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], cache: Path, *, ranks: int = 1, timeout: int = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run `es-llm ...` (1 rank) or the deepspeed launcher (several ranks) as a real process."""
     import os
 
@@ -108,7 +118,18 @@ def run_cli(args: list[str], cache: Path, *, ranks: int = 1, timeout: int = 600,
     if ranks == 1:
         cmd = [sys.executable, "-m", "es_llm.cli", *args]
     else:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-               "--master_port", str(free_port()), "--module", "es_llm.cli", *args]
-    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_gpus",
+            str(ranks),
+            "--master_port",
+            str(free_port()),
+            "--module",
+            "es_llm.cli",
+            *args,
+        ]
+    return subprocess.run(
+        cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+    )

@@ -32,16 +32,32 @@ def _ok(proc: subprocess.CompletedProcess) -> None:
 
 def _run_hf(out: Path, cache: Path, ranks: int, config: Path, *extra: str) -> list[dict]:
     env = {**os.environ, "ES_LLM_CACHE": str(cache), **THREADS}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-           "--master_port", str(free_port()), str(REPO / "tests" / "hf_train_script.py"),
-           "--config", str(config), "--out", str(out), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        str(REPO / "tests" / "hf_train_script.py"),
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+        *extra,
+    ]
     _ok(subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600))
     return read_jsonl(out / "es_metrics.jsonl")
 
 
 def _run_native(out: Path, cache: Path, ranks: int, config: Path, *extra: str) -> list[dict]:
-    proc = run_cli(["train", "--config", str(config), "--out", str(out), *DATA_ARGS, "--no-progress",
-                    *extra], cache, ranks=ranks, env=THREADS)
+    proc = run_cli(
+        ["train", "--config", str(config), "--out", str(out), *DATA_ARGS, "--no-progress", *extra],
+        cache,
+        ranks=ranks,
+        env=THREADS,
+    )
     _ok(proc)
     return [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "step"]
 
@@ -55,8 +71,16 @@ def _key(r: dict) -> tuple:
 def test_trainer_selects_what_the_native_loop_selects(tmp_path, es_cache, ranks):
     before = HF_CONFIG.read_text()
     hf = _run_hf(tmp_path / "hf", es_cache, ranks, HF_CONFIG, "--max-steps", "4")
-    native = _run_native(tmp_path / "native", es_cache, ranks, HF_CONFIG,
-                         "--max-train-samples", "256", "--max-steps", "4")
+    native = _run_native(
+        tmp_path / "native",
+        es_cache,
+        ranks,
+        HF_CONFIG,
+        "--max-train-samples",
+        "256",
+        "--max-steps",
+        "4",
+    )
     assert HF_CONFIG.read_text() == before  # the section was stripped from HF's copy only
     assert [r["phase"] for r in hf] == ["burn_in", "select", "select", "select"]
     assert hf[1]["scored"] == 8 * ranks and hf[1]["selected"] == 4 * ranks
@@ -84,8 +108,9 @@ def test_trainer_eswp_across_epochs_matches_native(tmp_path, es_cache):
     path = tmp_path / "eswp.json"
     path.write_text(json.dumps(cfg))
     hf = _run_hf(tmp_path / "hf", es_cache, 1, path, "--epochs", "2", "--max-train-samples", "64")
-    native = _run_native(tmp_path / "native", es_cache, 1, path, "--epochs", "2",
-                         "--max-train-samples", "64")
+    native = _run_native(
+        tmp_path / "native", es_cache, 1, path, "--epochs", "2", "--max-train-samples", "64"
+    )
     # Both drive the same data path, which stops at the planned step count (14 here) or when
     # the pruned epochs run out. Every step the Trainer ran is the native one.
     assert len(hf) == 14 and len(native) >= len(hf)

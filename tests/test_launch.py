@@ -19,8 +19,19 @@ from conftest import REPO, free_port
 
 from es_llm.train.metrics import read_jsonl
 
-RUN = ["--max-train-samples", "256", "--seq-len", "32", "--vocab-size", "512",
-       "--max-val-samples", "32", "--max-steps", "6", "--no-progress"]
+RUN = [
+    "--max-train-samples",
+    "256",
+    "--seq-len",
+    "32",
+    "--vocab-size",
+    "512",
+    "--max-val-samples",
+    "32",
+    "--max-steps",
+    "6",
+    "--no-progress",
+]
 ZERO0 = REPO / "configs" / "ds" / "cpu_test_zero0.json"
 ZERO3 = REPO / "configs" / "ds" / "cpu_test_zero3.json"
 
@@ -42,8 +53,11 @@ def _steps(out: Path) -> list[dict]:
 def _single_node(out: Path, cache: Path, config: Path) -> list[dict]:
     proc = subprocess.run(
         ["bash", "launch/single_node.sh", "2", "--config", str(config), "--out", str(out), *RUN],
-        cwd=REPO, env=_env(cache, MASTER_PORT=str(free_port())), capture_output=True,
-        text=True, timeout=600,
+        cwd=REPO,
+        env=_env(cache, MASTER_PORT=str(free_port())),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     _check(proc)
     return _steps(out)
@@ -60,12 +74,25 @@ def test_two_nodes_without_ssh_select_as_one_node(tmp_path, es_cache, zero0_two_
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     out = tmp_path / "run"
     port = str(free_port())
-    cmd = ["bash", "launch/multi_node_no_ssh.sh", str(hostfile), "--config", str(ZERO0),
-           "--out", str(out), *RUN]
+    cmd = [
+        "bash",
+        "launch/multi_node_no_ssh.sh",
+        str(hostfile),
+        "--config",
+        str(ZERO0),
+        "--out",
+        str(out),
+        *RUN,
+    ]
     nodes = [
-        subprocess.Popen(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         env=_env(es_cache, NODE_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                                  MASTER_PORT=port))
+        subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=_env(es_cache, NODE_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+        )
         for r in (0, 1)
     ]
     results = []

@@ -48,8 +48,12 @@ def _loss_of(ids: torch.Tensor, step: int) -> torch.Tensor:
 
 def _run(rank: int, world: int, port: int, method: str, out: str) -> None:
     if world > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    cfg = EvolvedSamplingConfig(method=method, selection_ratio=K / META, epsilon=0.25 if method == "es" else 0.0)
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+        )
+    cfg = EvolvedSamplingConfig(
+        method=method, selection_ratio=K / META, epsilon=0.25 if method == "es" else 0.0
+    )
     lo, hi = shard_range(N, rank, world)
     table = ScoreTable(hi - lo, offset=lo, s_init=1.0 / N)
     digests, scores, shares = [], [], []
@@ -62,8 +66,15 @@ def _run(rank: int, world: int, port: int, method: str, out: str) -> None:
         losses = _loss_of(ids, step)
         valid = torch.isfinite(losses)
         gs = select_global(
-            cfg, table, step=step, seed=7, ids=ids, losses=losses, valid=valid,
-            prune_weights=torch.ones(per), k=K,
+            cfg,
+            table,
+            step=step,
+            seed=7,
+            ids=ids,
+            losses=losses,
+            valid=valid,
+            prune_weights=torch.ones(per),
+            k=K,
         )
         # locality-first: each rank trains K/W of the chosen samples, its own ones first; the
         # ranks' shares together are the selection, each chosen sample exactly once
@@ -93,8 +104,11 @@ def _launch(world: int, method: str, tmp_path: Path) -> list:
         _run(0, 1, 0, method, str(out))
     else:
         mp.start_processes(
-            _run, args=(world, _free_port(), method, str(out)), nprocs=world,
-            start_method="spawn", join=True,
+            _run,
+            args=(world, _free_port(), method, str(out)),
+            nprocs=world,
+            start_method="spawn",
+            join=True,
         )
     return json.loads(out.read_text())
 

@@ -11,14 +11,31 @@ from conftest import TINY_RUN_ARGS, run_cli
 
 from es_llm.train.metrics import read_jsonl
 
-STEP_KEYS = {"step", "epoch", "train_loss", "lr", "scored", "selected", "wall_clock_s",
-             "selection_digest"}
-SUMMARY_KEYS = {"method", "wall_clock_s", "steps", "epochs", "bp_samples", "scored_samples",
-                "final_val_loss"}
+STEP_KEYS = {
+    "step",
+    "epoch",
+    "train_loss",
+    "lr",
+    "scored",
+    "selected",
+    "wall_clock_s",
+    "selection_digest",
+}
+SUMMARY_KEYS = {
+    "method",
+    "wall_clock_s",
+    "steps",
+    "epochs",
+    "bp_samples",
+    "scored_samples",
+    "final_val_loss",
+}
 
 
 def _ok(proc) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT\n{proc.stdout[-3000:]}\nSTDERR\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nSTDOUT\n{proc.stdout[-3000:]}\nSTDERR\n{proc.stderr[-5000:]}"
+    )
 
 
 def _steps(out: Path) -> list[dict]:
@@ -29,8 +46,21 @@ def _steps(out: Path) -> list[dict]:
 def test_single_rank_es_run_leaves_metrics_summary_and_plot(tmp_path, es_cache, tiny_ds_config):
     out = tmp_path / "run"
     cfg = tiny_ds_config(evolved_sampling={"burn_in_steps": 2})
-    proc = run_cli(["train", "--config", str(cfg), "--out", str(out), "--epochs", "1",
-                    "--max-steps", "8", *TINY_RUN_ARGS], es_cache)
+    proc = run_cli(
+        [
+            "train",
+            "--config",
+            str(cfg),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--max-steps",
+            "8",
+            *TINY_RUN_ARGS,
+        ],
+        es_cache,
+    )
     _ok(proc)
     steps = _steps(out)
     assert len(steps) == 8
@@ -54,8 +84,12 @@ def test_single_rank_es_run_leaves_metrics_summary_and_plot(tmp_path, es_cache, 
 def test_config_without_section_is_plain_uniform_training(tmp_path, es_cache, tiny_ds_config):
     out = tmp_path / "run"
     cfg = tiny_ds_config(evolved_sampling=False)
-    _ok(run_cli(["train", "--config", str(cfg), "--out", str(out), "--max-steps", "3",
-                 *TINY_RUN_ARGS], es_cache))
+    _ok(
+        run_cli(
+            ["train", "--config", str(cfg), "--out", str(out), "--max-steps", "3", *TINY_RUN_ARGS],
+            es_cache,
+        )
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "uniform"
     assert summary["scored_samples"] == 0
@@ -66,8 +100,22 @@ def test_config_without_section_is_plain_uniform_training(tmp_path, es_cache, ti
 def test_two_ranks_through_the_deepspeed_launcher(tmp_path, es_cache, tiny_ds_config):
     out = tmp_path / "run2"
     cfg = tiny_ds_config(evolved_sampling={"method": "eswp", "burn_in_steps": 1})
-    proc = run_cli(["train", "--config", str(cfg), "--out", str(out), "--epochs", "2",
-                    "--max-steps", "20", *TINY_RUN_ARGS], es_cache, ranks=2)
+    proc = run_cli(
+        [
+            "train",
+            "--config",
+            str(cfg),
+            "--out",
+            str(out),
+            "--epochs",
+            "2",
+            "--max-steps",
+            "20",
+            *TINY_RUN_ARGS,
+        ],
+        es_cache,
+        ranks=2,
+    )
     _ok(proc)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
@@ -84,8 +132,9 @@ def test_two_ranks_through_the_deepspeed_launcher(tmp_path, es_cache, tiny_ds_co
 
 
 @pytest.mark.multiproc
-def test_nan_scoring_losses_are_never_selected_and_training_goes_on(tmp_path, es_cache,
-                                                                    tiny_ds_config):
+def test_nan_scoring_losses_are_never_selected_and_training_goes_on(
+    tmp_path, es_cache, tiny_ds_config
+):
     """Poison the scoring pass for ids divisible by 3 (through the public scorer seam):
     counted, never selected, run finishes."""
     out = tmp_path / "nan"
@@ -118,9 +167,21 @@ def test_nan_scoring_losses_are_never_selected_and_training_goes_on(tmp_path, es
     import sys
 
     proc = subprocess.run(
-        [sys.executable, str(script), "train", "--config", str(cfg), "--out", str(out),
-         "--max-steps", "6", *TINY_RUN_ARGS],
-        env={**os.environ, "ES_LLM_CACHE": str(es_cache)}, capture_output=True, text=True,
+        [
+            sys.executable,
+            str(script),
+            "train",
+            "--config",
+            str(cfg),
+            "--out",
+            str(out),
+            "--max-steps",
+            "6",
+            *TINY_RUN_ARGS,
+        ],
+        env={**os.environ, "ES_LLM_CACHE": str(es_cache)},
+        capture_output=True,
+        text=True,
         timeout=600,
     )
     _ok(proc)
@@ -146,8 +207,17 @@ def test_selected_ids_exclude_invalid(tmp_path):
     losses = torch.linspace(1, 4, 16)
     losses[ids % 3 == 0] = float("nan")
     valid = torch.isfinite(losses)
-    gs = select_global(cfg, table, step=3, seed=0, ids=ids, losses=losses, valid=valid,
-                       prune_weights=torch.ones(16), k=8)
+    gs = select_global(
+        cfg,
+        table,
+        step=3,
+        seed=0,
+        ids=ids,
+        losses=losses,
+        valid=valid,
+        prune_weights=torch.ones(16),
+        k=8,
+    )
     assert not bool((gs.selected_ids % 3 == 0).any())
     assert torch.equal(gs.selected_ids, gs.gathered.ids[gs.selection.positions])
     before = table.gather(ids[~valid])

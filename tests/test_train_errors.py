@@ -25,34 +25,43 @@ def test_unknown_method_flag(tmp_path, es_cache):
 
 def test_unknown_method_in_config(tmp_path, es_cache, tiny_ds_config):
     cfg = tiny_ds_config(evolved_sampling={"method": "greedy"})
-    proc = run_cli(["train", "--config", str(cfg), "--out", str(tmp_path), *TINY_RUN_ARGS], es_cache)
+    proc = run_cli(
+        ["train", "--config", str(cfg), "--out", str(tmp_path), *TINY_RUN_ARGS], es_cache
+    )
     _fails_cleanly(proc, "evolved_sampling.method")
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.5, -0.2])
 def test_selection_ratio_outside_unit_interval(tmp_path, es_cache, ratio):
-    proc = run_cli(["train", "--es", f"selection_ratio={ratio}", "--out", str(tmp_path),
-                    *TINY_RUN_ARGS], es_cache)
+    proc = run_cli(
+        ["train", "--es", f"selection_ratio={ratio}", "--out", str(tmp_path), *TINY_RUN_ARGS],
+        es_cache,
+    )
     _fails_cleanly(proc, "selection_ratio", "(0, 1]")
 
 
 def test_batch_that_does_not_divide_into_micro_batches(tmp_path, es_cache, tiny_ds_config):
     cfg = tiny_ds_config(train_batch_size=10)
-    proc = run_cli(["train", "--config", str(cfg), "--out", str(tmp_path), *TINY_RUN_ARGS], es_cache)
+    proc = run_cli(
+        ["train", "--config", str(cfg), "--out", str(tmp_path), *TINY_RUN_ARGS], es_cache
+    )
     _fails_cleanly(proc, "train_batch_size 10", "train_micro_batch_size_per_gpu 4")
 
 
 def test_meta_batch_that_is_not_whole(tmp_path, es_cache, tiny_ds_config):
     cfg = tiny_ds_config(evolved_sampling={"selection_ratio": 0.3})
-    proc = run_cli(["train", "--config", str(cfg), "--out", str(tmp_path), *TINY_RUN_ARGS], es_cache)
+    proc = run_cli(
+        ["train", "--config", str(cfg), "--out", str(tmp_path), *TINY_RUN_ARGS], es_cache
+    )
     _fails_cleanly(proc, "selection_ratio 0.3", "not")
 
 
 def test_empty_dataset(tmp_path, es_cache):
     data = tmp_path / "empty.jsonl"
     data.write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": "   "}) + "\n")
-    proc = run_cli(["train", "--data", str(data), "--out", str(tmp_path / "o"), "--no-progress"],
-                   es_cache)
+    proc = run_cli(
+        ["train", "--data", str(data), "--out", str(tmp_path / "o"), "--no-progress"], es_cache
+    )
     _fails_cleanly(proc, str(data))
 
 
@@ -61,8 +70,19 @@ def test_documents_shorter_than_the_sequence_length(tmp_path, es_cache):
     data.mkdir()
     for i in range(30):
         (data / f"d{i}.txt").write_text(f"tiny document number {i}")
-    proc = run_cli(["train", "--data", str(data), "--seq-len", "4096", "--out", str(tmp_path / "o"),
-                    "--no-progress"], es_cache)
+    proc = run_cli(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--seq-len",
+            "4096",
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ],
+        es_cache,
+    )
     _fails_cleanly(proc, "seq_len")
 
 
@@ -75,12 +95,14 @@ def test_too_little_data_for_one_meta_batch(tmp_path, es_cache, tiny_ds_config):
 
 
 def test_missing_config_file(tmp_path, es_cache):
-    proc = run_cli(["train", "--config", str(tmp_path / "nope.json"), "--out", str(tmp_path)],
-                   es_cache)
+    proc = run_cli(
+        ["train", "--config", str(tmp_path / "nope.json"), "--out", str(tmp_path)], es_cache
+    )
     _fails_cleanly(proc, "nope.json")
 
 
 # ---- the same rules, as pure functions -------------------------------------------------------
+
 
 def test_geometry_derives_gradient_accumulation_per_world_size():
     cfg = {"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4}
@@ -91,13 +113,21 @@ def test_geometry_derives_gradient_accumulation_per_world_size():
 
 
 def test_geometry_rejects_a_meta_batch_that_does_not_split_across_ranks():
-    cfg = {"train_batch_size": 12, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2}
+    cfg = {
+        "train_batch_size": 12,
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 2,
+    }
     with pytest.raises(BatchConfigError, match="does not split evenly across 3 ranks"):
         resolve_geometry(cfg, 3, 0.75)  # 12 / 0.75 = 16 is whole, but not divisible by 3
 
 
 def test_geometry_rejects_inconsistent_triplet():
-    cfg = {"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 3}
+    cfg = {
+        "train_batch_size": 32,
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 3,
+    }
     with pytest.raises(BatchConfigError, match="!= train_micro_batch_size_per_gpu 4"):
         resolve_geometry(cfg, 2, 1.0)
 
@@ -105,8 +135,9 @@ def test_geometry_rejects_inconsistent_triplet():
 def test_method_flag_overrides_and_uniform_without_section():
     assert es_config_for_run({}, None).method == "uniform"
     assert es_config_for_run({}, "eswp").method == "eswp"
-    cfg = es_config_for_run({"evolved_sampling": {"method": "es", "beta1": 0.3}}, "topk",
-                            {"tau": 2.0})
+    cfg = es_config_for_run(
+        {"evolved_sampling": {"method": "es", "beta1": 0.3}}, "topk", {"tau": 2.0}
+    )
     assert (cfg.method, cfg.beta1, cfg.tau) == ("topk", 0.3, 2.0)
 
 
@@ -115,8 +146,10 @@ def test_deepspeed_config_strips_section_and_fills_auto():
 
     ds = {
         "train_batch_size": 32,
-        "scheduler": {"type": "WarmupCosineLR",
-                      "params": {"total_num_steps": "auto", "warmup_num_steps": "auto"}},
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {"total_num_steps": "auto", "warmup_num_steps": "auto"},
+        },
         "evolved_sampling": {"method": "es"},
     }
     out = deepspeed_config(ds, BatchGeometry(2, 32, 8, 2, 64), total_steps=200)
