@@ -19,6 +19,7 @@ import torch
 from es_llm.core.policies import es_weights
 from es_llm.core.pruning import plan_epoch
 from es_llm.core.scores import ScoreTable
+from es_llm.errors import InputError
 
 __all__ = ["run_scores_bench"]
 
@@ -86,7 +87,8 @@ def run_scores_bench(
             rescale=True,
         )
         plan_times.append(time.perf_counter() - t0)
-    assert plan is not None
+    if plan is None:
+        raise InputError(f"--repeats must be >= 1, got {repeats}")
     kept = plan.num_kept()
 
     steps = 50
