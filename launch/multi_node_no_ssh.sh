@@ -16,20 +16,8 @@ fi
 : "${MASTER_ADDR:?set MASTER_ADDR to node 0's address}"
 HOSTFILE=$1
 shift
-# The launcher: $DEEPSPEED when set (e.g. "python3 -m deepspeed.launcher.runner"), else the
-# `deepspeed` script, else the same launcher through $PYTHON (default python3) when the script
-# is not on PATH (wheels installed with --target, some images).
-PYTHON=${PYTHON:-python3}
-if [[ -n "${DEEPSPEED:-}" ]]; then
-  read -r -a DS <<<"$DEEPSPEED"
-elif command -v deepspeed >/dev/null 2>&1; then
-  DS=(deepspeed)
-else
-  DS=("$PYTHON" -m deepspeed.launcher.runner)
-fi
-if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"  # PYTHON, DS, one_thread_per_rank_on_cpu
+one_thread_per_rank_on_cpu
 # shellcheck disable=SC2086
 exec "${DS[@]}" --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" \
   --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" ${DS_LAUNCHER_ARGS:-} \

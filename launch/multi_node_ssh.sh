@@ -18,16 +18,6 @@ ARGS=(--hostfile "$HOSTFILE" --launcher "${LAUNCHER:-pdsh}" --master_port "${MAS
 if [[ -n "${MASTER_ADDR:-}" ]]; then
   ARGS+=(--master_addr "$MASTER_ADDR")
 fi
-# The launcher: $DEEPSPEED when set (e.g. "python3 -m deepspeed.launcher.runner"), else the
-# `deepspeed` script, else the same launcher through $PYTHON (default python3) when the script
-# is not on PATH (wheels installed with --target, some images).
-PYTHON=${PYTHON:-python3}
-if [[ -n "${DEEPSPEED:-}" ]]; then
-  read -r -a DS <<<"$DEEPSPEED"
-elif command -v deepspeed >/dev/null 2>&1; then
-  DS=(deepspeed)
-else
-  DS=("$PYTHON" -m deepspeed.launcher.runner)
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"  # PYTHON, DS, one_thread_per_rank_on_cpu
 # shellcheck disable=SC2086
 exec "${DS[@]}" "${ARGS[@]}" ${DS_LAUNCHER_ARGS:-} --module es_llm.cli train "$@"

@@ -102,6 +102,20 @@ def _mark_epochs(ax: Any, marks: list[tuple[float, int]]) -> None:
         )
 
 
+def _plot_validation(ax: Any, evals: list[dict[str, Any]], x_key: str) -> None:
+    """The validation curve (one marker per evaluation) against `x_key` of the eval records."""
+    if evals:
+        ax.plot(
+            [r[x_key] for r in evals],
+            [r["val_loss"] for r in evals],
+            "o-",
+            color=VAL_COLOR,
+            ms=5,
+            lw=1.8,
+            label="validation loss",
+        )
+
+
 def plot_loss_curves(metrics_path: Path, out_png: Path, title: str) -> None:
     """Loss against optimizer step (training, its moving average and validation, epoch
     boundaries marked) and, in a second panel, the same against training wall-clock."""
@@ -122,16 +136,7 @@ def plot_loss_curves(metrics_path: Path, out_png: Path, title: str) -> None:
     ax1.plot(step_x, train, color=TRAIN_COLOR, lw=0.8, label="training loss (selected batch)")
     if window > 1:
         ax1.plot(step_x, smooth, color=SMOOTH_COLOR, lw=1.8, label=f"training, mean of {window}")
-    if evals:
-        ax1.plot(
-            [r["step"] for r in evals],
-            [r["val_loss"] for r in evals],
-            "o-",
-            color=VAL_COLOR,
-            ms=5,
-            lw=1.8,
-            label="validation loss",
-        )
+    _plot_validation(ax1, evals, "step")
     marks = epoch_boundaries(steps)
     _mark_epochs(ax1, marks)
     ax1.set_xlabel("optimizer step")
@@ -142,16 +147,7 @@ def plot_loss_curves(metrics_path: Path, out_png: Path, title: str) -> None:
 
     if all(c is not None for c in clock_x):
         ax2.plot(clock_x, smooth, color=SMOOTH_COLOR, lw=1.8, label="training (mean)")
-    if evals:
-        ax2.plot(
-            [r["wall_clock_s"] for r in evals],
-            [r["val_loss"] for r in evals],
-            "o-",
-            color=VAL_COLOR,
-            ms=5,
-            lw=1.8,
-            label="validation loss",
-        )
+    _plot_validation(ax2, evals, "wall_clock_s")
     if marks and all(c is not None for c in clock_x):  # the same boundaries, in seconds
         _mark_epochs(ax2, [(_interp(x, step_x, clock_x), e) for x, e in marks])
     ax2.set_xlabel("training wall-clock (s, evaluation excluded)")
