@@ -286,8 +286,8 @@ class ESDataPath:
             g, a = gs.gathered, gs.assignment
             meta_ok = torch.isfinite(g.losses) & g.valid
             chosen = a.positions
-            sel_ok = meta_ok[gs.selection.positions.to(comm)]
-            sel_losses = g.losses[gs.selection.positions.to(comm)]
+            sel_pos = gs.selection.positions.to(comm)
+            sel_ok, sel_losses = meta_ok[sel_pos], g.losses[sel_pos]
             packed = torch.cat(
                 [
                     gs.selected_ids,
