@@ -97,3 +97,24 @@ def test_too_little_data_for_one_meta_batch_is_an_input_error():
     small = datasets.Dataset.from_dict({"input_ids": [[1] * T] * 5})
     with pytest.raises(DataPathError, match="fewer than one meta-batch of 8"):
         ESDataPath(es, GEO, small, seed=0, epochs=1, scorer=_scorer)
+
+
+@pytest.mark.parametrize("method", ["lp", "es", "prune"])
+def test_plain_steps_score_by_the_methods_own_rule(method):
+    """Burn-in / plain steps score for free from the training losses, by the rule the method's
+    selection reads: lp keeps the last loss (its weight is the progress since), every other
+    method the beta2 EMA from s_init."""
+    dp = _path(method)
+    a = dp.assign(dp.next_step())
+    for i in range(0, a.ids.numel(), GEO.micro):
+        ids = a.ids[i : i + GEO.micro]
+        dp.observe_training_losses(a, ids, (ids.float() * 0.01).cos())
+    dp.finish_step(a)
+    got = dp.table.gather(a.ids)
+    loss = (a.ids.float() * 0.01).cos()
+    if method == "lp":
+        assert torch.equal(got, loss)
+    else:
+        b2 = dp.es.beta2
+        s_init = torch.full_like(loss, dp.es.s_init if dp.es.s_init is not None else 1.0 / N)
+        torch.testing.assert_close(got, b2 * s_init + (1 - b2) * loss, rtol=0, atol=1e-6)

@@ -17,6 +17,7 @@ __all__ = [
     "METHODS",
     "es_weights",
     "method_weights",
+    "score_update",
     "select_without_replacement",
     "valid_weight_mask",
 ]
@@ -31,6 +32,22 @@ def es_weights(
     w = beta1 * s + (1.0 - beta1) * lo
     s_new = beta2 * s + (1.0 - beta2) * lo
     return w, s_new
+
+
+def score_update(
+    method: str, prev_scores: torch.Tensor, losses: torch.Tensor, beta2: float
+) -> torch.Tensor:
+    """A sample's new score after a visit with loss ``losses``, by the method's own rule.
+
+    lp keeps the last loss (its weight is the progress since that visit); every other method
+    keeps the beta2 EMA. The one rule for scoring steps and for the free scoring of plain
+    steps (burn-in, anneal, prune), so an lp run with burn-in starts selecting from real
+    last losses instead of from EMAs that no later loss can fall below.
+    """
+    lo = torch.as_tensor(losses).to(torch.float32)
+    if method == "lp":
+        return lo.clone()
+    return beta2 * torch.as_tensor(prev_scores).to(torch.float32) + (1.0 - beta2) * lo
 
 
 def method_weights(
@@ -69,7 +86,7 @@ def method_weights(
         w = torch.ones_like(s_new)
     elif method == "lp":
         w = progress_weights(prev_scores, lo, lp_floor)
-        s_new = lo.clone()
+        s_new = score_update(method, prev_scores, lo, beta2)
     else:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if trim_top > 0 or trim_z is not None:

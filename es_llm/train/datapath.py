@@ -27,7 +27,7 @@ import torch
 
 from es_llm import dist
 from es_llm.config import EvolvedSamplingConfig
-from es_llm.core.policies import method_weights
+from es_llm.core.policies import score_update
 from es_llm.core.pruning import EpochPlan
 from es_llm.core.schedule import (
     Phase,
@@ -359,9 +359,7 @@ class ESDataPath:
             return
         tdev = self.table.device
         ids_t, losses_t = ids.to(tdev), losses.to(tdev)
-        _, s_new = method_weights(
-            "ema", self.table.gather(ids_t), losses_t, self.es.beta1, self.es.beta2
-        )
+        s_new = score_update(self.es.method, self.table.gather(ids_t), losses_t, self.es.beta2)
         self.table.update(ids_t, s_new, torch.isfinite(losses_t))
 
     def finish_step(self, a: StepAssignment) -> dict[str, Any]:
