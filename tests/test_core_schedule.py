@@ -9,7 +9,7 @@ from es_llm.core.schedule import Phase, estimate_total_steps, phase_for_step
 
 def _replay(cfg: EvolvedSamplingConfig, planned: int, n: int, b: int, bm: int, epochs: int) -> int:
     """An independent, literal replay of the training loop's epoch/step structure."""
-    spe = max(1, n // (bm if cfg.uses_scoring_forward else b))
+    spe = max(1, n // b)  # burn-in epochs count plain steps of b
     step = 0
     for _ in range(epochs):
         pos = 0
@@ -65,3 +65,17 @@ def test_max_steps_caps_and_pruning_counts_expected_kept() -> None:
         cfg, min_local=1000, train_per_rank=5, meta_per_rank=10, epochs=4, max_steps=12
     )
     assert capped == 12
+
+
+def test_a_burn_in_epoch_trains_the_whole_first_epoch_in_plain_steps() -> None:
+    """burn_in_epochs=1 at ratio 0.5: all 400 samples of epoch 0 go in plain steps of 4 (100
+    steps), selection (steps of 8) starts with epoch 1."""
+    cfg = EvolvedSamplingConfig(method="lp", selection_ratio=0.5, burn_in_epochs=1)
+    total = estimate_total_steps(cfg, min_local=400, train_per_rank=4, meta_per_rank=8, epochs=3)
+    assert total == 100 + 2 * (400 // 8)
+    assert [phase_for_step(s, total, cfg, 100) for s in (0, 99, 100)] == [
+        Phase.BURN_IN,
+        Phase.BURN_IN,
+        Phase.SELECT,
+    ]
+    assert _replay(cfg, total, 400, 4, 8, 3) == total

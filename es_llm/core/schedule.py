@@ -36,7 +36,11 @@ def _ceil(x: float) -> int:
 def resolve_burn_in_steps(
     cfg: EvolvedSamplingConfig, total_steps: int, steps_per_epoch: int
 ) -> int:
-    """burn_in_steps, else burn_in_epochs * steps_per_epoch, else ceil(1% of total); <= total."""
+    """burn_in_steps, else burn_in_epochs * steps_per_epoch, else ceil(1% of total); <= total.
+
+    ``steps_per_epoch`` counts *plain* steps (batches of B): a burn-in epoch trains every
+    sample of the epoch once, whatever the selection ratio of the steps after it.
+    """
     if cfg.burn_in_steps is not None:
         steps = cfg.burn_in_steps
     elif cfg.burn_in_epochs is not None:
@@ -86,14 +90,15 @@ def _count_steps(
     longer fits.
     """
     scoring = cfg.uses_scoring_forward
-    steps_per_epoch = max(1, min_local // (meta_per_rank if scoring else train_per_rank))
+    plain_steps_per_epoch = max(1, min_local // train_per_rank)
     step = 0
     for epoch in range(epochs):
         available = _expected_kept(cfg, epoch, epochs, min_local)
         pos = 0
         while True:
             selecting = (
-                scoring and phase_for_step(step, planned, cfg, steps_per_epoch) == Phase.SELECT
+                scoring
+                and phase_for_step(step, planned, cfg, plain_steps_per_epoch) == Phase.SELECT
             )
             need = meta_per_rank if selecting else train_per_rank
             if pos + need > available:

@@ -141,8 +141,12 @@ class ESDataPath:
             max_steps=max_steps,
         )
         self.steps_per_epoch = max(1, self.min_local // need)
+        # burn-in epochs count plain steps (batches of B), see resolve_burn_in_steps
+        self._plain_steps_per_epoch = max(1, self.min_local // geo.train_per_rank)
         self.burn_in_steps = (
-            resolve_burn_in_steps(es, self.total_steps, self.steps_per_epoch) if scoring else 0
+            resolve_burn_in_steps(es, self.total_steps, self._plain_steps_per_epoch)
+            if scoring
+            else 0
         )
         self.table = ScoreTable(
             self.hi - self.lo, offset=self.lo, s_init=es.resolved_s_init(n), device=self.device
@@ -169,7 +173,7 @@ class ESDataPath:
     def phase(self) -> Phase:
         if not self.es.uses_scoring_forward:
             return Phase.PLAIN  # plain batches of B (uniform, prune)
-        return phase_for_step(self.step, self.total_steps, self.es, self.steps_per_epoch)
+        return phase_for_step(self.step, self.total_steps, self.es, self._plain_steps_per_epoch)
 
     def _start_epoch(self) -> None:
         """Epoch head (a collective): ESWP plan, visiting order, lock-step sample count."""
