@@ -114,7 +114,13 @@ def run_cli(
     """Run `es-llm ...` (1 rank) or the deepspeed launcher (several ranks) as a real process."""
     import os
 
-    full_env = {**os.environ, "ES_LLM_CACHE": str(cache), "PYTHONUNBUFFERED": "1", **(env or {})}
+    # One OpenMP thread per process unless the caller says otherwise: the tiny model gains
+    # nothing from a second thread, and on a 2-core machine that is busy with anything else
+    # (the other rank, a parallel job) two spinning OpenMP threads made the steps of a
+    # single-rank run ~10x slower. es_llm.dist.share_cpu_threads' own choice (used when
+    # OMP_NUM_THREADS is unset) is tested directly in tests/test_dist_threads.py.
+    full_env = {**os.environ, "ES_LLM_CACHE": str(cache), "PYTHONUNBUFFERED": "1",
+                "OMP_NUM_THREADS": "1", **(env or {})}  # fmt: skip
     if ranks == 1:
         cmd = [sys.executable, "-m", "es_llm.cli", *args]
     else:
