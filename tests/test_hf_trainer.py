@@ -66,11 +66,27 @@ def _key(r: dict) -> tuple:
     return (r["step"], r["epoch"], r["phase"], r["scored"], r["selected"], r["selection_digest"])
 
 
+@pytest.fixture(scope="module")
+def hf_six_steps(tmp_path_factory, es_cache):
+    """The uninterrupted 6-step Trainer run with HF_CONFIG, once per world size: the native-loop
+    comparison and the resume test both compare against this very run (the same command line
+    either test started on its own before), so it is trained once per module, not twice."""
+    runs: dict[int, list[dict]] = {}
+
+    def get(ranks: int) -> tuple[Path, list[dict]]:
+        out = tmp_path_factory.getbasetemp() / f"hf_six_steps_{ranks}"
+        if ranks not in runs:
+            runs[ranks] = _run_hf(out, es_cache, ranks, HF_CONFIG, "--max-steps", "6")
+        return out, runs[ranks]
+
+    return get
+
+
 @pytest.mark.multiproc
 @pytest.mark.parametrize("ranks", [1, 2])
-def test_trainer_selects_what_the_native_loop_selects(tmp_path, es_cache, ranks):
+def test_trainer_selects_what_the_native_loop_selects(tmp_path, es_cache, hf_six_steps, ranks):
     before = HF_CONFIG.read_text()
-    hf = _run_hf(tmp_path / "hf", es_cache, ranks, HF_CONFIG, "--max-steps", "4")
+    hf_out, hf = hf_six_steps(ranks)
     native = _run_native(
         tmp_path / "native",
         es_cache,
@@ -79,23 +95,24 @@ def test_trainer_selects_what_the_native_loop_selects(tmp_path, es_cache, ranks)
         "--max-train-samples",
         "256",
         "--max-steps",
-        "4",
+        "6",
     )
+    # (hf_train_script.py also checks, in every run, that the config file was left as it was)
     assert HF_CONFIG.read_text() == before  # the section was stripped from HF's copy only
-    assert [r["phase"] for r in hf] == ["burn_in", "select", "select", "select"]
+    assert [r["phase"] for r in hf] == ["burn_in"] + ["select"] * 5
     assert hf[1]["scored"] == 8 * ranks and hf[1]["selected"] == 4 * ranks
     assert [_key(r) for r in hf] == [_key(r) for r in native]
     # scoring losses are bitwise equal too: the same model state at every step
     assert [r["meta_loss"] for r in hf] == [r["meta_loss"] for r in native]
-    summary = json.loads((tmp_path / "hf" / "summary.json").read_text())
-    assert summary["global_step"] == 4 and summary["world_size"] == ranks
+    summary = json.loads((hf_out / "summary.json").read_text())
+    assert summary["global_step"] == 6 and summary["world_size"] == ranks
     if ranks == 2:
         # ZeRO-3 through the Trainer: partitioned parameters, gathered by the scoring forward
         cfg = json.loads(HF_CONFIG.read_text())
         cfg["zero_optimization"] = {"stage": 3, "stage3_param_persistence_threshold": 0}
         path = tmp_path / "zero3.json"
         path.write_text(json.dumps(cfg))
-        z3 = _run_hf(tmp_path / "hf_zero3", es_cache, ranks, path, "--max-steps", "4")
+        z3 = _run_hf(tmp_path / "hf_zero3", es_cache, ranks, path, "--max-steps", "6")
         assert [_key(r) for r in z3] == [_key(r) for r in native]
 
 
@@ -122,12 +139,13 @@ def test_trainer_eswp_across_epochs_matches_native(tmp_path, es_cache):
 @pytest.mark.multiproc
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_trainer_resumes_from_its_checkpoint_and_selects_what_an_uninterrupted_run_selects(
-    tmp_path, es_cache, ranks
+    tmp_path, es_cache, hf_six_steps, ranks
 ):
     """Stop after step 3 (observed: the Trainer's own step counter), resume from the Trainer
     checkpoint with resume_from_checkpoint: every step selects what the uninterrupted run
     selects, with bitwise-equal scoring losses (same weights, same scores, same position)."""
-    ref = _run_hf(tmp_path / "ref", es_cache, ranks, HF_CONFIG, "--max-steps", "6")
+    _, ref = hf_six_steps(ranks)
+    assert [r["step"] for r in ref] == [1, 2, 3, 4, 5, 6]
     cut_dir = tmp_path / "cut"
     cut = _run_hf(cut_dir, es_cache, ranks, HF_CONFIG, "--max-steps", "6", "--save-steps", "3",
                   "--stop-after", "3")  # fmt: skip
