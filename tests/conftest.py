@@ -12,7 +12,17 @@ through the environment they inherit.
 import os
 import sys
 
-import torch
+# One OpenMP thread in this process and in every process the tests start (they inherit it),
+# unless OMP_NUM_THREADS is set already. Set before torch is imported: its thread pool is sized
+# then. The tiny models gain nothing from a second thread, and on a 2-core machine busy with
+# anything else (the other rank, a parallel job) spinning OpenMP threads made a 10-step
+# single-rank run take 79 s instead of 19 s, and the in-process plain-loop test 43 s instead of
+# 20 s (measured back to back). The multi-rank tests set it to 1 themselves as well.
+# es_llm.dist.share_cpu_threads' default (OMP_NUM_THREADS unset) is tested directly, in
+# tests/test_dist_threads.py.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 if torch.cuda.is_available():
     torch.cuda.init()  # from here on this process keeps its GPUs, whatever the environment says
@@ -114,13 +124,7 @@ def run_cli(
     """Run `es-llm ...` (1 rank) or the deepspeed launcher (several ranks) as a real process."""
     import os
 
-    # One OpenMP thread per process unless the caller says otherwise: the tiny model gains
-    # nothing from a second thread, and on a 2-core machine that is busy with anything else
-    # (the other rank, a parallel job) two spinning OpenMP threads made the steps of a
-    # single-rank run ~10x slower. es_llm.dist.share_cpu_threads' own choice (used when
-    # OMP_NUM_THREADS is unset) is tested directly in tests/test_dist_threads.py.
-    full_env = {**os.environ, "ES_LLM_CACHE": str(cache), "PYTHONUNBUFFERED": "1",
-                "OMP_NUM_THREADS": "1", **(env or {})}  # fmt: skip
+    full_env = {**os.environ, "ES_LLM_CACHE": str(cache), "PYTHONUNBUFFERED": "1", **(env or {})}
     if ranks == 1:
         cmd = [sys.executable, "-m", "es_llm.cli", *args]
     else:

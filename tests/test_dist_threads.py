@@ -1,8 +1,9 @@
 """es_llm.dist.share_cpu_threads: each local rank gets its share of the cores on CPU, unless
 OMP_NUM_THREADS says otherwise.
 
-The end-to-end tests start their processes with OMP_NUM_THREADS=1 (tests/conftest.py), so
-the default branch is checked here, in this process, with the thread count restored after."""
+The test session runs with OMP_NUM_THREADS=1 (tests/conftest.py), so every training run the
+tests start takes the other branch; the default one is checked here, in this process, with
+the thread count restored after."""
 
 from __future__ import annotations
 

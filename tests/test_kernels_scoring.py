@@ -157,7 +157,6 @@ def test_zero3_engine_scores_like_the_plain_model(tmp_path) -> None:
 
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-           "OMP_NUM_THREADS": "1",  # a tiny model: a second OpenMP thread only contends
            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
     proc = subprocess.run(
         [sys.executable, "-c", ZERO3_SCRIPT, str(REPO / "configs/ds/cpu_test_zero3.json")],

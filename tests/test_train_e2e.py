@@ -179,7 +179,7 @@ def test_nan_scoring_losses_are_never_selected_and_training_goes_on(
             "6",
             *TINY_RUN_ARGS,
         ],
-        env={**os.environ, "ES_LLM_CACHE": str(es_cache), "OMP_NUM_THREADS": "1"},  # as run_cli
+        env={**os.environ, "ES_LLM_CACHE": str(es_cache)},
         capture_output=True,
         text=True,
         timeout=600,
