@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port, run_cli
+from conftest import REPO, StartedCli, free_port, run_cli
 
 from es_llm.train.metrics import read_jsonl
 
@@ -62,6 +62,31 @@ def _run_native(out: Path, cache: Path, ranks: int, config: Path, *extra: str) -
     return [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "step"]
 
 
+@pytest.fixture
+def native_beside(es_cache):
+    """Start the native run of a 1-rank comparison in the background: one single-threaded
+    process, it trains on the second core while the test runs the Trainer side (the runs are
+    independent). Returns a function that waits for it and gives its steps, as _run_native.
+    Whatever is still running at the end of the test is killed."""
+    started: list[StartedCli] = []
+
+    def start(out: Path, config: Path, *extra: str):
+        args = ["train", "--config", str(config), "--out", str(out), *DATA_ARGS, "--no-progress",
+                *extra]  # fmt: skip
+        s = StartedCli(args, es_cache, out.parent / f"{out.name}_logs", env=THREADS)
+        started.append(s)
+
+        def steps() -> list[dict]:
+            _ok(s.result())
+            return [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "step"]
+
+        return steps
+
+    yield start
+    for s in started:
+        s.kill()
+
+
 def _key(r: dict) -> tuple:
     return (r["step"], r["epoch"], r["phase"], r["scored"], r["selected"], r["selection_digest"])
 
@@ -84,19 +109,18 @@ def hf_six_steps(tmp_path_factory, es_cache):
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("ranks", [1, 2])
-def test_trainer_selects_what_the_native_loop_selects(tmp_path, es_cache, hf_six_steps, ranks):
+def test_trainer_selects_what_the_native_loop_selects(
+    tmp_path, es_cache, hf_six_steps, native_beside, ranks
+):
     before = HF_CONFIG.read_text()
-    hf_out, hf = hf_six_steps(ranks)
-    native = _run_native(
-        tmp_path / "native",
-        es_cache,
-        ranks,
-        HF_CONFIG,
-        "--max-train-samples",
-        "256",
-        "--max-steps",
-        "6",
-    )
+    native_args = ("--max-train-samples", "256", "--max-steps", "6")
+    if ranks == 1:  # beside the Trainer run (a 2-rank run takes both cores: one after the other)
+        native_steps = native_beside(tmp_path / "native", HF_CONFIG, *native_args)
+        hf_out, hf = hf_six_steps(ranks)
+        native = native_steps()
+    else:
+        hf_out, hf = hf_six_steps(ranks)
+        native = _run_native(tmp_path / "native", es_cache, ranks, HF_CONFIG, *native_args)
     # (hf_train_script.py also checks, in every run, that the config file was left as it was)
     assert HF_CONFIG.read_text() == before  # the section was stripped from HF's copy only
     assert [r["phase"] for r in hf] == ["burn_in"] + ["select"] * 5
@@ -117,17 +141,18 @@ def test_trainer_selects_what_the_native_loop_selects(tmp_path, es_cache, hf_six
 
 
 @pytest.mark.multiproc
-def test_trainer_eswp_across_epochs_matches_native(tmp_path, es_cache):
+def test_trainer_eswp_across_epochs_matches_native(tmp_path, es_cache, native_beside):
     """ESWP over 2 epochs: the pruned second epoch, its rescale weights and the epoch boundary
     inside the stream follow the native loop step for step."""
     cfg = json.loads(HF_CONFIG.read_text())
     cfg["evolved_sampling"]["method"] = "eswp"
     path = tmp_path / "eswp.json"
     path.write_text(json.dumps(cfg))
+    native_steps = native_beside(
+        tmp_path / "native", path, "--epochs", "2", "--max-train-samples", "64"
+    )  # beside the Trainer run
     hf = _run_hf(tmp_path / "hf", es_cache, 1, path, "--epochs", "2", "--max-train-samples", "64")
-    native = _run_native(
-        tmp_path / "native", es_cache, 1, path, "--epochs", "2", "--max-train-samples", "64"
-    )
+    native = native_steps()
     # Both drive the same data path, which stops at the planned step count (14 here) or when
     # the pruned epochs run out. Every step the Trainer ran is the native one.
     assert len(hf) == 14 and len(native) >= len(hf)
