@@ -12,7 +12,17 @@ through the environment they inherit.
 import os
 import sys
 
-import torch
+# One OpenMP thread in this process and in every process the tests start (they inherit it),
+# unless OMP_NUM_THREADS is set already. Set before torch is imported: its thread pool is sized
+# then. The tiny models gain nothing from a second thread, and on a 2-core machine busy with
+# anything else (the other rank, a parallel job) spinning OpenMP threads made a 10-step
+# single-rank run take 79 s instead of 19 s, and the in-process plain-loop test 43 s instead of
+# 20 s (measured back to back). The multi-rank tests set it to 1 themselves as well.
+# es_llm.dist.share_cpu_threads' default (OMP_NUM_THREADS unset) is tested directly, in
+# tests/test_dist_threads.py.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 if torch.cuda.is_available():
     torch.cuda.init()  # from here on this process keeps its GPUs, whatever the environment says
@@ -88,30 +98,32 @@ def es_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("es_llm_cache")
 
 
+def write_ds_config(folder: Path, **changes) -> Path:
+    """Write the tiny DeepSpeed config (optionally modified) into `folder`; return its path."""
+    cfg = json.loads(json.dumps(TINY_DS_CONFIG))
+    es = changes.pop("evolved_sampling", None)
+    cfg.update(changes)
+    if es is not None:
+        if es is False:
+            cfg.pop("evolved_sampling")
+        else:
+            cfg["evolved_sampling"].update(es)
+    path = folder / f"ds_{abs(hash(json.dumps(cfg, sort_keys=True)))}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
 @pytest.fixture
 def tiny_ds_config(tmp_path: Path):
     """Write a tiny DeepSpeed config (optionally modified) and return its path."""
 
     def make(**changes) -> Path:
-        cfg = json.loads(json.dumps(TINY_DS_CONFIG))
-        es = changes.pop("evolved_sampling", None)
-        cfg.update(changes)
-        if es is not None:
-            if es is False:
-                cfg.pop("evolved_sampling")
-            else:
-                cfg["evolved_sampling"].update(es)
-        path = tmp_path / f"ds_{abs(hash(json.dumps(cfg, sort_keys=True)))}.json"
-        path.write_text(json.dumps(cfg))
-        return path
+        return write_ds_config(tmp_path, **changes)
 
     return make
 
 
-def run_cli(
-    args: list[str], cache: Path, *, ranks: int = 1, timeout: int = 600, env: dict | None = None
-) -> subprocess.CompletedProcess:
-    """Run `es-llm ...` (1 rank) or the deepspeed launcher (several ranks) as a real process."""
+def _cli_command(args: list[str], cache: Path, ranks: int, env: dict | None):
     import os
 
     full_env = {**os.environ, "ES_LLM_CACHE": str(cache), "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -130,6 +142,61 @@ def run_cli(
             "es_llm.cli",
             *args,
         ]
+    return cmd, full_env
+
+
+def run_cli(
+    args: list[str], cache: Path, *, ranks: int = 1, timeout: int = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run `es-llm ...` (1 rank) or the deepspeed launcher (several ranks) as a real process."""
+    cmd, full_env = _cli_command(args, cache, ranks, env)
     return subprocess.run(
         cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+class StartedCli:
+    """`run_cli` started in the background: independent single-rank runs that several tests
+    check can go side by side (each is one single-threaded process; the machine has 2 cores),
+    each test then waiting for its own with `result()`."""
+
+    def __init__(self, args: list[str], cache: Path, logs: Path, *, timeout: int = 600,
+                 env: dict | None = None) -> None:  # fmt: skip
+        cmd, full_env = _cli_command(args, cache, 1, env)
+        logs.mkdir(parents=True, exist_ok=True)
+        self._out, self._err = logs / "stdout.txt", logs / "stderr.txt"
+        self.timeout = timeout
+        with self._out.open("w") as out, self._err.open("w") as err:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=out, stderr=err)
+        self._done: subprocess.CompletedProcess | None = None
+
+    def result(self) -> subprocess.CompletedProcess:
+        """Wait for the process; what `run_cli` would have returned."""
+        if self._done is None:
+            try:
+                rc = self.proc.wait(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise
+            self._done = subprocess.CompletedProcess(
+                self.proc.args, rc, self._out.read_text(), self._err.read_text()
+            )
+        return self._done
+
+    def kill(self) -> None:
+        """Kill the process and whatever it started (`es-llm compare` starts its runs)."""
+        import contextlib
+
+        import psutil
+
+        if self.proc.poll() is not None:
+            return
+        try:
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            children = []
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        self.proc.kill()
+        self.proc.wait()

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import TINY_RUN_ARGS, run_cli
+from conftest import TINY_RUN_ARGS, StartedCli, run_cli, write_ds_config
 
 from es_llm.compare.cli import DEFAULT_METHODS, parse_grid, parse_variant
 from es_llm.compare.metrics import (
@@ -372,15 +372,40 @@ def _ok(proc) -> None:
     )
 
 
+@pytest.fixture(scope="module")
+def compare_runs(tmp_path_factory, es_cache):
+    """The two end-to-end `es-llm compare` commands of the tests below, started side by side.
+
+    Each is independent of the other and trains its runs one at a time, in one single-threaded
+    process, so on 2 cores they run together in about the time of the longer one. Each test
+    waits for its own command and checks its outputs, as when it ran the command itself."""
+    root = tmp_path_factory.mktemp("compare_e2e")
+    e2e_out, grid_out = root / "cmp", root / "grid"
+    e2e_cfg = write_ds_config(root, evolved_sampling={"burn_in_steps": 1})
+    grid_cfg = write_ds_config(root, evolved_sampling={"method": "prune"})
+    started = {
+        "e2e": StartedCli(["compare", "--config", str(e2e_cfg), "--methods", "uniform,es",
+                           "--epochs", "1", "--max-steps", "10", "--es", "beta1=0.3", "--out",
+                           str(e2e_out), *TINY_RUN_ARGS],
+                          es_cache, root / "e2e_logs", timeout=1800),
+        "grid": StartedCli(["compare", "--config", str(grid_cfg), "--methods", "uniform,prune",
+                            "--epochs-grid", "1,2", "--max-steps", "4", "--no-matched", "--out",
+                            str(grid_out), *TINY_RUN_ARGS],
+                           es_cache, root / "grid_logs", timeout=1800),
+    }  # fmt: skip
+    try:
+        yield {"e2e": (started["e2e"], e2e_out), "grid": (started["grid"], grid_out)}
+    finally:
+        for s in started.values():
+            s.kill()
+
+
 @pytest.mark.multiproc
-def test_compare_end_to_end_writes_json_table_and_plot(tmp_path, es_cache, tiny_ds_config):
+def test_compare_end_to_end_writes_json_table_and_plot(compare_runs):
     from es_llm.train.loop import TrainOptions
 
-    out = tmp_path / "cmp"
-    cfg = tiny_ds_config(evolved_sampling={"burn_in_steps": 1})
-    proc = run_cli(["compare", "--config", str(cfg), "--methods", "uniform,es", "--epochs", "1",
-                    "--max-steps", "10", "--es", "beta1=0.3", "--out", str(out),
-                    *TINY_RUN_ARGS], es_cache, timeout=1800)  # fmt: skip
+    started, out = compare_runs["e2e"]
+    proc = started.result()
     _ok(proc)
     result = json.loads((out / "compare.json").read_text())
     assert list(result["methods"]) == ["uniform", "es", MATCHED]
@@ -413,15 +438,9 @@ def test_compare_end_to_end_writes_json_table_and_plot(tmp_path, es_cache, tiny_
 
 
 @pytest.mark.multiproc
-def test_epochs_grid_writes_one_comparison_per_budget_and_grid_json(
-    tmp_path, es_cache, tiny_ds_config
-):
-    out = tmp_path / "grid"
-    cfg = tiny_ds_config(evolved_sampling={"method": "prune"})
-    proc = run_cli(["compare", "--config", str(cfg), "--methods", "uniform,prune",
-                    "--epochs-grid", "1,2", "--max-steps", "4", "--no-matched", "--out", str(out),
-                    *TINY_RUN_ARGS], es_cache, timeout=1800)  # fmt: skip
-    _ok(proc)
+def test_epochs_grid_writes_one_comparison_per_budget_and_grid_json(compare_runs):
+    started, out = compare_runs["grid"]
+    _ok(started.result())
     grid = json.loads((out / "grid.json").read_text())
     assert set(grid["epochs"]) == {"1", "2"}
     for e in ("1", "2"):

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port, run_cli
+from conftest import REPO, StartedCli, free_port, run_cli
 
 from es_llm.train.metrics import read_jsonl
 
@@ -62,55 +62,97 @@ def _run_native(out: Path, cache: Path, ranks: int, config: Path, *extra: str) -
     return [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "step"]
 
 
+@pytest.fixture
+def native_beside(es_cache):
+    """Start the native run of a 1-rank comparison in the background: one single-threaded
+    process, it trains on the second core while the test runs the Trainer side (the runs are
+    independent). Returns a function that waits for it and gives its steps, as _run_native.
+    Whatever is still running at the end of the test is killed."""
+    started: list[StartedCli] = []
+
+    def start(out: Path, config: Path, *extra: str):
+        args = ["train", "--config", str(config), "--out", str(out), *DATA_ARGS, "--no-progress",
+                *extra]  # fmt: skip
+        s = StartedCli(args, es_cache, out.parent / f"{out.name}_logs", env=THREADS)
+        started.append(s)
+
+        def steps() -> list[dict]:
+            _ok(s.result())
+            return [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "step"]
+
+        return steps
+
+    yield start
+    for s in started:
+        s.kill()
+
+
 def _key(r: dict) -> tuple:
     return (r["step"], r["epoch"], r["phase"], r["scored"], r["selected"], r["selection_digest"])
 
 
+@pytest.fixture(scope="module")
+def hf_six_steps(tmp_path_factory, es_cache):
+    """The uninterrupted 6-step Trainer run with HF_CONFIG, once per world size: the native-loop
+    comparison and the resume test both compare against this very run (the same command line
+    either test started on its own before), so it is trained once per module, not twice."""
+    runs: dict[int, list[dict]] = {}
+
+    def get(ranks: int) -> tuple[Path, list[dict]]:
+        out = tmp_path_factory.getbasetemp() / f"hf_six_steps_{ranks}"
+        if ranks not in runs:
+            runs[ranks] = _run_hf(out, es_cache, ranks, HF_CONFIG, "--max-steps", "6")
+        return out, runs[ranks]
+
+    return get
+
+
 @pytest.mark.multiproc
 @pytest.mark.parametrize("ranks", [1, 2])
-def test_trainer_selects_what_the_native_loop_selects(tmp_path, es_cache, ranks):
+def test_trainer_selects_what_the_native_loop_selects(
+    tmp_path, es_cache, hf_six_steps, native_beside, ranks
+):
     before = HF_CONFIG.read_text()
-    hf = _run_hf(tmp_path / "hf", es_cache, ranks, HF_CONFIG, "--max-steps", "4")
-    native = _run_native(
-        tmp_path / "native",
-        es_cache,
-        ranks,
-        HF_CONFIG,
-        "--max-train-samples",
-        "256",
-        "--max-steps",
-        "4",
-    )
+    native_args = ("--max-train-samples", "256", "--max-steps", "6")
+    if ranks == 1:  # beside the Trainer run (a 2-rank run takes both cores: one after the other)
+        native_steps = native_beside(tmp_path / "native", HF_CONFIG, *native_args)
+        hf_out, hf = hf_six_steps(ranks)
+        native = native_steps()
+    else:
+        hf_out, hf = hf_six_steps(ranks)
+        native = _run_native(tmp_path / "native", es_cache, ranks, HF_CONFIG, *native_args)
+    # (hf_train_script.py also checks, in every run, that the config file was left as it was)
     assert HF_CONFIG.read_text() == before  # the section was stripped from HF's copy only
-    assert [r["phase"] for r in hf] == ["burn_in", "select", "select", "select"]
+    assert [r["phase"] for r in hf] == ["burn_in"] + ["select"] * 5
     assert hf[1]["scored"] == 8 * ranks and hf[1]["selected"] == 4 * ranks
     assert [_key(r) for r in hf] == [_key(r) for r in native]
     # scoring losses are bitwise equal too: the same model state at every step
     assert [r["meta_loss"] for r in hf] == [r["meta_loss"] for r in native]
-    summary = json.loads((tmp_path / "hf" / "summary.json").read_text())
-    assert summary["global_step"] == 4 and summary["world_size"] == ranks
+    summary = json.loads((hf_out / "summary.json").read_text())
+    assert summary["global_step"] == 6 and summary["world_size"] == ranks
     if ranks == 2:
         # ZeRO-3 through the Trainer: partitioned parameters, gathered by the scoring forward
         cfg = json.loads(HF_CONFIG.read_text())
         cfg["zero_optimization"] = {"stage": 3, "stage3_param_persistence_threshold": 0}
         path = tmp_path / "zero3.json"
         path.write_text(json.dumps(cfg))
-        z3 = _run_hf(tmp_path / "hf_zero3", es_cache, ranks, path, "--max-steps", "4")
+        z3 = _run_hf(tmp_path / "hf_zero3", es_cache, ranks, path, "--max-steps", "6")
         assert [_key(r) for r in z3] == [_key(r) for r in native]
 
 
 @pytest.mark.multiproc
-def test_trainer_eswp_across_epochs_matches_native(tmp_path, es_cache):
+def test_trainer_eswp_across_epochs_matches_native(tmp_path, es_cache, native_beside):
     """ESWP over 2 epochs: the pruned second epoch, its rescale weights and the epoch boundary
     inside the stream follow the native loop step for step."""
     cfg = json.loads(HF_CONFIG.read_text())
     cfg["evolved_sampling"]["method"] = "eswp"
     path = tmp_path / "eswp.json"
     path.write_text(json.dumps(cfg))
+    native_steps = native_beside(
+        tmp_path / "native", path, "--epochs", "2", "--max-train-samples", "64"
+    )  # beside the Trainer run
     hf = _run_hf(tmp_path / "hf", es_cache, 1, path, "--epochs", "2", "--max-train-samples", "64")
-    native = _run_native(
-        tmp_path / "native", es_cache, 1, path, "--epochs", "2", "--max-train-samples", "64"
-    )
+    native = native_steps()
     # Both drive the same data path, which stops at the planned step count (14 here) or when
     # the pruned epochs run out. Every step the Trainer ran is the native one.
     assert len(hf) == 14 and len(native) >= len(hf)
@@ -122,12 +164,13 @@ def test_trainer_eswp_across_epochs_matches_native(tmp_path, es_cache):
 @pytest.mark.multiproc
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_trainer_resumes_from_its_checkpoint_and_selects_what_an_uninterrupted_run_selects(
-    tmp_path, es_cache, ranks
+    tmp_path, es_cache, hf_six_steps, ranks
 ):
     """Stop after step 3 (observed: the Trainer's own step counter), resume from the Trainer
     checkpoint with resume_from_checkpoint: every step selects what the uninterrupted run
     selects, with bitwise-equal scoring losses (same weights, same scores, same position)."""
-    ref = _run_hf(tmp_path / "ref", es_cache, ranks, HF_CONFIG, "--max-steps", "6")
+    _, ref = hf_six_steps(ranks)
+    assert [r["step"] for r in ref] == [1, 2, 3, 4, 5, 6]
     cut_dir = tmp_path / "cut"
     cut = _run_hf(cut_dir, es_cache, ranks, HF_CONFIG, "--max-steps", "6", "--save-steps", "3",
                   "--stop-after", "3")  # fmt: skip

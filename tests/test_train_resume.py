@@ -208,8 +208,12 @@ def test_two_ranks_killed_rank_then_resume_from_last_complete_checkpoint(
     )
     ref, run = tmp_path / "ref", tmp_path / "run"
     extra = ("--save-every", "4")
-    p_ref = _start(_args(cfg, ref, *extra, samples=512), es_cache, tmp_path / "ref.log", ranks=2)
-    p_run = _start(_args(cfg, run, *extra, samples=512), es_cache, tmp_path / "run.log", ranks=2)
+    # 256 samples on 2 ranks: 16 steps in epoch 0 (1 burn-in + 248 / 16), a pruned epoch 1
+    # after them. The kill comes right after the first checkpoint (step 4), with 20-odd steps
+    # still to go: the run cannot have finished first (asserted below), and the resume then
+    # crosses the epoch boundary and replans the pruned epoch, as with more data.
+    p_ref = _start(_args(cfg, ref, *extra, samples=256), es_cache, tmp_path / "ref.log", ranks=2)
+    p_run = _start(_args(cfg, run, *extra, samples=256), es_cache, tmp_path / "run.log", ranks=2)
     try:
         _kill_one_rank_after_a_checkpoint(p_run, run, tmp_path / "run.log")
         _ok(p_ref, tmp_path / "ref.log")
@@ -230,7 +234,7 @@ def test_two_ranks_killed_rank_then_resume_from_last_complete_checkpoint(
     assert find_complete_tag(root) == tag and not (half / MARKER).exists()
 
     resume_log = tmp_path / "resume.log"
-    resume = _args(cfg, run, *extra, "--resume", str(run), samples=512)
+    resume = _args(cfg, run, *extra, "--resume", str(run), samples=256)
     _ok(_start(resume, es_cache, resume_log, ranks=2), resume_log)
     shutil.rmtree(half)
     _assert_same_run(ref, run, from_step=marker["step"])
