@@ -1,0 +1,106 @@
+"""Which rows of the junk mixture have the highest loss, and when? (the probe of docs/regimes.md)
+
+Trains the CPU default model with a plain PyTorch loop (uniform order, AdamW at the
+cpu_tiny config's lr, betas and weight decay, constant lr, clip 1.0) on
+`recipe:code=1,junk=0.3` and, at a few steps, measures the mean per-token loss of every
+k-th training row (no grad). Rows are labelled junk when most of their tokens come from junk
+documents (the corpus cache's per-row component counts). Prints one line per probe and
+writes them to OUT (JSON).
+
+    python docs/results/regimes/junk_probe.py --rows 2048 --steps 384 --out probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from es_llm.data import load_corpus
+from es_llm.model import build_model, load_model_preset
+
+PROBE_STEPS = (0, 8, 16, 32, 64, 128, 192, 256, 384, 512)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=2048, help="training rows used (default 2048)")
+    ap.add_argument("--steps", type=int, default=384, help="optimizer steps (default 384)")
+    ap.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    corpus = load_corpus(
+        "recipe:code=1,junk=0.3",
+        val_data="recipe:code=1",
+        seq_len=128,
+        vocab_size=4096,
+        max_train_samples=args.rows,
+        max_val_samples=64,
+        progress=False,
+    )
+    entry = Path(corpus.cache_path)
+    names = json.loads((entry / "meta.json").read_text())["components"]
+    row_tokens = np.load(entry / "train_row_tokens.npy")[: args.rows]
+    junk_rows = row_tokens[:, names.index("junk")] / row_tokens.sum(axis=1) > 0.5
+    tokens = torch.from_numpy(np.asarray(corpus.train["input_ids"], dtype=np.int64))
+    model = build_model(load_model_preset("gpt2-tiny"), vocab_size=corpus.vocab_size, seq_len=128)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    probe = torch.arange(0, args.rows, max(1, args.rows // 512))
+    is_junk = junk_rows[probe.numpy()]
+
+    def row_losses() -> np.ndarray:
+        model.eval()
+        out = []
+        with torch.no_grad():
+            for ids in probe.split(64):
+                x = tokens[ids]
+                logits = model(input_ids=x).logits[:, :-1].float()
+                loss = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+                out.append(loss.mean(dim=1))
+        model.train()
+        return torch.cat(out).numpy()
+
+    records = []
+
+    def report(step: int) -> None:
+        loss = row_losses()
+        junk, code = loss[is_junk], loss[~is_junk]
+        top = np.argsort(-loss, kind="stable")[: int(is_junk.sum())]
+        rec = {
+            "step": step,
+            "junk_rows": int(is_junk.sum()),
+            "code_rows": int((~is_junk).sum()),
+            "junk_mean": round(float(junk.mean()), 4),
+            "junk_sd": round(float(junk.std()), 4),
+            "code_mean": round(float(code.mean()), 4),
+            "code_sd": round(float(code.std()), 4),
+            # of the rows with the highest losses (as many as there are junk rows), the junk share
+            "junk_share_of_top": round(float(is_junk[top].mean()), 4),
+        }
+        records.append(rec)
+        print(json.dumps(rec), flush=True)
+
+    gen = torch.Generator().manual_seed(0)
+    order, pos = torch.randperm(args.rows, generator=gen), 0
+    report(0)
+    for step in range(1, args.steps + 1):
+        if pos + 32 > args.rows:
+            order, pos = torch.randperm(args.rows, generator=gen), 0
+        for ids in order[pos : pos + 32].split(16):
+            x = tokens[ids]
+            (model(input_ids=x, labels=x).loss / 2).backward()
+        pos += 32
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step in PROBE_STEPS or step == args.steps:
+            report(step)
+    args.out.write_text(json.dumps({"rows": args.rows, "probes": records}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
