@@ -30,8 +30,7 @@ def es_weights(
     s = torch.as_tensor(prev_scores).to(torch.float32)
     lo = torch.as_tensor(losses).to(torch.float32)
     w = beta1 * s + (1.0 - beta1) * lo
-    s_new = beta2 * s + (1.0 - beta2) * lo
-    return w, s_new
+    return w, score_update("es", s, lo, beta2)
 
 
 def score_update(
