@@ -1,4 +1,4 @@
-"""The `es-llm` command line: train, bench (and compare, see `es_llm.compare`).
+"""The `es-llm` command line: train, bench (and compare, see `es_llm.tools.compare`).
 
 Thin by design: parse flags, build options, call the layer below. Errors that come from the
 user's input (config, data, batch sizes) are printed as one line without a traceback.
@@ -13,8 +13,8 @@ import sys
 
 from es_llm.cliargs import add_run_arguments, options_from_args, positive_int
 from es_llm.cuda_env import fix_torch_cuda_arch_list
+from es_llm.drivers.deepspeed.stopping import RunStopped
 from es_llm.errors import InputError
-from es_llm.train.stopping import RunStopped
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
@@ -132,7 +132,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _bench_parser(sub, argv)
-    from es_llm import compare
+    from es_llm.tools import compare
 
     compare.add_parser(sub)
     for p in sub.choices.values():
@@ -146,7 +146,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     check_train_inputs(args)  # every input problem, before any engine or process group
     prepare_out_dir(args)
-    from es_llm.train.loop import train
+    from es_llm.drivers.deepspeed.loop import train
 
     opts = options_from_args(args)
     announce_deepspeed_op_build()
@@ -167,7 +167,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         kbench.run(args)
         return 0
-    from es_llm.bench_scores import run_scores_bench
+    from es_llm.tools.bench_scores import run_scores_bench
 
     run_scores_bench(
         num_samples=args.num_samples,
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             return _cmd_bench(args)
         if args.command == "compare":
-            from es_llm import compare
+            from es_llm.tools import compare
 
             return compare.run_from_args(args, argv)
         parser.error(f"unknown command {args.command!r}")

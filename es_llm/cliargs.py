@@ -2,7 +2,7 @@
 
 Why a module of its own: both commands take the same run flags and build the same
 `TrainOptions` from them. Keeping the flags, their value parsers and the one
-flags -> options function here lets `es_llm.cli` and `es_llm.compare` import them without
+flags -> options function here lets `es_llm.cli` and `es_llm.tools.compare` import them without
 importing each other.
 """
 
@@ -14,10 +14,10 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from es_llm.config import METHODS
+from es_llm.sampling.config import METHODS
 
 if TYPE_CHECKING:  # the training loop imports torch and deepspeed: only when options are built
-    from es_llm.train.loop import TrainOptions
+    from es_llm.drivers.deepspeed.loop import TrainOptions
 
 __all__ = [
     "add_run_arguments",
@@ -171,7 +171,7 @@ def options_from_args(args: argparse.Namespace, **changes: Any) -> TrainOptions:
     (compare has no --method or --save-every) keep their defaults, and `changes` replaces
     fields last, e.g. compare's per-run method, output directory and budgets.
     """
-    from es_llm.train.loop import TrainOptions
+    from es_llm.drivers.deepspeed.loop import TrainOptions
 
     given = vars(args)
     values = {f.name: given[f.name] for f in dataclasses.fields(TrainOptions) if f.name in given}

@@ -19,9 +19,9 @@ SMALL_TEXT = 1 << 20  # a single text file up to this size is split once here, a
 
 def check_train_inputs(args: argparse.Namespace) -> None:
     """Raise InputError for the first problem with the run's configs, data or checkpoint."""
+    from es_llm.drivers.deepspeed.dsconfig import es_config_for_run, load_ds_config
     from es_llm.model import load_model_preset
-    from es_llm.train.dsconfig import es_config_for_run, load_ds_config
-    from es_llm.train.geometry import resolve_geometry
+    from es_llm.sampling.geometry import resolve_geometry
 
     ds_config = load_ds_config(args.config)
     es = es_config_for_run(ds_config, getattr(args, "method", None), dict(args.es))
@@ -32,7 +32,7 @@ def check_train_inputs(args: argparse.Namespace) -> None:
     if args.tokenizer is not None and not Path(args.tokenizer).expanduser().exists():
         raise InputError(f"--tokenizer {args.tokenizer}: no such file or directory")
     if getattr(args, "resume", None) is not None:
-        from es_llm.train.checkpoint import checkpoint_root, find_complete_tag
+        from es_llm.drivers.deepspeed.checkpoint import checkpoint_root, find_complete_tag
 
         resume = Path(args.resume)
         if not resume.is_dir():

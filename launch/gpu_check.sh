@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check, for one GPU: `bash launch/gpu_check.sh [OUT_DIR] [es_llm.gpu_check flags...]`.
+# The GPU check, for one GPU: `bash launch/gpu_check.sh [OUT_DIR] [es_llm.tools.gpu_check flags...]`.
 # Runs the kernel parity tests on the GPU, a few hundred steps of `es-llm train` (uniform and
 # es) with the shipped zero1_bf16 config and gpt2-124m, a plain PyTorch loop of the same model
 # and batch, host-sync counts, and a short `es-llm compare`; prints one table and writes
@@ -24,9 +24,9 @@ if [[ "$OUT" == "$REPO" ]]; then
 fi
 PYTHON=${PYTHON:-python3}
 cd "$OUT"
-if ! "$PYTHON" -c "import es_llm.gpu_check, es_llm.kernels" 2>/dev/null; then
+if ! "$PYTHON" -c "import es_llm.tools.gpu_check, es_llm.kernels" 2>/dev/null; then
   echo "gpu_check: es-llm is not importable by $PYTHON: run 'pip install -e $REPO' or the offline setup (docs/gpu.md)" >&2
   exit 2
 fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-exec "$PYTHON" -m es_llm.gpu_check "$OUT" --repo "$REPO" "$@"
+exec "$PYTHON" -m es_llm.tools.gpu_check "$OUT" --repo "$REPO" "$@"

@@ -1,4 +1,4 @@
-"""Train the tiny GPT-2 with `es_llm.hf.ESTrainer` (run by tests/test_hf_trainer.py).
+"""Train the tiny GPT-2 with `es_llm.drivers.hf.ESTrainer` (run by tests/test_hf_trainer.py).
 
 Started with `torchrun --nproc_per_node N`; mirrors `es-llm train` (same corpus, same seed
 before the model is built, same DeepSpeed config) so the per-step selection digests of
@@ -16,7 +16,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from es_llm.data import load_corpus
-from es_llm.hf import ESTrainer
+from es_llm.drivers.hf import ESTrainer
 from es_llm.model import build_model, load_model_preset
 
 

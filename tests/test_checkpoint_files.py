@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from es_llm.train.checkpoint import (
+from es_llm.drivers.deepspeed.checkpoint import (
     FORMAT_VERSION,
     LATEST,
     MARKER,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY_RUN_ARGS, free_port
 
-from es_llm.train.checkpoint import find_complete_tag, read_marker
+from es_llm.drivers.deepspeed.checkpoint import find_complete_tag, read_marker
 
 pytestmark = pytest.mark.multiproc
 

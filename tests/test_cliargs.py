@@ -11,7 +11,7 @@ import pytest
 
 from es_llm.cli import build_parser
 from es_llm.cliargs import options_from_args, parse_key_value, parse_method_list, positive_int
-from es_llm.config import METHODS
+from es_llm.sampling.config import METHODS
 
 
 def test_positive_int():
@@ -78,7 +78,7 @@ def test_train_flags_become_options():
 
 
 def test_compare_flags_become_the_same_options_with_defaults_for_train_only_flags():
-    from es_llm.train.loop import TrainOptions
+    from es_llm.drivers.deepspeed.loop import TrainOptions
 
     args = build_parser().parse_args(
         ["compare", "--epochs", "4", "--es", "beta1=0.3", "--seed", "9", "--out", "runs/c"]

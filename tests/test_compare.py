@@ -12,15 +12,17 @@ import numpy as np
 import pytest
 from conftest import TINY_RUN_ARGS, StartedCli, run_cli, write_ds_config
 
-from es_llm.compare.cli import DEFAULT_METHODS, parse_grid, parse_variant
-from es_llm.compare.metrics import (
+from es_llm.errors import InputError
+from es_llm.sampling.config import METHODS
+from es_llm.tools.compare.cli import DEFAULT_METHODS, parse_grid, parse_variant
+from es_llm.tools.compare.metrics import (
     MATCHED,
     comparison_methods,
     grid_summary,
     method_record,
     time_to_target,
 )
-from es_llm.compare.planning import (
+from es_llm.tools.compare.planning import (
     Variant,
     eval_every,
     match_reference,
@@ -30,8 +32,6 @@ from es_llm.compare.planning import (
     planned_steps,
     variants,
 )
-from es_llm.config import METHODS
-from es_llm.errors import InputError
 
 
 def _hist(points: list[tuple[float, float]]) -> list[dict]:
@@ -241,9 +241,9 @@ def test_match_reference_prefers_es_then_the_first_other_run():
 
 
 def test_run_options_change_the_shared_options_per_run(tmp_path):
-    from es_llm.compare.planning import RunSpec
-    from es_llm.compare.runner import run_options
-    from es_llm.train.loop import TrainOptions
+    from es_llm.drivers.deepspeed.loop import TrainOptions
+    from es_llm.tools.compare.planning import RunSpec
+    from es_llm.tools.compare.runner import run_options
 
     base = TrainOptions(out=tmp_path, seed=5, es_overrides={"beta1": 0.3, "tau": 2.0})
     spec = RunSpec(MATCHED, "uniform", {"tau": 0.5}, 3, 4, max_steps=40, max_cpu_time_s=9.0)
@@ -306,7 +306,7 @@ def _result() -> dict:
 
 
 def test_markdown_report_has_one_row_per_run_with_its_numbers():
-    from es_llm.compare.report import markdown_report
+    from es_llm.tools.compare.report import markdown_report
 
     md = markdown_report(_result())
     rows = [line for line in md.splitlines() if line.startswith("| es |")]
@@ -343,7 +343,7 @@ def check_compare_png(path, n_runs: int) -> None:
 
 
 def test_plot_draws_one_coloured_curve_per_run_on_both_clocks(tmp_path):
-    from es_llm.compare.report import plot_comparison
+    from es_llm.tools.compare.report import plot_comparison
 
     result = _result()
     plot_comparison(result, tmp_path / "compare.png")
@@ -351,7 +351,7 @@ def test_plot_draws_one_coloured_curve_per_run_on_both_clocks(tmp_path):
 
 
 def test_plot_check_notices_a_missing_curve(tmp_path):
-    from es_llm.compare.report import plot_comparison
+    from es_llm.tools.compare.report import plot_comparison
 
     result = _result()
     result["methods"] = {k: result["methods"][k] for k in ("uniform", "es")}
@@ -402,7 +402,7 @@ def compare_runs(tmp_path_factory, es_cache):
 
 @pytest.mark.multiproc
 def test_compare_end_to_end_writes_json_table_and_plot(compare_runs):
-    from es_llm.train.loop import TrainOptions
+    from es_llm.drivers.deepspeed.loop import TrainOptions
 
     started, out = compare_runs["e2e"]
     proc = started.result()
@@ -464,9 +464,9 @@ def test_a_bad_match_is_one_line_of_error(tmp_path, es_cache, tiny_ds_config):
 
 @pytest.mark.multiproc
 def test_a_run_that_refuses_its_input_is_an_input_error_in_the_parent(tmp_path):
-    from es_llm.compare.planning import RunSpec
-    from es_llm.compare.runner import run_one
-    from es_llm.train.loop import TrainOptions
+    from es_llm.drivers.deepspeed.loop import TrainOptions
+    from es_llm.tools.compare.planning import RunSpec
+    from es_llm.tools.compare.runner import run_one
 
     base = TrainOptions(out=tmp_path, config=str(tmp_path / "missing.json"))
     with pytest.raises(InputError, match=r"^run 'uniform': .*missing\.json' does not exist"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from es_llm.config import ESConfigError, EvolvedSamplingConfig, es_config_from_ds_config
+from es_llm.sampling.config import ESConfigError, EvolvedSamplingConfig, es_config_from_ds_config
 
 
 def test_defaults_match_the_spec():
@@ -160,7 +160,7 @@ def test_resolved_s_init_and_seed():
 def test_the_method_list_is_the_method_type():
     from typing import get_args
 
-    from es_llm.config import METHODS, Method
+    from es_llm.sampling.config import METHODS, Method
 
     assert get_args(Method) == METHODS and len(set(METHODS)) == len(METHODS)
     for method in METHODS:  # every listed name validates, so choices and validation agree
@@ -175,8 +175,8 @@ def test_errors_from_the_config_are_input_errors():
 
 
 def test_an_override_that_disables_the_section_is_an_input_error():
+    from es_llm.drivers.deepspeed.dsconfig import es_config_for_run
     from es_llm.errors import InputError
-    from es_llm.train.dsconfig import es_config_for_run
 
     ds = {"evolved_sampling": {"method": "es"}}
     assert es_config_for_run(ds, None, {"tau": 2}).tau == 2

@@ -1,6 +1,6 @@
 """Every shipped file in configs/ parses, validates and builds.
 
-DeepSpeed configs: the evolved_sampling section (es_llm.config), the batch geometry for
+DeepSpeed configs: the evolved_sampling section (es_llm.sampling.config), the batch geometry for
 several world sizes, the dict handed to DeepSpeed (no section, no "auto" left) through
 DeepSpeed's own config validation. Model presets: built on CPU (small ones, with a scoring
 forward) or on the meta device (large ones) with their parameter count checked.
@@ -14,11 +14,11 @@ import pytest
 import torch
 from conftest import REPO
 
-from es_llm.config import SECTION
+from es_llm.drivers.deepspeed.dsconfig import deepspeed_config, es_config_for_run, load_ds_config
+from es_llm.drivers.scoring import scoring_losses
 from es_llm.model import build_model, count_parameters, load_model_preset
-from es_llm.train.dsconfig import deepspeed_config, es_config_for_run, load_ds_config
-from es_llm.train.geometry import resolve_geometry
-from es_llm.train.scoring import scoring_losses
+from es_llm.sampling.config import SECTION
+from es_llm.sampling.geometry import resolve_geometry
 
 DS_FILES = sorted((REPO / "configs" / "ds").glob("*.json"))
 MODEL_FILES = sorted((REPO / "configs" / "models").glob("*.json"))

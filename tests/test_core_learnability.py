@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from es_llm.config import EvolvedSamplingConfig
-from es_llm.core.learnability import PROGRESS_TINY, progress_weights, trim_keep
-from es_llm.core.policies import method_weights, select_without_replacement
-from es_llm.core.selector import select_step
 from es_llm.errors import InputError
+from es_llm.sampling.config import EvolvedSamplingConfig
+from es_llm.sampling.learnability import PROGRESS_TINY, progress_weights, trim_keep
+from es_llm.sampling.policies import method_weights, select_without_replacement
+from es_llm.sampling.selector import select_step
 
 
 def successive_sampling_inclusion(w: list[float], k: int) -> np.ndarray:
@@ -217,7 +217,7 @@ def test_config_fields_and_ranges():
 
 @pytest.mark.parametrize("method", ["uniform", "prune"])
 def test_trimming_without_a_scoring_forward_is_rejected(method):
-    from es_llm.config import es_config_from_ds_config
+    from es_llm.sampling.config import es_config_from_ds_config
 
     with pytest.raises(InputError, match="trim_top/trim_z need the scoring forward"):
         es_config_from_ds_config({"evolved_sampling": {"method": method, "trim_top": 0.1}})

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from es_llm.core.noise import (
+from es_llm.sampling.noise import (
     STREAM_EPSILON,
     STREAM_GUMBEL,
     STREAM_PRUNE,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from es_llm.core.noise import STREAM_EPSILON, STREAM_GUMBEL, derive_key, hash_u64
-from es_llm.core.policies import (
+from es_llm.sampling.noise import STREAM_EPSILON, STREAM_GUMBEL, derive_key, hash_u64
+from es_llm.sampling.policies import (
     es_weights,
     method_weights,
     select_without_replacement,

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from es_llm.core.noise import prune_draws
-from es_llm.core.pruning import EpochPlan, anneal_epoch, plan_epoch
-from es_llm.core.scores import ScoreTable
+from es_llm.sampling.noise import prune_draws
+from es_llm.sampling.pruning import EpochPlan, anneal_epoch, plan_epoch
+from es_llm.sampling.scores import ScoreTable
 
 KW = dict(epochs=8, seed=3, prune_ratio=0.3, delta=0.875, rescale=True)
 

@@ -3,8 +3,8 @@ B_meta) are counted and the planned total equals the steps a run takes."""
 
 from __future__ import annotations
 
-from es_llm.config import EvolvedSamplingConfig
-from es_llm.core.schedule import Phase, estimate_total_steps, phase_for_step
+from es_llm.sampling.config import EvolvedSamplingConfig
+from es_llm.sampling.schedule import Phase, estimate_total_steps, phase_for_step
 
 
 def _replay(cfg: EvolvedSamplingConfig, planned: int, n: int, b: int, bm: int, epochs: int) -> int:

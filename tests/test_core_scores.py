@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from es_llm.core.scores import ScoreTable
+from es_llm.sampling.scores import ScoreTable
 
 
 def test_never_scored_reads_s_init():
@@ -101,7 +101,7 @@ def test_state_dict_for_another_shard_is_refused():
 def test_scores_bench_smoke(tmp_path):
     import json
 
-    from es_llm.bench_scores import run_scores_bench
+    from es_llm.tools.bench_scores import run_scores_bench
 
     res = run_scores_bench(num_samples=5000, meta_batch=64, repeats=1, out_dir=str(tmp_path))
     on_disk = json.loads((tmp_path / "scores_bench.json").read_text())
@@ -160,7 +160,7 @@ def test_table_lives_on_its_device_and_checkpoints_through_the_host():
 
 
 def test_sum_and_count_chunked_in_float64(monkeypatch):
-    import es_llm.core.scores as scores_mod
+    import es_llm.sampling.scores as scores_mod
 
     monkeypatch.setattr(scores_mod, "_CHUNK", 7)
     t = ScoreTable(50, s_init=0.0)

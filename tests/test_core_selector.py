@@ -11,11 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from es_llm.config import EvolvedSamplingConfig
-from es_llm.core.policies import valid_weight_mask
-from es_llm.core.schedule import Phase, anneal_start_step, phase_for_step, resolve_burn_in_steps
-from es_llm.core.scores import ScoreTable
-from es_llm.core.selector import device_digest, importance_weights, select_step, selection_digest
+from es_llm.sampling.config import EvolvedSamplingConfig
+from es_llm.sampling.policies import valid_weight_mask
+from es_llm.sampling.schedule import Phase, anneal_start_step, phase_for_step, resolve_burn_in_steps
+from es_llm.sampling.scores import ScoreTable
+from es_llm.sampling.selector import (
+    device_digest,
+    importance_weights,
+    select_step,
+    selection_digest,
+)
 
 
 def batch(n: int = 32, seed: int = 0, base: int = 0):
@@ -331,7 +336,7 @@ def py_mix64(x: int) -> int:
 
 def py_device_digest(ids: list[int]) -> int:
     """Pure-Python integers: what every device must compute, whatever its reduction order."""
-    from es_llm.core.noise import STREAM_DIGEST, derive_key
+    from es_llm.sampling.noise import STREAM_DIGEST, derive_key
 
     key, golden = derive_key(0, STREAM_DIGEST, 0), 0x9E3779B97F4A7C15
     total = 0

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 
 import es_llm.data.corpus as corpus_mod
 from es_llm.data import load_corpus
-from es_llm.data.sources import stable_hash
+from es_llm.data.documents import stable_hash
 
 WORDS = [
     "alpha",

@@ -239,8 +239,8 @@ def test_too_small_validation_source_is_an_input_error(tmp_path):
 def test_val_data_flag_reaches_train_options_and_compare_children(tmp_path):
     from es_llm.cli import build_parser
     from es_llm.cliargs import options_from_args
-    from es_llm.compare.planning import RunSpec
-    from es_llm.compare.runner import run_options
+    from es_llm.tools.compare.planning import RunSpec
+    from es_llm.tools.compare.runner import run_options
 
     data = ["--data", "recipe:code=1,junk=0.3", "--val-data", "recipe:code=1"]
     args = build_parser().parse_args(["train", *data])

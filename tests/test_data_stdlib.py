@@ -5,7 +5,7 @@ import time
 import numpy as np
 
 from es_llm.data import load_corpus
-from es_llm.data.sources import STDLIB_EXCLUDED_DIRS, stdlib_files
+from es_llm.data.documents import STDLIB_EXCLUDED_DIRS, stdlib_files
 
 
 def test_stdlib_file_selection_is_sorted_and_excludes_tests():

@@ -9,10 +9,10 @@ import datasets
 import pytest
 import torch
 
-from es_llm.config import EvolvedSamplingConfig
-from es_llm.core.schedule import estimate_total_steps
-from es_llm.train.datapath import DataPathError, ESDataPath
-from es_llm.train.geometry import BatchGeometry
+from es_llm.sampling.config import EvolvedSamplingConfig
+from es_llm.sampling.datapath import DataPathError, ESDataPath
+from es_llm.sampling.geometry import BatchGeometry
+from es_llm.sampling.schedule import estimate_total_steps
 
 N, T = 64, 3
 GEO = BatchGeometry(world=1, train_batch=4, micro=2, grad_accum=2, meta_batch=8)

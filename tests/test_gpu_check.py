@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from es_llm import gpu_check
-from es_llm.bench_plain import PlainOptions, run_plain
-from es_llm.sync_count import count_syncs, per_step
+from es_llm.tools import gpu_check
+from es_llm.tools.bench_plain import PlainOptions, run_plain
+from es_llm.tools.sync_count import count_syncs, per_step
 
 B, B_META, SEQ = 32, 64, 256
 

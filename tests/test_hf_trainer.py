@@ -1,4 +1,4 @@
-"""es_llm.hf.ESTrainer against the native loop: same seed, data, model init and DeepSpeed
+"""es_llm.drivers.hf.ESTrainer against the native loop: same seed, data, model init and DeepSpeed
 config -> the same selection (sha1 digest of the selected global ids) at every step.
 
 Both sides run as real processes (torchrun for the Trainer, es-llm train / the deepspeed
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, StartedCli, free_port, run_cli
 
-from es_llm.train.metrics import read_jsonl
+from es_llm.drivers.deepspeed.metrics import read_jsonl
 
 HF_CONFIG = REPO / "configs" / "ds" / "cpu_test_hf.json"
 DATA_ARGS = ["--seq-len", "32", "--vocab-size", "512", "--max-val-samples", "32"]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from es_llm.train.scoring import scoring_losses
+from es_llm.drivers.scoring import scoring_losses
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 V = 101
@@ -117,9 +117,9 @@ import copy, json, os, sys
 import torch
 import deepspeed
 from test_kernels_scoring import _expected, _llama
-from es_llm.train.dsconfig import deepspeed_config, load_ds_config
-from es_llm.train.geometry import resolve_geometry
-from es_llm.train.scoring import scoring_losses
+from es_llm.drivers.deepspeed.dsconfig import deepspeed_config, load_ds_config
+from es_llm.sampling.geometry import resolve_geometry
+from es_llm.drivers.scoring import scoring_losses
 
 torch.manual_seed(0)
 model = _llama().eval()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, free_port
 
-from es_llm.train.metrics import read_jsonl
+from es_llm.drivers.deepspeed.metrics import read_jsonl
 
 RUN = [
     "--max-train-samples",

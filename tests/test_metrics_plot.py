@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib import colors
 from matplotlib import image as mpimg
 
-from es_llm.train.metrics import (
+from es_llm.drivers.deepspeed.metrics import (
     EPOCH_COLOR,
     SMOOTH_COLOR,
     TRAIN_COLOR,

@@ -15,10 +15,10 @@ import torch.multiprocessing as mp
 from conftest import free_port
 
 from es_llm import dist as es_dist
-from es_llm.config import EvolvedSamplingConfig
-from es_llm.core.scores import ScoreTable
 from es_llm.data.sharding import RankSampler, shard_range
-from es_llm.eswp import global_mean_score, lockstep_available, plan_epoch_global
+from es_llm.sampling.config import EvolvedSamplingConfig
+from es_llm.sampling.eswp import global_mean_score, lockstep_available, plan_epoch_global
+from es_llm.sampling.scores import ScoreTable
 
 N = 1001  # odd: the shards differ in size
 EPOCHS = 4

@@ -12,11 +12,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from es_llm.config import EvolvedSamplingConfig
-from es_llm.core.scores import ScoreTable
-from es_llm.core.selector import selection_digest
 from es_llm.data.sharding import shard_range
-from es_llm.train.global_selection import select_global
+from es_llm.sampling.config import EvolvedSamplingConfig
+from es_llm.sampling.global_selection import select_global
+from es_llm.sampling.scores import ScoreTable
+from es_llm.sampling.selector import selection_digest
 
 N = 64  # global samples
 META = 16  # global meta-batch

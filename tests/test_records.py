@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from es_llm.train.records import Records, locality_first, pack, unpack
+from es_llm.sampling.records import Records, locality_first, pack, unpack
 
 
 def test_pack_unpack_is_bit_exact_and_ids_never_pass_through_a_float():

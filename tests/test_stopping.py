@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 
-from es_llm.train.stopping import StopRequest, exit_code_for
+from es_llm.drivers.deepspeed.stopping import StopRequest, exit_code_for
 
 
 def test_signal_sets_the_flag_and_handlers_are_restored() -> None:
@@ -32,7 +32,7 @@ def test_second_signal_after_grace_aborts_at_once() -> None:
     code = textwrap.dedent(
         """
         import os, signal, time
-        from es_llm.train.stopping import StopRequest
+        from es_llm.drivers.deepspeed.stopping import StopRequest
         with StopRequest(grace_s=0.2) as stop:
             os.kill(os.getpid(), signal.SIGINT)
             assert stop.requested

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY_RUN_ARGS, run_cli
 
-from es_llm.train.metrics import read_jsonl
+from es_llm.drivers.deepspeed.metrics import read_jsonl
 
 STEP_KEYS = {
     "step",
@@ -144,8 +144,8 @@ def test_nan_scoring_losses_are_never_selected_and_training_goes_on(
         "import sys, torch\n"
         "from es_llm.cli import build_parser\n"
         "from es_llm.cliargs import options_from_args\n"
-        "from es_llm.train.datapath import ESDataPath\n"
-        "from es_llm.train.loop import train\n"
+        "from es_llm.sampling.datapath import ESDataPath\n"
+        "from es_llm.drivers.deepspeed.loop import train\n"
         "def poison(inner):\n"
         "    def scorer(tokens, ids):\n"
         "        loss, valid = inner(tokens, ids)\n"
@@ -197,9 +197,9 @@ def test_selected_ids_exclude_invalid(tmp_path):
     """Unit-level companion of the NaN test: the digest of a selection never covers NaN ids."""
     import torch
 
-    from es_llm.config import EvolvedSamplingConfig
-    from es_llm.core.scores import ScoreTable
-    from es_llm.train.global_selection import select_global
+    from es_llm.sampling.config import EvolvedSamplingConfig
+    from es_llm.sampling.global_selection import select_global
+    from es_llm.sampling.scores import ScoreTable
 
     cfg = EvolvedSamplingConfig(method="es", selection_ratio=0.5)
     table = ScoreTable(16, offset=0, s_init=1 / 16)

@@ -7,8 +7,8 @@ import json
 import pytest
 from conftest import TINY_RUN_ARGS, run_cli
 
-from es_llm.train.dsconfig import deepspeed_config, es_config_for_run
-from es_llm.train.geometry import BatchConfigError, resolve_geometry
+from es_llm.drivers.deepspeed.dsconfig import deepspeed_config, es_config_for_run
+from es_llm.sampling.geometry import BatchConfigError, resolve_geometry
 
 
 def _fails_cleanly(proc, *fragments: str) -> None:
@@ -142,7 +142,7 @@ def test_method_flag_overrides_and_uniform_without_section():
 
 
 def test_deepspeed_config_strips_section_and_fills_auto():
-    from es_llm.train.geometry import BatchGeometry
+    from es_llm.sampling.geometry import BatchGeometry
 
     ds = {
         "train_batch_size": 32,

@@ -24,8 +24,8 @@ import pytest
 import torch
 from conftest import REPO, free_port
 
-from es_llm.train.checkpoint import MARKER, find_complete_tag, read_marker
-from es_llm.train.metrics import read_jsonl
+from es_llm.drivers.deepspeed.checkpoint import MARKER, find_complete_tag, read_marker
+from es_llm.drivers.deepspeed.metrics import read_jsonl
 
 MODEL = str(REPO / "configs" / "models" / "gpt2-tiny.json")
 SCHEDULER = {

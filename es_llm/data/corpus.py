@@ -47,7 +47,8 @@ import pyarrow as pa
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from es_llm.data.sources import Document, Source, resolve_source, stable_hash
+from es_llm.data.documents import VAL_MODULUS, Document, Source, is_val_group
+from es_llm.data.sources import resolve_source
 from es_llm.data.tokenizer import (
     EOD_TOKEN,
     eod_id,
@@ -60,7 +61,6 @@ from es_llm.errors import InputError
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # bump when the build changes what lands on disk
-VAL_MODULUS = 20  # hold out documents with stable_hash(key) % VAL_MODULUS == 0
 SPLIT_RULE = f"sha1-mod-{VAL_MODULUS}-or-tail"
 ENCODE_CHUNK = 64  # documents per encode_batch call (bounds memory, drives the progress bar)
 
@@ -135,11 +135,6 @@ def _datasets_progress(enabled: bool) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------- split
-def is_val_group(group: str) -> bool:
-    """Whether documents of this split group are held out for validation (the hash rule)."""
-    return stable_hash(group) % VAL_MODULUS == 0
-
-
 def _split_key(doc: Document) -> str:
     return doc.group or doc.key
 

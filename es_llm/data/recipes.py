@@ -39,7 +39,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from es_llm.data.sources import Document, Source, _stat_entry, stable_hash, stdlib_files
+from es_llm.data.documents import (
+    Document,
+    Source,
+    is_val_group,
+    stable_hash,
+    stat_entry,
+    stdlib_files,
+)
 from es_llm.errors import InputError
 
 PREFIX = "recipe:"
@@ -317,7 +324,6 @@ def component_of(key: str) -> str:
 
 def recipe_source(data: str, max_documents: int | None = None) -> Source:
     """A Source for ``recipe:...``; the recipe, Python and stdlib files make the fingerprint."""
-    from es_llm.data.corpus import is_val_group  # corpus owns the split rule
 
     recipe = parse_recipe(data)
     files = stdlib_files()
@@ -328,7 +334,7 @@ def recipe_source(data: str, max_documents: int | None = None) -> Source:
         "recipe": recipe.canonical(),
         "recipe_version": RECIPE_VERSION,
         "python": sys.version,
-        "files": [_stat_entry(p, rel) for rel, p in files],
+        "files": [stat_entry(p, rel) for rel, p in files],
         "max_documents": max_documents,
     }
 

@@ -8,80 +8,28 @@ train/validation split hashes it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import sys
-import sysconfig
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 
+from es_llm.data.documents import (
+    Document,
+    Source,
+    stat_entry,
+    stdlib_files,
+    stdlib_root,
+)
+from es_llm.data.recipes import recipe_source
 from es_llm.errors import InputError
 
 STDLIB_NAMES = ("stdlib",)
 LOCAL_EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet")
-# Directory names never taken from the standard library: installed packages, the test
-# suites (their fixtures include deliberately broken and huge files) and the IDE.
-STDLIB_EXCLUDED_DIRS = frozenset(
-    {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
-)
-
-
-@dataclass(frozen=True)
-class Document:
-    key: str  # stable identity of the document
-    text: str
-    group: str = (
-        ""  # the train/val split hashes this (or the key when empty): same group, same side
-    )
-
-
-@dataclass
-class Source:
-    """Documents of one data argument, loaded lazily so a cache hit reads no text."""
-
-    name: str
-    fingerprint: dict
-    load: Callable[[], list[Document]]
-    # component names when documents are keyed "<component>/..." (data recipes); else one
-    components: tuple[str, ...] | None = None
-
-
-def stable_hash(text: str) -> int:
-    """A process-independent 64-bit hash (Python's ``hash`` is salted per process)."""
-    return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big")
-
-
-def _stat_entry(path: Path, rel: str) -> list:
-    st = path.stat()
-    return [rel, st.st_size, st.st_mtime_ns]
 
 
 # ----------------------------------------------------------------------------- stdlib
-def stdlib_root() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-def stdlib_files(max_documents: int | None = None) -> list[tuple[str, Path]]:
-    """(relative posix path, path) of the interpreter's standard-library sources, sorted."""
-    root = stdlib_root()
-    if not root.is_dir():
-        raise InputError(f"standard library directory not found: {root}")
-    out: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in STDLIB_EXCLUDED_DIRS)
-        for fn in filenames:
-            if fn.endswith(".py"):
-                p = Path(dirpath) / fn
-                out.append((p.relative_to(root).as_posix(), p))
-    out.sort(key=lambda t: t[0])
-    if max_documents is not None:
-        out = out[:max_documents]
-    return out
-
-
 def stdlib_source(max_documents: int | None = None) -> Source:
     files = stdlib_files(max_documents)
     if not files:
@@ -89,7 +37,7 @@ def stdlib_source(max_documents: int | None = None) -> Source:
     fingerprint = {
         "kind": "stdlib",
         "python": sys.version,
-        "files": [_stat_entry(p, rel) for rel, p in files],
+        "files": [stat_entry(p, rel) for rel, p in files],
     }
 
     def load() -> list[Document]:
@@ -277,7 +225,7 @@ def local_source(data: str) -> Source:
     fingerprint = {
         "kind": "local",
         "root": str(path.resolve()),
-        "files": [_stat_entry(p, rel) for rel, p in files],
+        "files": [stat_entry(p, rel) for rel, p in files],
     }
     if split_text:
         fingerprint["text_split"] = TEXT_SPLIT_RULE
@@ -323,8 +271,6 @@ def resolve_source(data: str | None, max_documents: int | None = None) -> Source
     if data is None or data in STDLIB_NAMES:
         return stdlib_source(max_documents)
     if isinstance(data, str) and data.strip().lower().startswith("recipe:"):
-        from es_llm.data.recipes import recipe_source
-
         return recipe_source(data, max_documents)
     if not isinstance(data, str) or not data.strip():
         raise InputError(f"data must be None, 'stdlib', a path or a dataset name, got {data!r}")

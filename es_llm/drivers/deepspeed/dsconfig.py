@@ -11,10 +11,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from es_llm.config import SECTION, EvolvedSamplingConfig, es_config_from_ds_config
 from es_llm.errors import InputError
 from es_llm.model import load_json, resolve_preset_path
-from es_llm.train.geometry import BatchGeometry
+from es_llm.sampling.config import SECTION, EvolvedSamplingConfig, es_config_from_ds_config
+from es_llm.sampling.geometry import BatchGeometry
 
 DEFAULT_DS_CONFIG = "cpu_tiny"
 

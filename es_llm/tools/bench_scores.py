@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from es_llm.core.policies import es_weights
-from es_llm.core.pruning import plan_epoch
-from es_llm.core.scores import ScoreTable
 from es_llm.errors import InputError
+from es_llm.sampling.policies import es_weights
+from es_llm.sampling.pruning import plan_epoch
+from es_llm.sampling.scores import ScoreTable
 
 __all__ = ["run_scores_bench"]
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from enum import Enum
 
-from es_llm.config import EvolvedSamplingConfig
-from es_llm.core.pruning import anneal_epoch
+from es_llm.sampling.config import EvolvedSamplingConfig
+from es_llm.sampling.pruning import anneal_epoch
 
 __all__ = [
     "Phase",

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from es_llm.compare.metrics import MATCHED, TIMER_LABELS
+from es_llm.tools.compare.metrics import MATCHED, TIMER_LABELS
 
 __all__ = ["grid_markdown", "markdown_report", "plot_comparison", "print_table"]
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from es_llm.core.noise import (
+from es_llm.sampling.noise import (
     GOLDEN,
     MASK64,
     STREAM_PRUNE,
@@ -23,7 +23,7 @@ from es_llm.core.noise import (
     mix64_inplace,
     prune_threshold_u64,
 )
-from es_llm.core.scores import ScoreTable
+from es_llm.sampling.scores import ScoreTable
 
 __all__ = ["EpochPlan", "anneal_epoch", "plan_epoch"]
 

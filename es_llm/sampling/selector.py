@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from es_llm.config import EvolvedSamplingConfig
-from es_llm.core.noise import GOLDEN, STREAM_DIGEST, as_int64, derive_key, hash_u64, mix64_
-from es_llm.core.policies import method_weights, select_without_replacement, valid_weight_mask
+from es_llm.sampling.config import EvolvedSamplingConfig
+from es_llm.sampling.noise import GOLDEN, STREAM_DIGEST, as_int64, derive_key, hash_u64, mix64_
+from es_llm.sampling.policies import method_weights, select_without_replacement, valid_weight_mask
 
 __all__ = ["Selection", "device_digest", "importance_weights", "select_step", "selection_digest"]
 

@@ -10,13 +10,13 @@ The package, one idea per module:
 
 - `metrics`  — pure functions: time to target, each run's record, the grid summary;
 - `planning` — the runs, their lengths (the core's step estimator) and uniform-matched's budget;
-- `runner`   — one run in child process(es) (`python -m es_llm.compare --worker`), machine info;
+- `runner`   — one run in child process(es) (`python -m es_llm.tools.compare --worker`), machine info;
 - `report`   — compare.md / grid.md tables and the compare.png curves;
 - `cli`      — the `es-llm compare` flags and one comparison from plan to report.
 """
 
 from __future__ import annotations
 
-from es_llm.compare.cli import add_parser, run_from_args
+from es_llm.tools.compare.cli import add_parser, run_from_args
 
 __all__ = ["add_parser", "run_from_args"]

@@ -10,7 +10,7 @@ It never waits for the GPU inside the loop: the token table sits on the device, 
 come from CUDA events read after the last step, losses stay on the device until then. Writes OUT/summary.json and
 OUT/metrics.jsonl in the layout of `es-llm train` (method "plain", only the keys that apply).
 
-    python -m es_llm.bench_plain --config zero1_bf16 --model gpt2-124m --seq-len 256 \\
+    python -m es_llm.tools.bench_plain --config zero1_bf16 --model gpt2-124m --seq-len 256 \\
         --steps 300 --out runs/plain
 """
 
@@ -105,9 +105,9 @@ class _Clock:
 def run_plain(opts: PlainOptions) -> dict[str, Any]:
     """Train `opts.steps` optimizer steps; write and return the summary."""
     from es_llm.data import load_corpus
+    from es_llm.drivers.deepspeed.dsconfig import load_ds_config
     from es_llm.model import build_model, count_parameters, load_model_preset
-    from es_llm.train.dsconfig import load_ds_config
-    from es_llm.train.geometry import resolve_geometry
+    from es_llm.sampling.geometry import resolve_geometry
 
     if opts.steps < 1:
         raise InputError(f"--steps must be >= 1, got {opts.steps}")
@@ -243,7 +243,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m es_llm.bench_plain",
+        prog="python -m es_llm.tools.bench_plain",
         description="Plain PyTorch training loop of the same model and batch as es-llm train.",
     )
     add_arguments(parser)

@@ -11,10 +11,10 @@ The training loop and the multi-process test call these same functions.
 from __future__ import annotations
 
 from es_llm import dist
-from es_llm.config import EvolvedSamplingConfig
-from es_llm.core.pruning import EpochPlan, plan_epoch
-from es_llm.core.scores import ScoreTable
 from es_llm.data.sharding import RankSampler
+from es_llm.sampling.config import EvolvedSamplingConfig
+from es_llm.sampling.pruning import EpochPlan, plan_epoch
+from es_llm.sampling.scores import ScoreTable
 
 __all__ = ["global_mean_score", "plan_epoch_global", "lockstep_available"]
 

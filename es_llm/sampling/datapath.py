@@ -26,25 +26,25 @@ import numpy as np
 import torch
 
 from es_llm import dist
-from es_llm.config import EvolvedSamplingConfig
-from es_llm.core.policies import score_update
-from es_llm.core.pruning import EpochPlan
-from es_llm.core.schedule import (
+from es_llm.data.sharding import RankSampler, shard_range
+from es_llm.drivers.scoring import Scorer
+from es_llm.errors import InputError
+from es_llm.sampling.config import EvolvedSamplingConfig
+from es_llm.sampling.eswp import lockstep_available, plan_epoch_global
+from es_llm.sampling.geometry import BatchGeometry
+from es_llm.sampling.global_selection import select_global
+from es_llm.sampling.policies import score_update
+from es_llm.sampling.pruning import EpochPlan
+from es_llm.sampling.records import bits_f32, f32_bits
+from es_llm.sampling.schedule import (
     Phase,
     estimate_total_steps,
     phase_for_step,
     resolve_burn_in_steps,
 )
-from es_llm.core.scores import ScoreTable
-from es_llm.core.selector import selection_digest
-from es_llm.data.sharding import RankSampler, shard_range
-from es_llm.errors import InputError
-from es_llm.eswp import lockstep_available, plan_epoch_global
-from es_llm.train.geometry import BatchGeometry
-from es_llm.train.global_selection import select_global
-from es_llm.train.records import bits_f32, f32_bits
-from es_llm.train.scoring import Scorer
-from es_llm.train.timing import StepTimers
+from es_llm.sampling.scores import ScoreTable
+from es_llm.sampling.selector import selection_digest
+from es_llm.sampling.timing import StepTimers
 
 __all__ = ["DataPathError", "ESDataPath", "StepAssignment", "StepDraw"]
 

@@ -1,11 +1,11 @@
-"""The GPU check: `bash launch/gpu_check.sh [OUT_DIR]` (or `python -m es_llm.gpu_check OUT_DIR`).
+"""The GPU check: `bash launch/gpu_check.sh [OUT_DIR]` (or `python -m es_llm.tools.gpu_check OUT_DIR`).
 
 On one GPU it runs, each as a process of its own with its log in OUT/logs/:
 
 1. `kernels`: the kernel parity tests (`pytest tests/test_kernels_*.py`), on the GPU;
 2. `uniform`, `es`: a few hundred steps of `es-llm train` with a shipped GPU config;
-3. `plain`: the same model and batch in a plain PyTorch loop (`es_llm.bench_plain`);
-4. `syncs`: uniform, ES and plain again, short, twice each, under `es_llm.sync_count`, for the
+3. `plain`: the same model and batch in a plain PyTorch loop (`es_llm.tools.bench_plain`);
+4. `syncs`: uniform, ES and plain again, short, twice each, under `es_llm.tools.sync_count`, for the
    host synchronisations per optimizer step;
 5. `compare`: a short `es-llm compare` of uniform against es;
 
@@ -308,7 +308,7 @@ def _kernel_tests(setup: Setup, env: dict[str, str], pieces: dict) -> dict[str, 
 
 
 def _sync_counts(setup: Setup, env: dict[str, str], pieces: dict) -> dict[str, float | None]:
-    from es_llm.sync_count import per_step
+    from es_llm.tools.sync_count import per_step
 
     out: dict[str, float | None] = {}
     for name in ("uniform", "es", "plain"):
@@ -318,7 +318,7 @@ def _sync_counts(setup: Setup, env: dict[str, str], pieces: dict) -> dict[str, f
             rec_path = setup.out / "syncs" / f"{name}-{n}.json"
             job = (["plain", *setup.plain_args(n, run_dir)] if name == "plain"
                    else setup.train_args(name, n, run_dir))  # fmt: skip
-            rc = _run([sys.executable, "-m", "es_llm.sync_count", str(rec_path), *job],
+            rc = _run([sys.executable, "-m", "es_llm.tools.sync_count", str(rec_path), *job],
                       setup.out / "logs" / f"syncs-{name}-{n}.log", setup.out, env)  # fmt: skip
             pieces[f"syncs-{name}-{n}"] = {"returncode": rc, "log": f"logs/syncs-{name}-{n}.log"}
             recs.append(json.loads(rec_path.read_text()) if rc == 0 else {"syncs": None})
@@ -369,7 +369,7 @@ def run_check(setup: Setup) -> dict[str, Any]:
             continue
         run_dir = setup.out / name
         if name == "plain":
-            cmd = [sys.executable, "-m", "es_llm.bench_plain",
+            cmd = [sys.executable, "-m", "es_llm.tools.bench_plain",
                    *setup.plain_args(setup.steps, run_dir)]  # fmt: skip
         else:
             cmd = [sys.executable, "-m", "es_llm.cli",
@@ -407,7 +407,7 @@ def run_check(setup: Setup) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m es_llm.gpu_check", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m es_llm.tools.gpu_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("out", nargs="?", default="runs/gpu_check", help="output directory "
                    "(default: %(default)s)")  # fmt: skip

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from es_llm.config import METHODS
-from es_llm.core.learnability import progress_weights, trim_keep
-from es_llm.core.noise import STREAM_EPSILON, gumbel, uniform01
+from es_llm.sampling.config import METHODS
+from es_llm.sampling.learnability import progress_weights, trim_keep
+from es_llm.sampling.noise import STREAM_EPSILON, gumbel, uniform01
 
 __all__ = [
     "METHODS",

@@ -19,14 +19,15 @@ from es_llm.cliargs import (
     parse_method_list,
     positive_int,
 )
-from es_llm.compare.metrics import (
+from es_llm.sampling.config import METHODS
+from es_llm.tools.compare.metrics import (
     MATCHED,
     TARGET_LOSS_SLACK,
     TARGET_SPEEDUP,
     comparison_methods,
     grid_summary,
 )
-from es_llm.compare.planning import (
+from es_llm.tools.compare.planning import (
     EVALS_PER_RUN,
     Variant,
     match_reference,
@@ -34,7 +35,6 @@ from es_llm.compare.planning import (
     plan_runs,
     variants,
 )
-from es_llm.config import METHODS
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -150,7 +150,7 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 
 def _step_records(run_dir: Path) -> list[dict[str, Any]]:
-    from es_llm.train.metrics import read_jsonl
+    from es_llm.drivers.deepspeed.metrics import read_jsonl
 
     path = run_dir / "metrics.jsonl"
     return [r for r in read_jsonl(path) if r.get("type") == "step"] if path.exists() else []
@@ -158,10 +158,10 @@ def _step_records(run_dir: Path) -> list[dict[str, Any]]:
 
 def compare_once(args: argparse.Namespace, out: Path, command: str) -> dict[str, Any]:
     """All runs at `args.epochs`; writes OUT/compare.{json,md,png} and returns compare.json."""
-    from es_llm.compare.report import markdown_report, plot_comparison, print_table
-    from es_llm.compare.runner import load_avg, machine_info, run_one
     from es_llm.data import load_corpus
-    from es_llm.train.metrics import write_json_atomic
+    from es_llm.drivers.deepspeed.metrics import write_json_atomic
+    from es_llm.tools.compare.report import markdown_report, plot_comparison, print_table
+    from es_llm.tools.compare.runner import load_avg, machine_info, run_one
 
     runs = variants(args.methods, args.variant)
     ref = match_reference(runs, args.match, enabled=not args.no_matched)
@@ -242,8 +242,8 @@ def compare_once(args: argparse.Namespace, out: Path, command: str) -> dict[str,
 
 def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     """`es-llm compare`: one comparison, or one per epoch budget with --epochs-grid."""
-    from es_llm.compare.report import grid_markdown, print_table
-    from es_llm.train.metrics import write_json_atomic
+    from es_llm.drivers.deepspeed.metrics import write_json_atomic
+    from es_llm.tools.compare.report import grid_markdown, print_table
 
     command = shlex.join(["es-llm", *(sys.argv[1:] if argv is None else argv)])
     out = Path(args.out)

@@ -3,7 +3,7 @@
 Why processes: DeepSpeed keeps process-group state between engines, and `--world-size N`
 needs the deepspeed launcher anyway. The parent writes the run's `TrainOptions` (built once
 from the flags, then changed per run) to DIR/<name>/run_spec.json; the child
-(`python -m es_llm.compare --worker FILE`, on every rank) trains from it. Threads per rank
+(`python -m es_llm.tools.compare --worker FILE`, on every rank) trains from it. Threads per rank
 are left to the training loop (`es_llm.dist.share_cpu_threads`, which honours
 OMP_NUM_THREADS); the child records the count it trained with in DIR/<name>/worker.json.
 """
@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from es_llm.compare.planning import RunSpec
 from es_llm.errors import InputError
+from es_llm.tools.compare.planning import RunSpec
 
 if TYPE_CHECKING:
-    from es_llm.train.loop import TrainOptions
+    from es_llm.drivers.deepspeed.loop import TrainOptions
 
 __all__ = ["load_avg", "machine_info", "run_one", "worker_main"]
 
@@ -46,12 +46,12 @@ def run_options(base: TrainOptions, spec: RunSpec, out: Path) -> TrainOptions:
 
 def _child_command(spec_file: Path, world: int) -> list[str]:
     if world == 1:
-        return [sys.executable, "-m", "es_llm.compare", "--worker", str(spec_file)]
+        return [sys.executable, "-m", "es_llm.tools.compare", "--worker", str(spec_file)]
     from es_llm.dist import _free_port
 
     return [
         sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world),
-        "--master_port", str(_free_port()), "--module", "es_llm.compare",
+        "--master_port", str(_free_port()), "--module", "es_llm.tools.compare",
         "--worker", str(spec_file),
     ]  # fmt: skip
 
@@ -97,7 +97,7 @@ def run_one(
 
 def worker_main(argv: list[str]) -> int:
     """One training run from a run_spec.json: what `run_one` starts, on every rank."""
-    p = argparse.ArgumentParser(prog="python -m es_llm.compare")
+    p = argparse.ArgumentParser(prog="python -m es_llm.tools.compare")
     p.add_argument("--worker", required=True, metavar="RUN_SPEC_JSON")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None)
     a = p.parse_args(argv)
@@ -105,7 +105,7 @@ def worker_main(argv: list[str]) -> int:
         os.environ.setdefault("LOCAL_RANK", str(a.local_rank))
     import torch
 
-    from es_llm.train.loop import TrainOptions, train
+    from es_llm.drivers.deepspeed.loop import TrainOptions, train
 
     options = json.loads(Path(a.worker).read_text())["options"]
     opts = TrainOptions(**{**options, "out": Path(options["out"])})

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from es_llm.compare.metrics import MATCHED
 from es_llm.errors import InputError
+from es_llm.tools.compare.metrics import MATCHED
 
 __all__ = [
     "EVALS_PER_RUN",
@@ -64,10 +64,10 @@ def planned_steps(
     max_steps: int | None,
 ) -> int:
     """Optimizer steps the run of `variant` will take (the training loop's own estimate)."""
-    from es_llm.core.schedule import estimate_total_steps
     from es_llm.data.sharding import shard_range
-    from es_llm.train.dsconfig import es_config_for_run, load_ds_config
-    from es_llm.train.geometry import resolve_geometry
+    from es_llm.drivers.deepspeed.dsconfig import es_config_for_run, load_ds_config
+    from es_llm.sampling.geometry import resolve_geometry
+    from es_llm.sampling.schedule import estimate_total_steps
 
     ds = load_ds_config(config)
     es = es_config_for_run(ds, variant.method, {**es_overrides, **variant.overrides})

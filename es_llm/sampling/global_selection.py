@@ -3,7 +3,7 @@
 Kept apart from the engine so the invariant of the spec (section 4) can be tested with real
 processes and synthetic losses: W ranks, each holding a slice of the same global meta-batch,
 must select exactly what one rank selects over the whole of it, step after step while the
-scores evolve. Only per-sample records travel (`es_llm.train.records`): one all-gather of
+scores evolve. Only per-sample records travel (`es_llm.sampling.records`): one all-gather of
 24 bytes a sample, no token ids; every tensor stays on the device it came on (no host sync).
 """
 
@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from es_llm import dist
-from es_llm.config import EvolvedSamplingConfig
-from es_llm.core.scores import ScoreTable
-from es_llm.core.selector import Selection, device_digest, select_step
-from es_llm.train.records import Assignment, Records, locality_first, pack, unpack
+from es_llm.sampling.config import EvolvedSamplingConfig
+from es_llm.sampling.records import Assignment, Records, locality_first, pack, unpack
+from es_llm.sampling.scores import ScoreTable
+from es_llm.sampling.selector import Selection, device_digest, select_step
 
 
 @dataclass

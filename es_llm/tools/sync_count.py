@@ -1,7 +1,7 @@
 """Count the times the host waits for the GPU during a run (used by the GPU check).
 
-    python -m es_llm.sync_count OUT.json train [es-llm train flags...]
-    python -m es_llm.sync_count OUT.json plain [es_llm.bench_plain flags...]
+    python -m es_llm.tools.sync_count OUT.json train [es-llm train flags...]
+    python -m es_llm.tools.sync_count OUT.json plain [es_llm.tools.bench_plain flags...]
 
 PyTorch's GPU trace hooks (the ones its CUDA sanitizer uses) report every synchronisation that
 goes through PyTorch: device synchronize, stream synchronize, event synchronize, and the
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
         rc, counts = count_syncs(lambda: cli_main(["train", *rest]))
     else:
-        from es_llm.bench_plain import main as plain_main
+        from es_llm.tools.bench_plain import main as plain_main
 
         rc, counts = count_syncs(lambda: plain_main(rest))
     record = {

@@ -1,7 +1,7 @@
 """The ES training loop over a DeepSpeed engine.
 
 One optimizer step, on every data-parallel rank, driven through `ESDataPath`
-(`es_llm/train/datapath.py`, shared with the HF Trainer):
+(`es_llm/sampling/datapath.py`, shared with the HF Trainer):
 
 1. `next_step()`: this rank's `B_meta / W` samples of the epoch order (its own shard, pruned
    by the ESWP plan when pruning is on), or `B / W` in burn-in / anneal / uniform / prune;
@@ -29,20 +29,20 @@ import numpy as np
 import torch
 
 from es_llm import dist
-from es_llm.config import EvolvedSamplingConfig
 from es_llm.data import load_corpus
 from es_llm.data.sharding import shard_range
+from es_llm.drivers.deepspeed import checkpoint as ckpt
+from es_llm.drivers.deepspeed.dsconfig import deepspeed_config, es_config_for_run, load_ds_config
+from es_llm.drivers.deepspeed.metrics import MetricsWriter, plot_loss_curves, write_json_atomic
+from es_llm.drivers.deepspeed.stopping import RunStopped, StopRequest
+from es_llm.drivers.losses import training_losses
+from es_llm.drivers.scoring import ModelScorer, Scorer, scoring_losses
 from es_llm.errors import InputError
 from es_llm.model import build_model, count_parameters, load_model_preset
-from es_llm.train import checkpoint as ckpt
-from es_llm.train.datapath import ESDataPath, StepAssignment
-from es_llm.train.dsconfig import deepspeed_config, es_config_for_run, load_ds_config
-from es_llm.train.geometry import BatchGeometry, resolve_geometry
-from es_llm.train.losses import training_losses
-from es_llm.train.metrics import MetricsWriter, plot_loss_curves, write_json_atomic
-from es_llm.train.scoring import ModelScorer, Scorer, scoring_losses
-from es_llm.train.stopping import RunStopped, StopRequest
-from es_llm.train.timing import TIMERS
+from es_llm.sampling.config import EvolvedSamplingConfig
+from es_llm.sampling.datapath import ESDataPath, StepAssignment
+from es_llm.sampling.geometry import BatchGeometry, resolve_geometry
+from es_llm.sampling.timing import TIMERS
 
 __all__ = ["TIMERS", "ESRun", "TrainOptions", "TrainingError", "train"]
 

@@ -9,7 +9,7 @@ pointing at a DeepSpeed config that carries an `evolved_sampling` section::
 
 Without the section (or with `enabled: false`) it is a plain `Trainer`.
 
-The ES data path is `es_llm.train.datapath.ESDataPath`, the same component the native loop
+The ES data path is `es_llm.sampling.datapath.ESDataPath`, the same component the native loop
 (`es-llm train`) drives; this class only maps its steps onto the Trainer's:
 
 * `get_train_dataloader` returns this rank's ES stream: per optimizer step it calls
@@ -49,13 +49,13 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from es_llm import dist
-from es_llm.config import SECTION, EvolvedSamplingConfig, es_config_from_ds_config
+from es_llm.drivers.deepspeed import checkpoint as ckpt
+from es_llm.drivers.losses import training_losses
+from es_llm.drivers.scoring import ModelScorer, Scorer
 from es_llm.errors import InputError
-from es_llm.train import checkpoint as ckpt
-from es_llm.train.datapath import ESDataPath, StepAssignment, StepDraw
-from es_llm.train.geometry import resolve_geometry
-from es_llm.train.losses import training_losses
-from es_llm.train.scoring import ModelScorer, Scorer
+from es_llm.sampling.config import SECTION, EvolvedSamplingConfig, es_config_from_ds_config
+from es_llm.sampling.datapath import ESDataPath, StepAssignment, StepDraw
+from es_llm.sampling.geometry import resolve_geometry
 
 __all__ = ["ESTrainer"]
 
@@ -124,7 +124,7 @@ class ESTrainer(Trainer):
     `es_config` overrides the config's section (e.g. for sweeps). `train_dataset` is a
     `datasets.Dataset` with an `input_ids` column of equal-length packed sequences; the
     global sample id is the row index. `scorer` (optional) replaces the scoring forward:
-    `scorer(tokens, ids) -> (loss, valid)` (see `es_llm.train.scoring.Scorer`).
+    `scorer(tokens, ids) -> (loss, valid)` (see `es_llm.drivers.scoring.Scorer`).
     """
 
     def __init__(

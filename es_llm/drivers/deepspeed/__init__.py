@@ -1,0 +1,1 @@
+"""The native DeepSpeed driver: the loop behind `es-llm train`, its checkpoints, config and metrics."""
