@@ -10,17 +10,25 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Iterator
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from es_llm.errors import InputError
+from es_llm.sampling.methods import Options, SamplingMethod, get_method, option_owners, registered
+from es_llm.sampling.methods.base import check_range as _check_range
 
-Method = Literal["es", "eswp", "prune", "uniform", "loss", "ema", "topk", "lp", "trim"]
-# The one list of method names: choices, --help and validation all derive from it.
-METHODS: tuple[str, ...] = get_args(Method)
+# The one list of method names, from the registry (es_llm.sampling.methods): choices, --help
+# and validation all derive from it.
+METHODS: tuple[str, ...] = tuple(m.name for m in registered())
+Method = Literal[METHODS]  # type: ignore[valid-type]
 
 SECTION = "evolved_sampling"
+
+# Every method's own keys, each model once, in METHODS order: they join the section's keys.
+_OPTIONS: tuple[type[Options], ...] = tuple(
+    dict.fromkeys(opts for m in registered() for opts in m.options)
+)
 
 __all__ = [
     "ESConfigError",
@@ -36,38 +44,13 @@ class ESConfigError(InputError):
     """A bad `evolved_sampling` section (a ValueError, so callers may catch either)."""
 
 
-def _check_range(
-    name: str,
-    value: float,
-    lo: float | None,
-    hi: float | None,
-    lo_open: bool,
-    hi_open: bool,
-) -> float:
-    """Raise a ValueError naming `name` and the interval unless `value` lies in it.
-
-    NaN fails every comparison, so it is rejected too.
-    """
-    ok = isinstance(value, (int, float)) and not math.isnan(value)
-    if ok and lo is not None:
-        ok = value > lo if lo_open else value >= lo
-    if ok and hi is not None:
-        ok = value < hi if hi_open else value <= hi
-    if not ok:
-        left = "-inf" if lo is None else f"{lo:g}"
-        right = "inf" if hi is None else f"{hi:g}"
-        interval = f"{'(' if lo_open or lo is None else '['}{left}, {right}{')' if hi_open or hi is None else ']'}"
-        raise ValueError(f"{name} must be in {interval}, got {value!r}")
-    return value
-
-
-class EvolvedSamplingConfig(BaseModel):
-    """ES / ESWP hyper-parameters; defaults reproduce the paper (see the spec)."""
+class _SharedKeys(BaseModel):
+    """The keys of every method; a method's own keys live in its module (`Options`)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     enabled: bool = True
-    method: Method = "es"
+    method: str = "es"  # a registered name (checked below, so a method added later validates)
     selection_ratio: float = 0.5
     beta1: float = 0.2
     beta2: float = 0.8
@@ -78,18 +61,20 @@ class EvolvedSamplingConfig(BaseModel):
     burn_in_steps: int | None = None
     burn_in_epochs: int | None = None
     anneal_fraction: float = 0.0
-    prune_ratio: float = 0.3
-    delta: float = 0.875
-    rescale: bool = True
     seed: int | None = None
     scoring_micro_batch_size: int | None = None
     ignore_index: int = -100
-    # learnability-aware selection (core/learnability.py)
-    lp_floor: float = 0.5  # lp: weight of a sample without progress, x the mean progress
-    trim_top: float = 0.0  # never select this highest-loss share of a meta-batch (by rank)
-    trim_z: float | None = None  # ... nor a loss above mean + trim_z * std of the meta-batch
 
     # --- per-field ranges (messages name the field and the interval) ---
+    @field_validator("method")
+    @classmethod
+    def _v_method(cls, v: str) -> str:
+        names = [m.name for m in registered()]
+        if v not in names:
+            choices = ", ".join(repr(n) for n in names[:-1]) + f" or {names[-1]!r}"
+            raise ValueError(f"Input should be {choices}")
+        return v
+
     @field_validator("selection_ratio")
     @classmethod
     def _v_selection_ratio(cls, v: float) -> float:
@@ -131,35 +116,6 @@ class EvolvedSamplingConfig(BaseModel):
     def _v_anneal_fraction(cls, v: float) -> float:
         return _check_range("anneal_fraction", v, 0.0, 1.0, False, True)
 
-    @field_validator("prune_ratio")
-    @classmethod
-    def _v_prune_ratio(cls, v: float) -> float:
-        return _check_range("prune_ratio", v, 0.0, 1.0, False, True)
-
-    @field_validator("delta")
-    @classmethod
-    def _v_delta(cls, v: float) -> float:
-        return _check_range("delta", v, 0.0, 1.0, True, False)
-
-    @field_validator("lp_floor")
-    @classmethod
-    def _v_lp_floor(cls, v: float) -> float:
-        if math.isinf(v):
-            raise ValueError(f"lp_floor must be finite and in [0, inf), got {v!r}")
-        return _check_range("lp_floor", v, 0.0, None, False, True)
-
-    @field_validator("trim_top")
-    @classmethod
-    def _v_trim_top(cls, v: float) -> float:
-        return _check_range("trim_top", v, 0.0, 1.0, False, True)
-
-    @field_validator("trim_z")
-    @classmethod
-    def _v_trim_z(cls, v: float | None) -> float | None:
-        if v is not None and not math.isfinite(v):
-            raise ValueError(f"trim_z must be a finite number or null, got {v!r}")
-        return v
-
     @field_validator("burn_in_steps", "burn_in_epochs")
     @classmethod
     def _v_burn_in(cls, v: int | None, info: Any) -> int | None:
@@ -193,31 +149,52 @@ class EvolvedSamplingConfig(BaseModel):
             )
         return self
 
+
+# The options' bases come first, reversed, so that pydantic (which collects fields along the
+# reversed MRO) lists the shared keys first and then each method's keys in METHODS order.
+class EvolvedSamplingConfig(*reversed(_OPTIONS), _SharedKeys):  # type: ignore[misc]
+    """ES / ESWP hyper-parameters; defaults reproduce the paper (see the spec).
+
+    One flat section: the shared keys and every registered method's own keys. Keys that
+    belong to methods other than `method` are rejected or ignored as their `Options` says.
+    """
+
     @model_validator(mode="after")
-    def _v_trim_needs_scoring(self) -> EvolvedSamplingConfig:
-        trims = self.trim_top > 0 or self.trim_z is not None
-        if trims and self.method in ("uniform", "prune"):
-            raise ValueError(
-                f"trim_top/trim_z need the scoring forward; method {self.method!r} has none "
-                "(use method 'trim' for a uniform draw among the untrimmed samples)"
-            )
+    def _v_method_options(self) -> EvolvedSamplingConfig:
+        method = get_method(self.method)
+        for opts in type(self).__mro__:
+            if not (isinstance(opts, type) and issubclass(opts, Options)) or opts is Options:
+                continue
+            if opts in method.options or not opts.foreign_is_error or not opts.in_use(self):
+                continue
+            raise ValueError(opts.foreign_error(method.name, option_owners(opts)))
         return self
 
     # --- derived views used by the training loop ---
     @property
+    def sampling_method(self) -> SamplingMethod:
+        """The registered method named by `method`."""
+        return get_method(self.method)
+
+    @property
     def uses_scoring_forward(self) -> bool:
-        """uniform and prune never run the no-grad scoring pass."""
-        return self.method not in ("uniform", "prune")
+        """The method runs the no-grad scoring pass (uniform and prune do not)."""
+        return self.sampling_method.scoring_forward
 
     @property
     def uses_pruning(self) -> bool:
-        """eswp and prune prune the data set at the start of each epoch."""
-        return self.method in ("eswp", "prune")
+        """The method prunes the data set at the start of each epoch (eswp, prune)."""
+        return self.sampling_method.prunes_epochs
+
+    @property
+    def plain_steps_update_scores(self) -> bool:
+        """Plain steps' training losses update the scores (all but uniform)."""
+        return self.sampling_method.plain_steps_update_scores
 
     @property
     def effective_selection_ratio(self) -> float:
-        """uniform and prune back-propagate the whole meta-batch (B_meta == B)."""
-        return 1.0 if self.method in ("uniform", "prune") else self.selection_ratio
+        """Methods without a scoring forward back-propagate the whole meta-batch (B_meta == B)."""
+        return self.selection_ratio if self.uses_scoring_forward else 1.0
 
     def resolved_s_init(self, num_train_samples: int) -> float:
         """s_init, or the paper's 1/N when unset (N = global number of train samples)."""

@@ -269,7 +269,7 @@ class ESDataPath:
             ids=draw.ids,
             tokens=draw.tokens,
             loss_weights=draw.prune_weights,
-            update_scores=self.es.method != "uniform",
+            update_scores=self.es.plain_steps_update_scores,
         )
 
     def select(self, draw: StepDraw, losses: torch.Tensor, valid: torch.Tensor) -> StepAssignment:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from es_llm.sampling.config import METHODS
-from es_llm.sampling.learnability import progress_weights, trim_keep
+from es_llm.sampling.config import METHODS, EvolvedSamplingConfig
+from es_llm.sampling.methods import Visit, get_method
+from es_llm.sampling.methods.base import ema_update
+from es_llm.sampling.methods.es import es_weight
 from es_llm.sampling.noise import STREAM_EPSILON, gumbel, uniform01
 
 __all__ = [
@@ -29,8 +31,7 @@ def es_weights(
     """Decoupled EMA (spec section 2): w = b1*s + (1-b1)*l, s_new = b2*s + (1-b2)*l (fp32)."""
     s = torch.as_tensor(prev_scores).to(torch.float32)
     lo = torch.as_tensor(losses).to(torch.float32)
-    w = beta1 * s + (1.0 - beta1) * lo
-    return w, score_update("es", s, lo, beta2)
+    return es_weight(s, lo, beta1), ema_update(s, lo, beta2)
 
 
 def score_update(
@@ -43,10 +44,10 @@ def score_update(
     steps (burn-in, anneal, prune), so an lp run with burn-in starts selecting from real
     last losses instead of from EMAs that no later loss can fall below.
     """
-    lo = torch.as_tensor(losses).to(torch.float32)
-    if method == "lp":
-        return lo.clone()
-    return beta2 * torch.as_tensor(prev_scores).to(torch.float32) + (1.0 - beta2) * lo
+    m = get_method(method)
+    cfg = EvolvedSamplingConfig.model_construct(method=method, beta2=beta2)
+    s = torch.as_tensor(prev_scores).to(torch.float32)
+    return m.score_update(cfg, Visit(scores=s, losses=torch.as_tensor(losses).to(torch.float32)))
 
 
 def method_weights(
@@ -62,38 +63,24 @@ def method_weights(
     valid: torch.Tensor | None = None,
     k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w, s_new) for any policy.
+    """(w, s_new) of ``method`` (es_llm.sampling.methods) from loose hyper-parameters.
 
     es/eswp/topk: ES weight; ema: w = s_new; loss: w = loss; uniform/prune/trim: w = 1;
-    lp: learning progress ``max(s - l, 0) + lp_floor * mean`` (core.learnability). s_new is the
+    lp: learning progress ``max(s - l, 0) + lp_floor * mean`` (learnability). s_new is the
     beta2 EMA for every method but lp, whose score is the last loss (so ``s - l`` is the progress
     since the previous visit).
 
     Trimming (``trim_top`` > 0 or ``trim_z`` set; needs ``k``, the number to select) sets w = 0
-    for the highest-loss valid samples (core.learnability.trim_keep), which the draw never
-    takes while ``k`` others are valid.
+    for the highest-loss valid samples (learnability.trim_keep), which the draw never takes
+    while ``k`` others are valid; it acts for the methods that read trim_top/trim_z.
     """
-    w, s_new = es_weights(prev_scores, losses, beta1, beta2)
+    m = get_method(method)
+    cfg = EvolvedSamplingConfig.model_construct(
+        method=method, beta1=beta1, beta2=beta2, lp_floor=lp_floor, trim_top=trim_top, trim_z=trim_z
+    )
+    s = torch.as_tensor(prev_scores).to(torch.float32)
     lo = torch.as_tensor(losses).to(torch.float32)
-    if method in ("es", "eswp", "topk"):
-        pass
-    elif method == "ema":
-        w = s_new.clone()
-    elif method == "loss":
-        w = lo.clone()
-    elif method in ("uniform", "prune", "trim"):
-        w = torch.ones_like(s_new)
-    elif method == "lp":
-        w = progress_weights(prev_scores, lo, lp_floor)
-        s_new = score_update(method, prev_scores, lo, beta2)
-    else:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if trim_top > 0 or trim_z is not None:
-        if k is None:
-            raise ValueError("trimming needs k, the number of samples to select")
-        ok = torch.ones_like(lo, dtype=torch.bool) if valid is None else valid
-        w = torch.where(trim_keep(lo, ok, k, top=trim_top, z=trim_z), w, torch.zeros_like(w))
-    return w, s_new
+    return m.evaluate(cfg, Visit(scores=s, losses=lo, valid=valid, k=k))
 
 
 def valid_weight_mask(weights: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,14 +10,16 @@ the host free until it logs; `device_digest` is the matching sync-free cross-ran
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from es_llm.sampling.config import EvolvedSamplingConfig
+from es_llm.sampling.methods import Visit
 from es_llm.sampling.noise import GOLDEN, STREAM_DIGEST, as_int64, derive_key, hash_u64, mix64_
-from es_llm.sampling.policies import method_weights, select_without_replacement, valid_weight_mask
+from es_llm.sampling.policies import select_without_replacement, valid_weight_mask
 
 __all__ = ["Selection", "device_digest", "importance_weights", "select_step", "selection_digest"]
 
@@ -109,13 +111,15 @@ def select_step(
     valid: torch.Tensor | None,
     k: int,
     base_loss_weights: torch.Tensor | None = None,
+    state: Mapping[str, torch.Tensor] | None = None,
 ) -> Selection:
-    """Choose k of the global meta-batch with cfg.method (SELECT phase).
+    """Choose k of the global meta-batch with cfg's method (SELECT phase).
 
     valid: samples with at least one label token; a non-finite loss is treated as invalid too.
     Invalid samples keep their previous score and are never chosen while k valid ones exist.
     base_loss_weights (optional, per meta-batch position): e.g. the ESWP boost from
     EpochPlan.loss_weights; multiplied into the chosen samples' loss weights.
+    state: the method's extra per-sample columns (`SamplingMethod.state`), per position.
     """
     ids = torch.as_tensor(ids)
     if ids.is_floating_point():
@@ -131,12 +135,11 @@ def select_step(
     if valid is not None:
         ok &= torch.as_tensor(valid).reshape(-1).to(torch.bool)
 
-    w, s_new = method_weights(
-        cfg.method, prev, torch.where(ok, losses, prev), cfg.beta1, cfg.beta2,
-        lp_floor=cfg.lp_floor, trim_top=cfg.trim_top, trim_z=cfg.trim_z, valid=ok, k=k,
-    )  # fmt: skip
+    method = cfg.sampling_method
+    visit = Visit(prev, torch.where(ok, losses, prev), state or {}, valid=ok, k=k)
+    w, s_new = method.evaluate(cfg, visit)
     s_new = torch.where(ok, s_new, prev)
-    deterministic = cfg.method == "topk"
+    deterministic = method.deterministic
     positions = select_without_replacement(
         w,
         k,

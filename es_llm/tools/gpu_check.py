@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from es_llm.sampling.methods import get_method
+
 PIECES = ("kernels", "uniform", "es", "plain", "syncs", "compare")
 
 # the targets, on one H100
@@ -82,7 +84,7 @@ class Setup:
         args = ["train", *self.data_args(), "--method", method, "--max-steps", str(steps),
                 "--epochs", "100", "--max-val-samples", str(self.max_val_samples),
                 "--no-progress", "--out", str(out)]  # fmt: skip
-        if method != "uniform":
+        if get_method(method).scoring_forward:
             args += ["--es", "burn_in_steps=1"]  # the same burn-in at every run length
         return args
 
