@@ -7,6 +7,8 @@ Plackett-Luce), in one sort, and with counter-based noise every rank gets the sa
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from es_llm.sampling.config import METHODS, EvolvedSamplingConfig
@@ -23,6 +25,16 @@ __all__ = [
     "select_without_replacement",
     "valid_weight_mask",
 ]
+
+
+@functools.lru_cache(maxsize=64)
+def _loose_config(method: str, **values: float | None) -> EvolvedSamplingConfig:
+    """A config holding loose hyper-parameters (defaults elsewhere), for the rules to read.
+
+    Not validated, as the loose-argument functions never were; cached, because building a
+    pydantic model costs far more than the tensor maths of a micro-batch. Never mutated.
+    """
+    return EvolvedSamplingConfig.model_construct(method=method, **values)
 
 
 def es_weights(
@@ -45,7 +57,7 @@ def score_update(
     last losses instead of from EMAs that no later loss can fall below.
     """
     m = get_method(method)
-    cfg = EvolvedSamplingConfig.model_construct(method=method, beta2=beta2)
+    cfg = _loose_config(method, beta2=beta2)
     s = torch.as_tensor(prev_scores).to(torch.float32)
     return m.score_update(cfg, Visit(scores=s, losses=torch.as_tensor(losses).to(torch.float32)))
 
@@ -75,8 +87,8 @@ def method_weights(
     while ``k`` others are valid; it acts for the methods that read trim_top/trim_z.
     """
     m = get_method(method)
-    cfg = EvolvedSamplingConfig.model_construct(
-        method=method, beta1=beta1, beta2=beta2, lp_floor=lp_floor, trim_top=trim_top, trim_z=trim_z
+    cfg = _loose_config(
+        method, beta1=beta1, beta2=beta2, lp_floor=lp_floor, trim_top=trim_top, trim_z=trim_z
     )
     s = torch.as_tensor(prev_scores).to(torch.float32)
     lo = torch.as_tensor(losses).to(torch.float32)
