@@ -1,13 +1,19 @@
-"""Model presets: JSON files in `configs/models/` turned into Hugging Face causal LMs.
+"""The model of a run: a preset (random weights) or a local Hugging Face model directory.
 
-A preset names a `family` (gpt2 or llama) and that family's `transformers` config fields.
-`vocab_size` and the context length follow the tokenizer and the corpus unless the preset
-pins them (a GPT-2 124M preset keeps 50257 with the GPT-2 tokenizer, for example).
+A preset is a JSON file in `configs/models/` naming a `family` (gpt2 or llama) and that
+family's `transformers` config fields. `vocab_size` and the context length follow the
+tokenizer and the corpus unless the preset pins them (a GPT-2 124M preset keeps 50257 with the
+GPT-2 tokenizer, for example).
+
+A directory is a pretrained causal LM (`config.json` + weights, as `save_pretrained` writes
+it): `resolve_model` tells the two apart and checks the directory without loading weights,
+`load_model` builds either one. See docs/models.md.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +24,13 @@ from es_llm.errors import InputError
 
 FAMILIES = ("gpt2", "llama")
 DEFAULT_MODEL_PRESET = "gpt2-tiny"
+# What `save_pretrained` writes as weights (single file or sharded with an index).
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def configs_dir() -> Path:
@@ -62,9 +75,18 @@ def load_model_preset(name_or_path: str) -> dict[str, Any]:
 
 
 def build_model(
-    preset: dict[str, Any], *, vocab_size: int, seq_len: int, device: str | torch.device = "cpu"
+    preset: dict[str, Any],
+    *,
+    vocab_size: int,
+    seq_len: int,
+    device: str | torch.device = "cpu",
+    eod_id: int | None = None,
 ) -> torch.nn.Module:
-    """Instantiate the preset with random weights (pre-training starts from scratch)."""
+    """Instantiate the preset with random weights (pre-training starts from scratch).
+
+    ``eod_id``: the corpus's end-of-document token, recorded as the config's bos/eos id (what
+    `generate` stops at once the model is exported) unless the preset names its own.
+    """
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -80,14 +102,14 @@ def build_model(
         fields.setdefault("n_positions", seq_len)
         if fields["n_positions"] < seq_len:
             raise InputError(f"model n_positions {fields['n_positions']} < seq_len {seq_len}")
-        fields.setdefault("bos_token_id", None)
-        fields.setdefault("eos_token_id", None)
+        fields.setdefault("bos_token_id", eod_id)
+        fields.setdefault("eos_token_id", eod_id)
         config = GPT2Config(**fields)
         cls: type = GPT2LMHeadModel
     else:
         fields.setdefault("max_position_embeddings", max(seq_len, 128))
-        fields.setdefault("bos_token_id", None)
-        fields.setdefault("eos_token_id", None)
+        fields.setdefault("bos_token_id", eod_id)
+        fields.setdefault("eos_token_id", eod_id)
         config = LlamaConfig(**fields)
         cls = LlamaForCausalLM
     with torch.device(device):
@@ -97,3 +119,129 @@ def build_model(
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- any model
+@dataclass(frozen=True)
+class ModelSpec:
+    """What ``--model`` names: a preset (``preset`` set) or a pretrained directory (``path``)."""
+
+    name: str
+    preset: dict[str, Any] | None = None
+    path: Path | None = None
+    vocab_size: int | None = None  # pretrained: rows of its embedding (token ids must be below)
+    max_positions: int | None = None  # pretrained: longest sequence it takes, when it says
+
+    @property
+    def pretrained(self) -> bool:
+        return self.path is not None
+
+
+def resolve_model(name_or_path: str) -> ModelSpec:
+    """A preset name or JSON file, or a local Hugging Face causal-LM directory (no weights read).
+
+    Raises InputError for an unknown preset, or a directory that is not such a model.
+    """
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        return _pretrained_spec(p, name_or_path)
+    return ModelSpec(name_or_path, preset=load_model_preset(name_or_path))
+
+
+def _pretrained_spec(path: Path, name: str) -> ModelSpec:
+    if not (path / "config.json").is_file():
+        raise InputError(
+            f"model directory {path} has no config.json: --model takes a preset or a Hugging "
+            f"Face model directory (as save_pretrained writes it)"
+        )
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(
+            f"model directory {path}: transformers cannot read config.json ({first})"
+        ) from e
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise InputError(
+            f"model directory {path}: model_type {config.model_type!r} is not a causal LM "
+            f"that AutoModelForCausalLM loads"
+        )
+    if not any((path / f).is_file() for f in WEIGHT_FILES):
+        raise InputError(
+            f"model directory {path} has a config.json but no weights "
+            f"({' or '.join(WEIGHT_FILES[::2])})"
+        )
+    text = config.get_text_config()
+    return ModelSpec(
+        name,
+        path=path,
+        vocab_size=int(text.vocab_size),
+        max_positions=getattr(text, "max_position_embeddings", None),
+    )
+
+
+def check_fits(spec: ModelSpec, *, token_id_bound: int, seq_len: int) -> None:
+    """InputError unless every token id (below ``token_id_bound``) and ``seq_len`` fit the model.
+
+    Presets grow to the tokenizer (unless they pin ``vocab_size``, see `build_model`); a
+    pretrained model's embedding is fixed.
+    """
+    if not spec.pretrained:
+        pinned = (spec.preset or {}).get("vocab_size")
+        if pinned is not None and pinned < token_id_bound:
+            raise InputError(
+                f"model preset {spec.name!r} pins vocab_size {pinned}, but the tokenizer has "
+                f"token ids up to {token_id_bound - 1}"
+            )
+        return
+    assert spec.vocab_size is not None
+    if token_id_bound > spec.vocab_size:
+        raise InputError(
+            f"the tokenizer does not fit model {spec.path}: it has token ids up to "
+            f"{token_id_bound - 1}, the model's vocab_size is {spec.vocab_size}; use the "
+            f"model's own tokenizer (--tokenizer)"
+        )
+    if spec.max_positions is not None and seq_len > spec.max_positions:
+        raise InputError(
+            f"--seq-len {seq_len} is longer than model {spec.path} takes "
+            f"(max_position_embeddings {spec.max_positions})"
+        )
+
+
+def load_model(
+    spec: ModelSpec,
+    *,
+    vocab_size: int,
+    seq_len: int,
+    eod_id: int | None = None,
+    device: str | torch.device = "cpu",
+) -> torch.nn.Module:
+    """The run's model, in fp32: the preset with random weights, or the pretrained weights.
+
+    ``vocab_size``: the tokenizer's id bound (ids are below it); ``eod_id`` its
+    end-of-document id (presets record it as bos/eos). DeepSpeed casts to bf16/fp16 and
+    partitions (ZeRO-3) afterwards, as its config says.
+    """
+    check_fits(spec, token_id_bound=vocab_size, seq_len=seq_len)
+    if spec.path is None:
+        assert spec.preset is not None
+        return build_model(
+            spec.preset, vocab_size=vocab_size, seq_len=seq_len, device=device, eod_id=eod_id
+        )
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch.float32)
+    return model.to(device)
+
+
+def tokenizer_for(model: str, tokenizer: str | None) -> str | None:
+    """The run's tokenizer spec: ``--tokenizer``, else a model directory's own, else None
+    (the corpus trains a BPE)."""
+    if tokenizer is not None:
+        return tokenizer
+    p = Path(model).expanduser()
+    return str(p) if p.is_dir() else None

@@ -1,7 +1,8 @@
 """Checks of `es-llm train`'s input that run before any engine or process group exists.
 
 A wrong --config, --model, --data, --tokenizer or --resume is reported in a second, not after
-the DeepSpeed engine is up; a non-empty --out is refused unless --resume or --overwrite says
+the DeepSpeed engine is up (a model directory that is not a causal LM, a tokenizer whose ids do
+not fit the model included); a non-empty --out is refused unless --resume or --overwrite says
 what to do with it. Nothing here builds a model or reads the corpus.
 """
 
@@ -11,8 +12,12 @@ import argparse
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from es_llm.errors import InputError
+
+if TYPE_CHECKING:
+    from es_llm.model import ModelSpec
 
 SMALL_TEXT = 1 << 20  # a single text file up to this size is split once here, as a check
 
@@ -20,17 +25,16 @@ SMALL_TEXT = 1 << 20  # a single text file up to this size is split once here, a
 def check_train_inputs(args: argparse.Namespace) -> None:
     """Raise InputError for the first problem with the run's configs, data or checkpoint."""
     from es_llm.drivers.deepspeed.dsconfig import es_config_for_run, load_ds_config
-    from es_llm.model import load_model_preset
+    from es_llm.model import resolve_model
     from es_llm.sampling.geometry import resolve_geometry
 
     ds_config = load_ds_config(args.config)
     es = es_config_for_run(ds_config, getattr(args, "method", None), dict(args.es))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     resolve_geometry(ds_config, world, es.effective_selection_ratio)
-    load_model_preset(args.model)
+    model = resolve_model(args.model)
     _check_data(args.data)
-    if args.tokenizer is not None and not Path(args.tokenizer).expanduser().exists():
-        raise InputError(f"--tokenizer {args.tokenizer}: no such file or directory")
+    _check_tokenizer(model, args)
     if getattr(args, "resume", None) is not None:
         from es_llm.drivers.deepspeed.checkpoint import checkpoint_root, find_complete_tag
 
@@ -38,6 +42,20 @@ def check_train_inputs(args: argparse.Namespace) -> None:
         if not resume.is_dir():
             raise InputError(f"--resume {resume}: no such run directory")
         find_complete_tag(checkpoint_root(resume))
+
+
+def _check_tokenizer(model: ModelSpec, args: argparse.Namespace) -> None:
+    """The tokenizer loads, has an end-of-document token, and its ids fit the model."""
+    from es_llm.data.tokenizer import load_tokenizer, token_id_bound
+    from es_llm.model import check_fits, tokenizer_for
+
+    if args.tokenizer is not None and not Path(args.tokenizer).expanduser().exists():
+        raise InputError(f"--tokenizer {args.tokenizer}: no such file or directory")
+    spec = tokenizer_for(args.model, args.tokenizer)
+    if spec is None:
+        return  # the corpus trains a BPE; a preset grows to it
+    tok, _, _ = load_tokenizer(spec)
+    check_fits(model, token_id_bound=token_id_bound(tok), seq_len=args.seq_len)
 
 
 def _check_data(data: str | None) -> None:

@@ -2,6 +2,8 @@
 
 Byte-level so that every input (source code, any language) is encodable without an unknown
 token; one special end-of-document token separates documents in the packed stream.
+A user tokenizer is a tokenizer.json or a Hugging Face tokenizer (or model) directory holding
+one; `hf_tokenizer` turns whichever the run used into a `transformers` tokenizer to export.
 """
 
 from __future__ import annotations
@@ -11,10 +13,14 @@ import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from es_llm.errors import InputError
+
+if TYPE_CHECKING:  # transformers is imported only to export a tokenizer
+    from transformers import PreTrainedTokenizerBase
 
 EOD_TOKEN = "<|endoftext|>"
 # Tried in order when a user tokenizer names no eos token in its tokenizer_config.json.
@@ -77,7 +83,9 @@ def resolve_tokenizer_file(spec: str) -> tuple[Path, str | None]:
         p = p / "tokenizer.json"
         if not p.is_file():
             raise InputError(
-                f"tokenizer directory {spec} has no tokenizer.json (a fast tokenizer is required)"
+                f"tokenizer directory {spec} has no tokenizer.json (a fast tokenizer is "
+                f"required: AutoTokenizer.from_pretrained(dir).save_pretrained(dir) writes one, "
+                f"or pass --tokenizer)"
             )
     return p, eos
 
@@ -100,3 +108,33 @@ def eod_id(tok: Tokenizer, preferred: str | None = None, *, where: str = "tokeni
             return i
     tried = ", ".join(((preferred,) if preferred else ()) + EOD_CANDIDATES)
     raise InputError(f"{where}: no end-of-document token found (tried {tried})")
+
+
+def token_id_bound(tok: Tokenizer) -> int:
+    """One more than the largest token id ``tok`` can emit (added tokens included)."""
+    return max(tok.get_vocab(with_added_tokens=True).values()) + 1
+
+
+def hf_tokenizer(
+    spec: str | None, tokenizer_json: str | Path, eod: int, *, model_max_length: int | None = None
+) -> PreTrainedTokenizerBase:
+    """The run's tokenizer as a `transformers` tokenizer, ready for ``save_pretrained``.
+
+    A Hugging Face tokenizer directory (``spec`` holding a tokenizer_config.json) loads as
+    itself, its special tokens included. Otherwise (the corpus's trained BPE, or a bare
+    tokenizer.json) ``tokenizer_json`` is wrapped in a `PreTrainedTokenizerFast` whose
+    bos, eos and pad token is the end-of-document token ``eod`` the corpus separates
+    documents with, as GPT-2's tokenizer does.
+    """
+    if spec is not None and (Path(spec).expanduser() / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(Path(spec).expanduser())
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    name = tok.id_to_token(eod)
+    extra = {} if model_max_length is None else {"model_max_length": model_max_length}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=name, eos_token=name, pad_token=name, **extra
+    )
