@@ -52,10 +52,21 @@ def _check_tokenizer(model: ModelSpec, args: argparse.Namespace) -> None:
     if args.tokenizer is not None and not Path(args.tokenizer).expanduser().exists():
         raise InputError(f"--tokenizer {args.tokenizer}: no such file or directory")
     spec = tokenizer_for(args.model, args.tokenizer)
+    for flag, path in (("--model", model.path), ("--tokenizer", spec)):
+        if path is not None and getattr(args, "overwrite", False) and _inside(path, args.out):
+            raise InputError(
+                f"{flag} {path} is inside --out {args.out}, which --overwrite deletes: copy "
+                f"it elsewhere first, or choose another --out"
+            )
     if spec is None:
         return  # the corpus trains a BPE; a preset grows to it
     tok, _, _ = load_tokenizer(spec)
     check_fits(model, token_id_bound=token_id_bound(tok), seq_len=args.seq_len)
+
+
+def _inside(path: str | Path, folder: str | Path) -> bool:
+    here, there = Path(path).expanduser().resolve(), Path(folder).expanduser().resolve()
+    return here == there or there in here.parents
 
 
 def _check_data(data: str | None) -> None:

@@ -39,7 +39,13 @@ def save_model(folder: Path, family: str, *, vocab_size: int = 320, positions: i
     torch.manual_seed(0)
     if family == "gpt2":
         config = GPT2Config(
-            vocab_size=vocab_size, n_positions=positions, n_embd=32, n_layer=2, n_head=2
+            vocab_size=vocab_size,
+            n_positions=positions,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            bos_token_id=0,  # the tokenizer's end-of-document token
+            eos_token_id=0,
         )
         model = GPT2LMHeadModel(config)
     else:
@@ -51,6 +57,8 @@ def save_model(folder: Path, family: str, *, vocab_size: int = 320, positions: i
             num_attention_heads=2,
             num_key_value_heads=1,
             max_position_embeddings=positions,
+            bos_token_id=0,
+            eos_token_id=0,
         )
         model = LlamaForCausalLM(config)
     model.save_pretrained(folder)

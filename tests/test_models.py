@@ -20,10 +20,12 @@ from es_llm.model import check_fits, load_model, resolve_model, tokenizer_for
 from es_llm.preflight import check_train_inputs
 
 
-def _args(model: str, tokenizer: str | None = None, seq_len: int = 32) -> argparse.Namespace:
+def _args(
+    model: str, tokenizer: str | None = None, seq_len: int = 32, *more: str
+) -> argparse.Namespace:
     from es_llm.cli import build_parser
 
-    argv = ["train", "--model", model, "--seq-len", str(seq_len), "--out", "unused"]
+    argv = ["train", "--model", model, "--seq-len", str(seq_len), "--out", "unused", *more]
     if tokenizer is not None:
         argv += ["--tokenizer", tokenizer]
     return build_parser(["train"]).parse_args(argv)
@@ -97,6 +99,17 @@ def test_a_tokenizer_that_does_not_fit_the_model_fails_before_the_engine(tmp_pat
     with pytest.raises(InputError, match="--seq-len 32 is longer"):
         check_train_inputs(_args(str(fits), str(tok_dir / "tokenizer.json")))
     check_train_inputs(_args(str(fits), str(tok_dir / "tokenizer.json"), seq_len=16))
+
+
+def test_overwrite_never_deletes_the_model_it_starts_from(tmp_path):
+    run = tmp_path / "run"
+    folder = pretrained_dir(run / "model", "gpt2")  # a finished run's export
+    check_train_inputs(_args(str(folder), None, 32, "--out", str(run)))  # kept: no --overwrite
+    with pytest.raises(InputError, match=r"--model .* is inside --out .* --overwrite deletes"):
+        check_train_inputs(_args(str(folder), None, 32, "--out", str(run), "--overwrite"))
+    with pytest.raises(InputError, match=r"--tokenizer .* is inside --out"):
+        check_train_inputs(_args("gpt2-tiny", str(folder), 32, "--out", str(run), "--overwrite"))
+    check_train_inputs(_args(str(folder), None, 32, "--out", str(tmp_path / "new"), "--overwrite"))
 
 
 def test_the_exported_tokenizer_of_a_trained_bpe_encodes_as_the_corpus_did(tmp_path):
