@@ -160,6 +160,7 @@ def compare_once(args: argparse.Namespace, out: Path, command: str) -> dict[str,
     """All runs at `args.epochs`; writes OUT/compare.{json,md,png} and returns compare.json."""
     from es_llm.data import load_corpus
     from es_llm.drivers.deepspeed.metrics import write_json_atomic
+    from es_llm.model import tokenizer_for
     from es_llm.tools.compare.report import markdown_report, plot_comparison, print_table
     from es_llm.tools.compare.runner import load_avg, machine_info, run_one
 
@@ -171,7 +172,7 @@ def compare_once(args: argparse.Namespace, out: Path, command: str) -> dict[str,
         args.data, seq_len=args.seq_len, cache_dir=args.cache_dir, vocab_size=args.vocab_size,
         val_data=args.val_data,
         max_train_samples=args.max_train_samples, max_val_samples=args.max_val_samples,
-        tokenizer=args.tokenizer, progress=not args.no_progress,
+        tokenizer=tokenizer_for(args.model, args.tokenizer), progress=not args.no_progress,
     )  # fmt: skip
     n_train = len(corpus.train)
     _say(args, f"es-llm compare: {len(runs)} runs x {args.epochs} epochs, {n_train} "
