@@ -145,6 +145,14 @@ def resolve_model(name_or_path: str) -> ModelSpec:
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         return _pretrained_spec(p, name_or_path)
+    presets = configs_dir() / "models"
+    if not p.exists() and p.suffix != ".json" and not (presets / f"{name_or_path}.json").is_file():
+        available = sorted(x.stem for x in presets.glob("*.json"))
+        raise InputError(
+            f"model {name_or_path!r} is neither a preset ({', '.join(available)}) nor a local "
+            f"Hugging Face model directory (hub names are not downloaded: fetch the model into "
+            f"a directory first)"
+        )
     return ModelSpec(name_or_path, preset=load_model_preset(name_or_path))
 
 
@@ -154,8 +162,12 @@ def _pretrained_spec(path: Path, name: str) -> ModelSpec:
             f"model directory {path} has no config.json: --model takes a preset or a Hugging "
             f"Face model directory (as save_pretrained writes it)"
         )
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    if not any((path / f).is_file() for f in WEIGHT_FILES):
+        raise InputError(
+            f"model directory {path} has a config.json but no weights "
+            f"({' or '.join(WEIGHT_FILES[::2])})"
+        )
+    from transformers import AutoConfig  # the causal-LM mapping below imports torch
 
     try:
         config = AutoConfig.from_pretrained(path)
@@ -164,15 +176,12 @@ def _pretrained_spec(path: Path, name: str) -> ModelSpec:
         raise InputError(
             f"model directory {path}: transformers cannot read config.json ({first})"
         ) from e
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise InputError(
             f"model directory {path}: model_type {config.model_type!r} is not a causal LM "
             f"that AutoModelForCausalLM loads"
-        )
-    if not any((path / f).is_file() for f in WEIGHT_FILES):
-        raise InputError(
-            f"model directory {path} has a config.json but no weights "
-            f"({' or '.join(WEIGHT_FILES[::2])})"
         )
     text = config.get_text_config()
     return ModelSpec(

@@ -82,9 +82,16 @@ BAD_INPUT = {
     "missing config": (lambda t: ["--config", str(t / "nope.json")], "nope.json"),
     "unknown config": (lambda t: ["--config", "no_such_preset"], "unknown ds preset"),
     "invalid ES section": (lambda t: ["--config", str(_bad_config(t))], "evolved_sampling.beta1"),
-    "unknown model": (lambda t: ["--model", "gpt9"], "unknown models preset 'gpt9'"),
+    "unknown model": (lambda t: ["--model", "gpt9"], "model 'gpt9' is neither a preset"),
+    "not a model directory": (lambda t: ["--model", str(_folder(t))], "has no config.json"),
     "tiny text file": (lambda t: ["--data", str(_small_text(t))], "needs at least 2000"),
 }
+
+
+def _folder(tmp_path):
+    path = tmp_path / "not_a_model"
+    path.mkdir()
+    return path
 
 
 def _small_text(tmp_path):

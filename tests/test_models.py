@@ -1,6 +1,7 @@
 """--model as a pretrained Hugging Face directory, its tokenizer, the checks before any engine
 starts, and the tokenizer a run exports. In process, on tiny models built here (no download);
-one CLI check of the exit status. The export itself is checked by the end-to-end runs
+the command line's one-line exit 2 for a directory that is not a model is a row of BAD_INPUT in
+tests/test_cli_edges.py. The export itself is checked by the end-to-end runs
 (tests/test_train_e2e.py, tests/test_launch.py)."""
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
 from hf_models import TEXT, pretrained_dir, save_model, save_tokenizer
 
 from es_llm.data.tokenizer import EOD_TOKEN, hf_tokenizer, load_tokenizer, token_id_bound
@@ -71,12 +71,14 @@ def test_a_directory_that_is_not_a_causal_lm_is_one_clear_error(tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
+    (bad / "model.safetensors").write_bytes(b"")  # the weights are read only when loaded
     with pytest.raises(InputError, match="cannot read config.json"):
         resolve_model(str(bad))
     from transformers import ViTConfig
 
     vit = tmp_path / "vit"
     ViTConfig().save_pretrained(vit)
+    (vit / "model.safetensors").write_bytes(b"")
     with pytest.raises(InputError, match="'vit' is not a causal LM"):
         resolve_model(str(vit))
     no_weights = tmp_path / "noweights"
@@ -86,6 +88,8 @@ def test_a_directory_that_is_not_a_causal_lm_is_one_clear_error(tmp_path):
         resolve_model(str(no_weights))
     with pytest.raises(InputError, match="has no config.json"):
         check_train_inputs(_args(str(empty)))
+    with pytest.raises(InputError, match="neither a preset .*gpt2-tiny.* nor a local Hugging"):
+        resolve_model("openai-community/gpt2")
 
 
 def test_a_tokenizer_that_does_not_fit_the_model_fails_before_the_engine(tmp_path):
@@ -145,18 +149,3 @@ def test_the_corpus_tokenized_by_a_model_directory_has_its_own_cache_entry(tmp_p
     assert Path(own.tokenizer_path).read_bytes() == (folder / "tokenizer.json").read_bytes()
     assert own.eod_id == load_tokenizer(str(folder))[2]
     assert max(max(r) for r in own.train["input_ids"]) < 320
-
-
-def test_cli_refuses_a_tokenizer_that_does_not_fit_with_one_line(tmp_path, es_cache):
-    small = save_model(tmp_path / "small", "gpt2", vocab_size=200)
-    save_tokenizer(small)  # ~300 ids into 200 embedding rows
-    proc = run_cli(["train", "--model", str(small), "--out", str(tmp_path / "o")], es_cache)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
-    assert errors == [
-        f"es-llm: error: the tokenizer does not fit model {small}: it has token ids up to "
-        f"{token_id_bound(load_tokenizer(str(small))[0]) - 1}, the model's vocab_size is 200; "
-        "use the model's own tokenizer (--tokenizer)"
-    ]
-    assert not (tmp_path / "o").exists()
