@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, free_port
+from hf_models import reload_val_loss
 
 from es_llm.drivers.deepspeed.metrics import read_jsonl
 
@@ -127,3 +128,8 @@ def test_zero3_selects_what_zero0_selects(tmp_path, es_cache, zero0_two_ranks):
     ]
     for a, b in zip(steps, zero0_two_ranks, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    # the partitioned parameters gathered onto rank 0 make a whole model transformers reloads
+    summary = json.loads((out / "summary.json").read_text())
+    assert reload_val_loss(out / "model", es_cache, RUN) == pytest.approx(
+        summary["final_val_loss"], rel=1e-5
+    )

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_RUN_ARGS, run_cli
+from hf_models import reload_val_loss
 
 from es_llm.drivers.deepspeed.metrics import read_jsonl
 
@@ -78,6 +79,31 @@ def test_single_rank_es_run_leaves_metrics_summary_and_plot(tmp_path, es_cache, 
     assert summary["final_val_loss"] < summary["val_history"][0]["val_loss"]
     assert (out / "loss_curve.png").stat().st_size > 1000
     assert "final validation loss" in proc.stdout
+    # OUT/model: transformers reloads the weights the final validation loss was measured with
+    reloaded = reload_val_loss(out / "model", es_cache, TINY_RUN_ARGS)
+    assert reloaded == pytest.approx(summary["final_val_loss"], rel=1e-5)
+    _continue_from_export(out / "model", tmp_path, es_cache, cfg)
+
+
+def _continue_from_export(model: Path, tmp_path: Path, cache: Path, cfg: Path) -> None:
+    """Fine-tune continuation: `--model OUT/model` starts from the exported weights, with the
+    exported tokenizer (a small text file: the corpus is built again with that tokenizer)."""
+    data = tmp_path / "more.txt"
+    data.write_text("\n\n".join(f"def f{i}(x):\n    return x * {i} + {i * i}" for i in range(300)))
+    out = tmp_path / "continued"
+    args = ["--model", str(model), "--data", str(data), "--seq-len", "32", "--vocab-size", "512",
+            "--max-val-samples", "16", "--no-progress"]  # fmt: skip
+    proc = run_cli(
+        ["train", "--config", str(cfg), "--out", str(out), "--max-steps", "2", *args], cache
+    )
+    _ok(proc)
+    summary = json.loads((out / "summary.json").read_text())
+    start = summary["val_history"][0]["val_loss"]  # before any step: the exported model's loss
+    assert start == pytest.approx(reload_val_loss(model, cache, args), rel=1e-5)
+    assert summary["steps"] == 2
+    assert reload_val_loss(out / "model", cache, args) == pytest.approx(
+        summary["final_val_loss"], rel=1e-5
+    )
 
 
 @pytest.mark.multiproc
@@ -129,6 +155,9 @@ def test_two_ranks_through_the_deepspeed_launcher(tmp_path, es_cache, tiny_ds_co
     # plus a 24-byte all-reduce (lock-step digest, stop flag); the burn-in step 4 x 16 bytes
     # plus one 16-byte row (stop flag); never token ids
     assert summary["collective_bytes_sent_per_step"] == pytest.approx((19 * 216 + 80) / 20)
+    # ZeRO-0 on 2 ranks: rank 0 alone writes OUT/model, the weights every rank holds
+    reloaded = reload_val_loss(out / "model", es_cache, TINY_RUN_ARGS)
+    assert reloaded == pytest.approx(summary["final_val_loss"], rel=1e-5)
 
 
 @pytest.mark.multiproc

@@ -33,12 +33,13 @@ from es_llm.data import load_corpus
 from es_llm.data.sharding import shard_range
 from es_llm.drivers.deepspeed import checkpoint as ckpt
 from es_llm.drivers.deepspeed.dsconfig import deepspeed_config, es_config_for_run, load_ds_config
+from es_llm.drivers.deepspeed.export import export_model
 from es_llm.drivers.deepspeed.metrics import MetricsWriter, plot_loss_curves, write_json_atomic
 from es_llm.drivers.deepspeed.stopping import RunStopped, StopRequest
 from es_llm.drivers.losses import training_losses
 from es_llm.drivers.scoring import ModelScorer, Scorer, scoring_losses
 from es_llm.errors import InputError
-from es_llm.model import build_model, count_parameters, load_model_preset
+from es_llm.model import count_parameters, load_model, resolve_model, tokenizer_for
 from es_llm.sampling.config import EvolvedSamplingConfig
 from es_llm.sampling.datapath import ESDataPath, StepAssignment
 from es_llm.sampling.geometry import BatchGeometry, resolve_geometry
@@ -143,8 +144,12 @@ class ESRun:
             "numpy", columns=["input_ids"]
         )
 
-        preset = load_model_preset(opts.model)
-        model = build_model(preset, vocab_size=corpus.vocab_size, seq_len=corpus.seq_len)
+        model = load_model(
+            resolve_model(opts.model),
+            vocab_size=corpus.vocab_size,
+            seq_len=corpus.seq_len,
+            eod_id=corpus.eod_id,
+        )
         self.num_params = count_parameters(model)
         self.ds_config = deepspeed_config(ds_config, self.geo, self.data.total_steps)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -182,7 +187,7 @@ class ESRun:
             vocab_size=o.vocab_size,
             max_train_samples=o.max_train_samples,
             max_val_samples=o.max_val_samples,
-            tokenizer=o.tokenizer,
+            tokenizer=tokenizer_for(o.model, o.tokenizer),
             progress=progress,
         )
 
@@ -466,7 +471,19 @@ class ESRun:
             plot_loss_curves(
                 self.out / "metrics.jsonl", self.out / "loss_curve.png", f"es-llm {self.method}"
             )
+        export_model(self.engine, self.out, self._export_tokenizer)
         return summary
+
+    def _export_tokenizer(self):
+        """The run's tokenizer as a `transformers` one, saved beside the exported weights."""
+        from es_llm.data.tokenizer import hf_tokenizer
+
+        return hf_tokenizer(
+            tokenizer_for(self.opts.model, self.opts.tokenizer),
+            self.corpus.tokenizer_path,
+            self.corpus.eod_id,
+            model_max_length=getattr(self.engine.module.config, "max_position_embeddings", None),
+        )
 
 
 def train(opts: TrainOptions, *, wrap_scorer: Any = None) -> dict[str, Any]:
