@@ -87,7 +87,10 @@ def add_run_arguments(p: argparse.ArgumentParser, *, with_method: bool = True) -
     p.add_argument(
         "--model",
         default="gpt2-tiny",
-        help="model preset (a path, or a name in configs/models/) (default: %(default)s)",
+        help="model preset (a JSON path, or a name in configs/models/), started from random "
+        "weights, or a local Hugging Face model directory (any causal LM "
+        "AutoModelForCausalLM loads), started from its weights with its own tokenizer; see "
+        "docs/models.md (default: %(default)s)",
     )
     p.add_argument(
         "--data",
@@ -107,8 +110,9 @@ def add_run_arguments(p: argparse.ArgumentParser, *, with_method: bool = True) -
     p.add_argument(
         "--tokenizer",
         default=None,
-        help="tokenizer.json or local Hugging Face tokenizer directory (default: train a "
-        "byte-level BPE on the training data, cached)",
+        help="tokenizer.json or local Hugging Face tokenizer directory; its token ids must "
+        "fit the model (default: a --model directory's own tokenizer, else a byte-level BPE "
+        "trained on the training data, cached)",
     )
     p.add_argument(
         "--cache-dir",
