@@ -73,6 +73,10 @@ def _check_stopped_run(out: Path, log_text: str, signame: str, world: int) -> in
     assert step == summary["steps"] == max(r["step"] for r in logged if r["type"] == "step")
     assert step < summary["planned_steps"]
     assert (out / "loss_curve.png").stat().st_size > 0
+    # the weights of the stopped step, as a model directory (docs/models.md)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in (out / "model").iterdir()
+    }
     root = out / "checkpoints"
     tag = find_complete_tag(root)
     assert tag == f"global_step{step}"
