@@ -474,7 +474,7 @@ class ESRun:
         export_model(self.engine, self.out, self._export_tokenizer)
         return summary
 
-    def _export_tokenizer(self):
+    def _export_tokenizer(self) -> Any:
         """The run's tokenizer as a `transformers` one, saved beside the exported weights."""
         from es_llm.data.tokenizer import hf_tokenizer
 
