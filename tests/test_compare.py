@@ -150,7 +150,7 @@ def test_matched_steps_fit_the_budget_at_uniforms_step_time():
     # uniform: 100 steps in 50 s -> 0.5 s a step
     assert matched_steps(20.0, 50.0, 100) == 40
     assert matched_steps(33.3, 50.0, 100) == 67
-    assert matched_steps(80.0, 50.0, 100) == 100  # never past uniform's own schedule
+    assert matched_steps(80.0, 50.0, 100) == 160  # a longer budget: more steps than uniform
     assert matched_steps(0.1, 50.0, 100) == 1
 
 
@@ -164,6 +164,21 @@ def test_matched_spec_budgets_uniform_by_the_reference_runs_clock():
     cpu = matched_spec(uniform, es, clock="cpu", epochs=3, requested_eval_every=7)
     assert (cpu.max_steps, cpu.eval_every) == (25, 7)  # 25 CPU s at 1 CPU s a step
     assert (cpu.max_wall_clock_s, cpu.max_cpu_time_s) == (None, 25.0)
+
+
+def test_matched_spec_gives_a_longer_budget_its_steps_and_the_epochs_to_hold_them():
+    # the reference took longer than uniform (104.4 s vs 91.6 s for 240 steps in 3 epochs):
+    # uniform-matched must train 104.4 s, not stop at uniform's 240 steps
+    uniform = {"wall_clock_s": 91.6, "cpu_time_s": 90.0, "steps": 240}
+    es = {"wall_clock_s": 104.4, "cpu_time_s": 100.0}
+    spec = matched_spec(uniform, es, clock="wall", epochs=3, requested_eval_every=None)
+    assert spec.max_steps == round(104.4 / (91.6 / 240))  # 274, its LR schedule's length
+    assert spec.epochs == 4  # 274 steps at 80 a epoch
+    assert spec.max_wall_clock_s == 104.4
+    short = matched_spec(
+        uniform, {"wall_clock_s": 45.8}, clock="wall", epochs=3, requested_eval_every=None
+    )
+    assert (short.max_steps, short.epochs) == (120, 3)
 
 
 def test_plan_runs_plans_every_run_before_any_starts(tiny_ds_config):

@@ -7,6 +7,7 @@ spaces evaluations on the schedule the training loop will actually follow.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,14 +116,14 @@ def eval_every(requested: int | None, steps: int) -> int:
 def matched_steps(budget_s: float, uniform_s: float, uniform_steps: int) -> int:
     """Steps uniform-matched plans for: those of uniform's step time that fit `budget_s`.
 
-    Never more than uniform's own run (the budget would outlast its data), never fewer than 1.
-    Its LR schedule is planned for this length, so it is a properly annealed run; the clock
-    budget stops it in any case.
+    More than uniform's own run when the budget is longer (`matched_spec` then gives it the
+    epochs to hold them), never fewer than 1. Its LR schedule is planned for this length, so
+    it is a properly annealed run; the clock budget stops it in any case.
     """
     if uniform_steps < 1 or uniform_s <= 0:
         return max(1, uniform_steps)
     per_step = uniform_s / uniform_steps
-    return max(1, min(uniform_steps, round(budget_s / per_step)))
+    return max(1, round(budget_s / per_step))
 
 
 def matched_spec(
@@ -134,12 +135,14 @@ def matched_spec(
     requested_eval_every: int | None,
 ) -> RunSpec:
     """uniform-matched: uniform given the reference run's training time on `clock` ("wall" or
-    "cpu"), from the two runs' summaries; planned for the steps that fit (`matched_steps`)."""
+    "cpu"), from the two runs' summaries; planned for the steps that fit (`matched_steps`),
+    with as many more epochs as those steps need when the budget outlasts uniform's run."""
     key = "cpu_time_s" if clock == "cpu" else "wall_clock_s"
     budget = float(reference[key])
     steps = matched_steps(budget, uniform[key], uniform["steps"])
+    need = math.ceil(steps * epochs / uniform["steps"]) if uniform["steps"] >= 1 else epochs
     return RunSpec(
-        MATCHED, "uniform", {}, epochs, eval_every(requested_eval_every, steps),
+        MATCHED, "uniform", {}, max(epochs, need), eval_every(requested_eval_every, steps),
         max_steps=steps,
         max_wall_clock_s=budget if key == "wall_clock_s" else None,
         max_cpu_time_s=budget if key == "cpu_time_s" else None,
