@@ -35,7 +35,9 @@ from es_llm.tools.compare.planning import (
 
 
 def _hist(points: list[tuple[float, float]]) -> list[dict]:
-    return [{"wall_clock_s": t, "cpu_time_s": 2 * t, "val_loss": v} for t, v in points]
+    return [
+        {"step": int(t), "wall_clock_s": t, "cpu_time_s": 2 * t, "val_loss": v} for t, v in points
+    ]
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -86,7 +88,7 @@ def test_method_record_reports_target_ratios_and_the_efficiency_limits():
     assert es["time_to_target_s"] == pytest.approx(5.0)
     assert es["time_to_target_ratio"] == pytest.approx(0.5)
     assert es["time_to_target_cpu_ratio"] == pytest.approx(0.5)
-    assert es["meets_issue_target"] is True
+    assert es["meets_goal"] is True
     # 2 s for 640 scored samples vs 6 s for 320 back-propagated ones
     assert es["scoring_cost_ratio"] == pytest.approx((2 / 640) / (6 / 320))
     assert es["bookkeeping_share"] == pytest.approx(0.05 / 9)
@@ -95,18 +97,18 @@ def test_method_record_reports_target_ratios_and_the_efficiency_limits():
     # uniform never reached es's final loss 3.9
     assert es["uniform_time_to_own_loss_s"] is None and es["speedup_vs_uniform"] is None
     slow = method_record(_summary("es", 4.2, 9.0, [(0, 8), (9, 4.2)]), steps, 4.0, u)
-    assert slow["time_to_target_s"] is None and slow["meets_issue_target"] is False
+    assert slow["time_to_target_s"] is None and slow["meets_goal"] is False
     # uniform's curve 8 -> 4 over 10 s passes 4.2 at 9.5 s; this run took 9 s
     assert slow["uniform_time_to_own_loss_s"] == pytest.approx(9.5)
     assert slow["speedup_vs_uniform"] == pytest.approx(9.5 / 9.0)
 
 
-def test_a_run_just_outside_the_issue_target_does_not_meet_it():
+def test_a_run_just_outside_the_goal_does_not_meet_it():
     u = method_record(_summary("uniform", 4.0, 10.0, [(0, 8), (10, 4.0)]), [], 4.0, None)
     # reaches the target at 7 s: 0.7 x uniform's time, more than the goal of 0.6
     late = method_record(_summary("es", 3.9, 9.0, [(0, 8), (7, 4.0), (9, 3.9)]), [], 4.0, u)
     assert late["time_to_target_ratio"] == pytest.approx(0.7)
-    assert late["meets_issue_target"] is False
+    assert late["meets_goal"] is False
 
 
 def test_comparison_methods_targets_uniforms_final_loss_and_compares_with_matched():
@@ -115,7 +117,7 @@ def test_comparison_methods_targets_uniforms_final_loss_and_compares_with_matche
         "es": _summary("es", 3.8, 10.0, [(0, 8.0), (4, 5.0), (6, 3.0), (10, 3.8)]),
         MATCHED: _summary("uniform", 4.1, 10.0, [(0, 8.0), (10, 4.1)]),
     }
-    methods = comparison_methods(summaries, {}, matched_to="es")
+    methods = comparison_methods(summaries, {}, matched_to="es", target="final")
     assert set(methods) == {"uniform", "es", MATCHED}
     # uniform's own curve reaches 4.0 only at its last evaluation
     assert methods["uniform"]["time_to_target_s"] == pytest.approx(10.0)
@@ -124,8 +126,100 @@ def test_comparison_methods_targets_uniforms_final_loss_and_compares_with_matche
     assert methods[MATCHED]["matched_to"] == "es"
     assert "final_val_loss_vs_matched" not in methods["uniform"]
     assert "final_val_loss_vs_matched" not in methods[MATCHED]
-    plain = comparison_methods({k: summaries[k] for k in ("uniform", "es")}, {})
+    plain = comparison_methods({k: summaries[k] for k in ("uniform", "es")}, {}, target="final")
     assert "final_val_loss_vs_matched" not in plain["es"]
+
+
+def test_best_point_and_the_target_of_an_over_fitting_uniform():
+    from es_llm.tools.compare.metrics import best_point, target_loss
+
+    # uniform over-fits: best 4.0 at 6 s, final 4.5
+    u_hist = [(0, 8.0), (4, 5.0), (6, 4.0), (8, 4.2), (10, 4.5)]
+    e_hist = [(0, 8.0), (2, 5.0), (3, 4.0), (10, 4.4)]
+    summaries = {
+        "uniform": _summary("uniform", 4.5, 10.0, u_hist),
+        "es": _summary("es", 4.4, 10.0, e_hist),
+    }
+    assert best_point(summaries["uniform"]["val_history"])["step"] == 6
+    assert best_point([{"val_loss": math.nan}, {"val_loss": None}]) is None
+    assert target_loss(summaries["uniform"], "best") == 4.0
+    assert target_loss(summaries["uniform"], "final") == 4.5
+    best = comparison_methods(summaries, {}, target="best")
+    u, es = best["uniform"], best["es"]
+    assert (u["best_val_loss"], u["best_step"], u["best_wall_clock_s"]) == (4.0, 6, 6)
+    assert (es["best_val_loss"], es["best_step"], es["final_val_loss"]) == (4.0, 3, 4.4)
+    # to 4.0: es at 3 s, uniform at 6 s (its best), not at its 10 s of training
+    assert u["time_to_target_s"] == 6 and es["time_to_target_s"] == 3
+    assert es["time_to_target_ratio"] == pytest.approx(0.5) and es["speedup"] == 2
+    assert es["meets_goal"] is True
+    final = comparison_methods(summaries, {}, target="final")
+    # to 4.5: uniform halfway from 5.0 (4 s) to 4.0 (6 s), es halfway from 2 s to 3 s
+    assert final["uniform"]["time_to_target_s"] == pytest.approx(5.0)
+    assert final["es"]["time_to_target_s"] == pytest.approx(2.5)
+    assert final["es"]["final_val_loss_vs_target_pct"] == pytest.approx(100 * -0.1 / 4.5)
+
+
+def test_median_methods_takes_each_number_across_rounds():
+    from es_llm.tools.compare.metrics import median_methods
+
+    def rnd(wall: float, speedup: float | None, steps: int) -> dict:
+        es = {"wall_clock_s": wall, "speedup": speedup, "steps": steps, "method": "es",
+              "meets_goal": speedup is not None and speedup > 2,
+              "time_breakdown_s": {"a": wall / 2}, "val_history": [wall]}  # fmt: skip
+        return {"es": es}
+
+    med = median_methods([rnd(10.0, 2.5, 9), rnd(30.0, None, 11), rnd(20.0, 1.5, 10)])["es"]
+    assert med["wall_clock_s"] == 20.0 and med["steps"] == 10
+    assert med["speedup"] == 2.0  # the median of the rounds that reached the target
+    assert med["time_breakdown_s"] == {"a": 10.0}
+    assert med["val_history"] == [20.0]  # the round with the median wall-clock
+    assert med["meets_goal"] is False  # met in 1 round of 3
+    assert med["rounds"] == 3 and med["per_round"]["wall_clock_s"] == [10.0, 30.0, 20.0]
+    even = median_methods([rnd(10.0, 2.5, 9), rnd(30.0, 3.0, 11)])["es"]
+    assert even["wall_clock_s"] == 20.0 and even["val_history"] == [10.0]
+    assert even["meets_goal"] is True
+
+
+def test_differing_conditions_rule():
+    from es_llm.tools.compare.conditions import differing_conditions
+
+    def c(cal: float | None, load: float | None) -> dict:
+        return {"calibration_s": cal, "load_average_mean": load}
+
+    assert differing_conditions({"a": c(0.010, 1.0), "b": c(0.0124, 1.9)}, 2) == []
+    slow = differing_conditions({"a": c(0.010, 1.0), "b": c(0.0126, 1.0)}, 2)
+    assert len(slow) == 1 and slow[0].startswith("calibration 12.6 ms in b vs 10.0 ms in a (+26%")
+    loaded = differing_conditions({"a": c(0.010, 1.0), "b": c(0.010, 2.1), "m": c(None, None)}, 2)
+    assert len(loaded) == 1 and "mean load average 2.10 in b vs 1.00 in a" in loaded[0]
+    assert differing_conditions({"a": c(0.01, 1.0)}, 2) == []
+
+
+def test_metrics_follower_returns_complete_new_records_only(tmp_path):
+    from es_llm.tools.compare.live import MetricsFollower
+
+    path = tmp_path / "metrics.jsonl"
+    follow = MetricsFollower(path)
+    assert follow.poll() == []  # not written yet
+    path.write_text('{"type": "eval", "step": 0}\n{"type": "st')
+    assert follow.poll() == [{"type": "eval", "step": 0}]
+    with path.open("a") as fh:
+        fh.write('ep", "step": 1}\n')
+    assert follow.poll() == [{"type": "step", "step": 1}]
+    assert follow.poll() == []
+    path.write_text('{"step": 5}\n')  # rewritten (a new run in the same folder)
+    assert follow.poll() == [{"step": 5}]
+
+
+def test_eval_and_done_lines():
+    from es_llm.tools.compare.live import done_line, eval_line
+
+    rec = {"step": 12, "epoch": 0, "val_loss": 5.25, "wall_clock_s": 3.04, "cpu_time_s": 6.0}
+    line = eval_line("es", rec, 5.125)
+    assert "es" in line and "step    12" in line and "epoch  1" in line
+    assert "val 5.2500  best 5.1250  train 3.0s wall / 6.0s CPU" in line
+    done = done_line("es", {"final_val_loss": 5.5, "wall_clock_s": 9.0, "cpu_time_s": 18.0},
+                     {"val_loss": 5.125, "step": 12}, 20.4)  # fmt: skip
+    assert "best val 5.1250 at step 12, final 5.5000; train 9.0s wall / 18.0s CPU (20s" in done
 
 
 def test_grid_summary_from_synthetic_comparisons():
@@ -175,9 +269,8 @@ def test_matched_spec_gives_a_longer_budget_its_steps_and_the_epochs_to_hold_the
     assert spec.max_steps == round(104.4 / (91.6 / 240))  # 274, its LR schedule's length
     assert spec.epochs == 4  # 274 steps at 80 a epoch
     assert spec.max_wall_clock_s == 104.4
-    short = matched_spec(
-        uniform, {"wall_clock_s": 45.8}, clock="wall", epochs=3, requested_eval_every=None
-    )
+    short = matched_spec(uniform, {"wall_clock_s": 45.8}, clock="wall", epochs=3,
+                         requested_eval_every=None)  # fmt: skip
     assert (short.max_steps, short.epochs) == (120, 3)
 
 
@@ -255,6 +348,105 @@ def test_match_reference_prefers_es_then_the_first_other_run():
         match_reference(runs, "topk")
 
 
+def test_run_rounds_interleaves_rotated_rounds_and_budgets_matched_per_round(tmp_path):
+    from es_llm.cli import build_parser
+    from es_llm.tools.compare.cli import rotated, run_rounds
+    from es_llm.tools.compare.planning import RunSpec
+
+    assert rotated([1, 2, 3], 0) == [1, 2, 3] and rotated([1, 2, 3], 4) == [2, 3, 1]
+    args = build_parser().parse_args(
+        ["compare", "--methods", "uniform,es,prune", "--repeats", "3", "--target", "final"]
+    )
+    specs = [RunSpec(n, n, {}, args.epochs, 1) for n in ("uniform", "es", "prune")]
+    calls: list[tuple[str, str, str]] = []
+    es_wall = {1: 12.0, 2: 14.0, 3: 16.0}
+
+    def fake_run(spec: RunSpec, where, label: str) -> dict:  # a run's summary, as trained
+        r = int(where.name.split("_")[1])
+        calls.append((where.name, spec.name, label))
+        wall = es_wall[r] if spec.name == "es" else 10.0
+        s = _summary(spec.method, 4.0, wall, [(0, 8.0), (wall, 4.0)])
+        s["steps"] = 20
+        s["conditions"] = {"calibration_s": 0.01 * r, "load_average_mean": 1.0}
+        return s
+
+    rounds, conditions = run_rounds(args, specs, "es", tmp_path, fake_run)
+    assert [c[1] for c in calls] == ["uniform", "es", "prune", MATCHED,
+                                     "es", "prune", "uniform", MATCHED,
+                                     "prune", "uniform", "es", MATCHED]  # fmt: skip
+    assert [c[2] for c in calls] == [f"[{i}/12]" for i in range(1, 13)]
+    assert {c[0] for c in calls} == {"round_1", "round_2", "round_3"}
+    assert [rd["order"] for rd in rounds][1] == ["es", "prune", "uniform", MATCHED]
+    for r, rd in enumerate(rounds, start=1):
+        assert list(rd["methods"]) == ["uniform", "es", "prune", MATCHED]
+        m = rd["methods"][MATCHED]
+        # this round's es time; its steps at uniform's 0.5 s a step
+        assert m["budget_s"] == es_wall[r] and m["budget_used"] == pytest.approx(10.0 / es_wall[r])
+        assert m["run_dir"] == f"round_{r}/{MATCHED}"
+        assert rd["target_val_loss"] == 4.0
+    assert conditions["es (round 2)"]["calibration_s"] == pytest.approx(0.02)
+    assert len(conditions) == 12
+
+
+def test_repeated_comparison_reports_medians_and_flags_differing_conditions(
+    tmp_path, monkeypatch, tiny_ds_config
+):
+    """compare_once with --repeats 3 from start to compare.json/md/png, each run's training
+    replaced by a summary with known numbers (the real runs are the end-to-end test's)."""
+    from types import SimpleNamespace
+
+    from es_llm.cli import build_parser
+    from es_llm.tools.compare import runner
+    from es_llm.tools.compare.cli import compare_once
+
+    args = build_parser().parse_args(
+        ["compare", "--config", str(tiny_ds_config()), "--methods", "uniform,es", "--repeats",
+         "3", "--epochs", "1", "--quiet", "--out", str(tmp_path)]
+    )  # fmt: skip
+    es_time = {"round_1": 6.0, "round_2": 4.0, "round_3": 5.0}
+
+    def fake_run_one(base, spec, where, *, world, quiet, label):
+        t = 10.0 if spec.method == "uniform" else es_time[where.name]
+        s = _summary(spec.method, 4.0, t, [(0, 8.0), (t / 2, 5.0), (t, 4.0)])
+        s["threads_per_rank"] = 1
+        slow = spec.name == "es" and where.name == "round_2"
+        s["conditions"] = {"calibration_s": 0.02 if slow else 0.01, "load_average_mean": 1.0}
+        return s
+
+    monkeypatch.setattr(runner, "run_one", fake_run_one)
+    corpus = SimpleNamespace(train=list(range(256)), val=list(range(32)), composition=None)
+    result = compare_once(args, tmp_path, "es-llm compare --repeats 3", corpus)
+    es = result["methods"]["es"]
+    assert es["wall_clock_s"] == 5.0 and es["rounds"] == 3
+    assert es["per_round"]["wall_clock_s"] == [6.0, 4.0, 5.0]
+    assert es["speedup"] == pytest.approx(2.0)  # 10 s / 5 s, the median round
+    assert [r["order"] for r in result["rounds"]] == [
+        ["uniform", "es", MATCHED], ["es", "uniform", MATCHED], ["uniform", "es", MATCHED]
+    ]  # fmt: skip
+    assert result["methods"][MATCHED]["budget_s"] == 5.0  # the median of 6, 4, 5
+    assert len(result["conditions_differ"]) == 1
+    assert "es (round 2)" in result["conditions_differ"][0]
+    md = (tmp_path / "compare.md").read_text()
+    assert md.index("not to be trusted") < md.index("## Summary")
+    assert "medians of 3 interleaved rounds" in md
+    assert json.loads((tmp_path / "compare.json").read_text())["repeats"] == 3
+    check_compare_png(tmp_path / "compare.png", 3)
+
+
+def test_header_counts_every_run_once(tmp_path):
+    from es_llm.cli import build_parser
+    from es_llm.tools.compare.cli import header
+
+    parse = build_parser().parse_args
+    h = header(parse(["compare", "--methods", "uniform,es", "--epochs", "1"]), 256, tmp_path)
+    assert h.startswith("es-llm compare: 3 runs (uniform, es, uniform-matched), 1 epoch(s), 256")
+    assert "target uniform's best validation loss" in h
+    h = header(parse(["compare", "--methods", "es,prune", "--repeats", "2", "--no-matched",
+                      "--epochs-grid", "1,3", "--target", "final"]), 8, tmp_path)  # fmt: skip
+    assert h.startswith("es-llm compare: 12 runs (uniform, es, prune x 2 rounds at each of 2 "
+                        "epoch budgets), epochs 1, 3, 8 training")  # fmt: skip
+
+
 def test_run_options_change_the_shared_options_per_run(tmp_path):
     from es_llm.drivers.deepspeed.loop import TrainOptions
     from es_llm.tools.compare.planning import RunSpec
@@ -309,8 +501,14 @@ def _result() -> dict:
                "deepspeed": "d", "date": "today", "load_average_start": [0.5],
                "load_average_end": [0.7]}  # fmt: skip
     return {
-        "methods": comparison_methods(summaries, {}, matched_to="es"),
+        "methods": comparison_methods(summaries, {}, matched_to="es", target="final"),
         "target_val_loss": 4.0,
+        "target": {"kind": "final"},
+        "conditions": {
+            "uniform": {"calibration_s": 0.004, "load_average_mean": 1.0},
+            "es": {"calibration_s": 0.0041, "load_average_mean": 1.2},
+        },
+        "conditions_differ": [],
         "epochs": 1,
         "train_samples": 256,
         "world_size": 1,
@@ -325,11 +523,36 @@ def test_markdown_report_has_one_row_per_run_with_its_numbers():
 
     md = markdown_report(_result())
     rows = [line for line in md.splitlines() if line.startswith("| es |")]
-    assert len(rows) == 2  # the results table and the time breakdown
-    assert "| 3.8000 | -5.00% | -0.3000 |" in rows[0]
+    assert len(rows) == 3  # the results table, the time breakdown and the conditions
+    # best 3.0 at step 6 (6 s), final 3.8 (-5% vs uniform's 4.0), at the target 4.0 after 5 s
+    # (halfway from 5.0 at 4 s to 3.0 at 6 s) of uniform's 10 s: 50%, speedup 2; best minus
+    # uniform-matched's best 4.1
+    assert rows[0] == (
+        "| es | 3.0000 | 6 | 6.0 | 3.8000 | -5.00% | 10.0 | 20.0 | 5.0 | 50% | 2.00x | -1.1000 "
+        "| 320 | 640 |"
+    )
     assert md.count("| uniform-matched |") == 2
-    assert "Target: uniform's final validation loss 4.0000" in md
     assert "2 threads per rank" in md and "`es-llm compare --epochs 1`" in md
+    head = md.split("## Results")[0]
+    assert "Target: uniform's final validation loss, 4.0000" in head
+    assert "speedup > 1 means the method pays" in head
+    assert "- es reached it in 50% of uniform's time (speedup 2.00x)." in head
+    assert (
+        "- uniform-matched (uniform given es's training time) did not reach the target; its "
+        "best loss was 4.1000 (+2.5%)." in head
+    )
+    assert "Warning" not in md
+
+
+def test_markdown_report_warns_first_when_conditions_differ():
+    from es_llm.tools.compare.report import markdown_report
+
+    result = _result()
+    result["conditions_differ"] = ["calibration 6.0 ms in es vs 4.0 ms in uniform (+50%, ...)"]
+    md = markdown_report(result)
+    first = md.split("## Summary")[0]
+    assert "not to be trusted" in first and "calibration 6.0 ms in es" in first
+    assert "--repeats 3" in first
 
 
 def _line_colours(image: np.ndarray) -> set[tuple[int, int, int]]:
@@ -429,7 +652,24 @@ def test_compare_end_to_end_writes_json_table_and_plot(compare_runs):
         assert set(rec["time_breakdown_s"]) == {"score_fwd_s", "select_s", "train_fwd_bwd_s",
                                                 "optimizer_s", "other_s"}  # fmt: skip
     uni, es, matched = (result["methods"][k] for k in ("uniform", "es", MATCHED))
-    assert result["target_val_loss"] == uni["final_val_loss"]
+    assert result["target"]["kind"] == "best"  # the default
+    assert (
+        result["target_val_loss"]
+        == uni["best_val_loss"]
+        == min(h["val_loss"] for h in uni["val_history"])
+    )
+    assert uni["time_to_target_s"] == uni["best_wall_clock_s"] and uni["speedup"] == 1.0
+    # uniform-matched got es's training time as its budget, and the steps that fit it
+    assert matched["budget_s"] == es["wall_clock_s"] and matched["match_clock"] == "wall"
+    m_spec = json.loads((out / MATCHED / "run_spec.json").read_text())["spec"]
+    assert m_spec["max_wall_clock_s"] == es["wall_clock_s"] and m_spec["max_steps"] >= 1
+    assert matched["steps"] <= m_spec["max_steps"]
+    # each run's machine conditions, measured in the parent
+    assert set(result["conditions"]) == {"uniform", "es", MATCHED}
+    for name, cond in result["conditions"].items():
+        assert cond["calibration_s"] > 0 and cond["load_samples"] >= 1, name
+        assert result["methods"][name]["conditions"] == cond
+    assert isinstance(result["conditions_differ"], list)
     assert es["scored_samples"] > 0 and uni["scored_samples"] == 0
     assert es["bp_samples"] == 10 * 8 and uni["bp_samples"] == 10 * 8
     assert (uni["steps"], es["steps"]) == (10, 10)
@@ -446,8 +686,24 @@ def test_compare_end_to_end_writes_json_table_and_plot(compare_runs):
     assert result["command"].startswith("es-llm compare")
     check_compare_png(out / "compare.png", 3)
     md = (out / "compare.md").read_text()
-    assert md.count("| es |") == 2 and md.count("| uniform-matched |") == 2
+    assert md.count("| es |") == 3 and md.count("| uniform-matched |") == 3
+    assert md.startswith("# es-llm compare\n")
+    assert md.index("## Summary") < md.index("## Results")
+    assert ("not to be trusted" in md) == bool(result["conditions_differ"])
     assert "| uniform-matched |" in proc.stdout
+    # reported while it ran: the header once, counting every run; each run's evaluations
+    # printed before the next run starts
+    out_lines = proc.stdout.splitlines()
+    heads = [line for line in out_lines if line.startswith("es-llm compare:")]
+    assert len(heads) == 1 and "3 runs (uniform, es, uniform-matched)" in heads[0], heads
+    starts = [i for i, line in enumerate(out_lines) if line.startswith(("[1/3]", "[2/3]", "[3/3]"))]
+    assert len(starts) == 3
+    ends = [*starts[1:], len(out_lines)]
+    for name, lo, hi in zip(("uniform", "es", MATCHED), starts, ends, strict=True):
+        evals = [line for line in out_lines[lo:hi] if line.split()[:2] == [name, "step"]]
+        n_evals = len(result["methods"][name]["val_history"])
+        assert len(evals) == n_evals and n_evals >= 2, (name, out_lines[lo:hi])
+        assert any(line.split()[:2] == [name, "done:"] for line in out_lines[lo:hi])
     for name in ("uniform", "es", MATCHED):  # each a normal train output
         assert (out / name / "summary.json").exists() and (out / name / "metrics.jsonl").exists()
 

@@ -1,18 +1,22 @@
 """`es-llm compare`: every sampling method on the same data, model, seed and epoch budget.
 
 Why it exists: ES is only worth adopting if it reaches uniform's validation loss in less
-training time. The runs go one after another, each in its own process, and the report gives
-per run the final validation loss, the training time (wall-clock and process CPU time), the
-time to reach uniform's final loss, and the time breakdown of a step. `uniform-matched` is
-the fair equal-compute baseline: uniform given the reference run's training time.
+training time. The runs go one after another, each in its own process, and are reported
+while they train; the report gives per run the best and final validation loss, the training
+time, the time to reach uniform's best (or final) loss and the time breakdown of a step.
+`uniform-matched` is the fair equal-compute baseline: uniform given the reference run's
+training time. Each run's machine conditions are measured, and `--repeats` interleaves
+rounds of runs for time ratios that hold on a shared machine.
 
 The package, one idea per module:
 
-- `metrics`  — pure functions: time to target, each run's record, the grid summary;
-- `planning` — the runs, their lengths (the core's step estimator) and uniform-matched's budget;
-- `runner`   — one run in child process(es) (`python -m es_llm.tools.compare --worker`), machine info;
-- `report`   — compare.md / grid.md tables and the compare.png curves;
-- `cli`      — the `es-llm compare` flags and one comparison from plan to report.
+- `metrics`    — pure functions: time to target, best point, each run's record, medians, grid;
+- `planning`   — the runs, their lengths (the core's step estimator) and uniform-matched's budget;
+- `runner`     — one run in child process(es) (`python -m es_llm.tools.compare --worker`);
+- `live`       — following a run's metrics.jsonl and the lines printed while it trains;
+- `conditions` — calibration, load average, and the rule for conditions too different to trust;
+- `report`     — compare.md / grid.md (summary first, then tables) and the compare.png curves;
+- `cli`        — the `es-llm compare` flags and one comparison from plan to report.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +22,19 @@ from es_llm.cliargs import (
 )
 from es_llm.sampling.config import METHODS
 from es_llm.tools.compare.metrics import (
+    GOAL_LOSS_SLACK,
+    GOAL_TIME_SHARE,
     MATCHED,
-    TARGET_LOSS_SLACK,
-    TARGET_SPEEDUP,
+    TARGETS,
     comparison_methods,
     grid_summary,
+    median_methods,
+    median_or_none,
+    target_loss,
 )
 from es_llm.tools.compare.planning import (
     EVALS_PER_RUN,
+    RunSpec,
     Variant,
     match_reference,
     matched_spec,
@@ -42,7 +48,9 @@ __all__ = [
     "compare_once",
     "parse_grid",
     "parse_variant",
+    "rotated",
     "run_from_args",
+    "run_rounds",
 ]
 
 # The paper's methods and the baseline, uniform first (it sets the target). Every name in
@@ -140,6 +148,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "machine) (default: %(default)s)",
     )
     p.add_argument("--no-matched", action="store_true", help="skip the uniform-matched run")
+    p.add_argument(
+        "--target",
+        choices=TARGETS,
+        default="best",
+        help="the loss every run is timed to: uniform's best validation loss (default; "
+        "multi-epoch runs over-fit, so the final one can be higher) or its final one",
+    )
+    p.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=1,
+        help="run the whole comparison N times, interleaved (the method order rotated each "
+        "round), and report the median per method: time ratios to trust on a shared "
+        "machine (default: %(default)s)",
+    )
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     return p
 
@@ -156,11 +179,97 @@ def _step_records(run_dir: Path) -> list[dict[str, Any]]:
     return [r for r in read_jsonl(path) if r.get("type") == "step"] if path.exists() else []
 
 
-def compare_once(args: argparse.Namespace, out: Path, command: str) -> dict[str, Any]:
-    """All runs at `args.epochs`; writes OUT/compare.{json,md,png} and returns compare.json."""
-    from es_llm.data import load_corpus
+def rotated(items: list[Any], by: int) -> list[Any]:
+    """`items` rotated left by `by` (the run order of round `by` of --repeats)."""
+    if not items:
+        return []
+    k = by % len(items)
+    return items[k:] + items[:k]
+
+
+def runs_per_round(args: argparse.Namespace) -> list[str]:
+    """The names of one round's runs, uniform-matched last (it needs the others' times)."""
+    runs = variants(args.methods, args.variant)
+    ref = match_reference(runs, args.match, enabled=not args.no_matched)
+    return [v.name for v in runs] + ([MATCHED] if ref is not None else [])
+
+
+def run_rounds(
+    args: argparse.Namespace,
+    specs: list[RunSpec],
+    ref: str | None,
+    out: Path,
+    run: Callable[[RunSpec, Path, str], dict[str, Any]],
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """`args.repeats` rounds of the runs, each a record of compare.json per run; and every
+    run's machine conditions ("NAME" or "NAME (round R)").
+
+    `run(spec, directory, label)` trains one run and returns its summary (with "conditions").
+    Rounds of --repeats go into OUT/round_<r>/ (one round: OUT/ itself). Each round runs
+    every method once, in the order rotated by one per round, so that a slow spell of the
+    machine does not always hit the same method; uniform-matched runs last in its round,
+    budgeted by that round's uniform and reference runs.
+    """
+    total = (len(specs) + (ref is not None)) * args.repeats
+    rounds: list[dict[str, Any]] = []
+    conditions: dict[str, dict[str, Any]] = {}
+    done = 0
+    for r in range(args.repeats):
+        where = out if args.repeats == 1 else out / f"round_{r + 1}"
+        tag = "" if args.repeats == 1 else f" (round {r + 1})"
+        summaries: dict[str, dict[str, Any]] = {}
+        plans = {}
+        for spec in rotated(specs, r):
+            done += 1
+            summaries[spec.name] = run(spec, where, f"[{done}/{total}]")
+            plans[spec.name] = spec
+        if ref is not None:
+            plans[MATCHED] = matched_spec(
+                summaries["uniform"], summaries[ref], clock=args.match_clock,
+                epochs=args.epochs, requested_eval_every=args.eval_every,
+            )  # fmt: skip
+            done += 1
+            summaries[MATCHED] = run(plans[MATCHED], where, f"[{done}/{total}]")
+        order = [s.name for s in specs] + ([MATCHED] if ref is not None else [])
+        summaries = {name: summaries[name] for name in order}
+        methods = comparison_methods(
+            summaries,
+            {name: _step_records(where / name) for name in summaries},
+            matched_to=ref,
+            target=args.target,
+        )
+        for name, rec in methods.items():
+            rec["run_dir"] = str((where / name).relative_to(out))
+            rec["eval_every"] = plans[name].eval_every
+            rec["conditions"] = summaries[name]["conditions"]
+            conditions[name + tag] = summaries[name]["conditions"]
+            if name == MATCHED:
+                spec = plans[MATCHED]
+                budget = spec.max_wall_clock_s or spec.max_cpu_time_s
+                clock_key = "wall_clock_s" if spec.max_wall_clock_s else "cpu_time_s"
+                rec["match_clock"] = args.match_clock
+                rec["budget_s"] = budget
+                rec["budget_used"] = rec[clock_key] / budget if budget else None
+        rounds.append(
+            {
+                "order": [s.name for s in rotated(specs, r)] + ([MATCHED] if ref else []),
+                "target_val_loss": target_loss(summaries["uniform"], args.target),
+                "methods": methods,
+                "summaries": summaries,
+            }
+        )
+    return rounds, conditions
+
+
+def compare_once(args: argparse.Namespace, out: Path, command: str, corpus: Any) -> dict[str, Any]:
+    """All runs at `args.epochs`, `args.repeats` times; writes OUT/compare.{json,md,png} and
+    returns compare.json.
+
+    The rounds are `run_rounds`'s; with several, each method's record is the median one
+    (`median_methods`).
+    """
     from es_llm.drivers.deepspeed.metrics import write_json_atomic
-    from es_llm.model import tokenizer_for
+    from es_llm.tools.compare.conditions import differing_conditions
     from es_llm.tools.compare.report import markdown_report, plot_comparison, print_table
     from es_llm.tools.compare.runner import load_avg, machine_info, run_one
 
@@ -168,54 +277,48 @@ def compare_once(args: argparse.Namespace, out: Path, command: str) -> dict[str,
     ref = match_reference(runs, args.match, enabled=not args.no_matched)
     out.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
-    corpus = load_corpus(  # builds the cache once, before the children need it
-        args.data, seq_len=args.seq_len, cache_dir=args.cache_dir, vocab_size=args.vocab_size,
-        val_data=args.val_data,
-        max_train_samples=args.max_train_samples, max_val_samples=args.max_val_samples,
-        tokenizer=tokenizer_for(args.model, args.tokenizer), progress=not args.no_progress,
-    )  # fmt: skip
     n_train = len(corpus.train)
-    _say(args, f"es-llm compare: {len(runs)} runs x {args.epochs} epochs, {n_train} "
-         f"training sequences, {args.world_size} rank(s) -> {out}")  # fmt: skip
     base = options_from_args(args)  # every run's options: these, changed per run
     specs = plan_runs(
         args.config, runs, base.es_overrides, n_train=n_train, world=args.world_size,
         epochs=args.epochs, max_steps=args.max_steps, requested_eval_every=args.eval_every,
     )  # fmt: skip
-    summaries: dict[str, dict[str, Any]] = {}
-    for spec in specs:
-        summaries[spec.name] = run_one(base, spec, out, world=args.world_size, quiet=args.quiet)
-    if ref is not None:
-        specs.append(
-            matched_spec(
-                summaries["uniform"],
-                summaries[ref],
-                clock=args.match_clock,
-                epochs=args.epochs,
-                requested_eval_every=args.eval_every,
-            )
-        )
-        summaries[MATCHED] = run_one(base, specs[-1], out, world=args.world_size, quiet=args.quiet)
-    plans = {spec.name: spec for spec in specs}
 
-    methods = comparison_methods(
-        summaries, {name: _step_records(out / name) for name in summaries}, matched_to=ref
-    )
-    for name, rec in methods.items():
-        rec["run_dir"] = name
-        rec["eval_every"] = plans[name].eval_every
-        if name == MATCHED:
-            rec["match_clock"] = args.match_clock
+    def run(spec: RunSpec, where: Path, label: str) -> dict[str, Any]:
+        return run_one(base, spec, where, world=args.world_size, quiet=args.quiet, label=label)
+
+    rounds, conditions = run_rounds(args, specs, ref, out, run)
+    summaries = rounds[-1]["summaries"]
+    if args.repeats == 1:
+        methods = rounds[0]["methods"]
+    else:
+        methods = median_methods([rd["methods"] for rd in rounds])
     machine["threads_per_rank"] = summaries["uniform"]["threads_per_rank"]
     machine["load_average_end"] = load_avg()
+    warnings = differing_conditions(conditions, machine["cpu_count"] or 1)
+    targets = [rd["target_val_loss"] for rd in rounds]
     result = {
         "methods": methods,
-        "target_val_loss": summaries["uniform"]["final_val_loss"],
+        "target_val_loss": targets[0] if len(targets) == 1 else median_or_none(targets),
         "target": {
-            "what": "uniform's final validation loss",
-            "issue_goal": f"time_to_target_ratio <= {TARGET_SPEEDUP} and final_val_loss <= "
-            f"target x {1 + TARGET_LOSS_SLACK}",
+            "kind": args.target,
+            "what": f"uniform's {args.target} validation loss",
+            "goal": f"time_to_target_ratio <= {GOAL_TIME_SHARE} and {args.target}_val_loss <= "
+            f"target x {1 + GOAL_LOSS_SLACK}",
         },
+        "repeats": args.repeats,
+        "rounds": [
+            {
+                "order": rd["order"],
+                "target_val_loss": rd["target_val_loss"],
+                "methods": {k: _round_view(v) for k, v in rd["methods"].items()},
+            }
+            for rd in rounds
+        ]
+        if args.repeats > 1
+        else None,  # fmt: skip
+        "conditions": conditions,
+        "conditions_differ": warnings,
         "epochs": args.epochs,
         "world_size": args.world_size,
         "seed": args.seed,
@@ -237,8 +340,52 @@ def compare_once(args: argparse.Namespace, out: Path, command: str) -> dict[str,
     (out / "compare.md").write_text(md)
     plot_comparison(result, out / "compare.png")
     if not args.quiet:
+        print("", flush=True)
         print_table(md)
     return result
+
+
+ROUND_KEYS = ("wall_clock_s", "cpu_time_s", "steps", "best_val_loss", "best_step",
+              "final_val_loss", "time_to_target_s", "time_to_target_ratio", "speedup",
+              "conditions", "run_dir", "budget_s", "budget_used")  # fmt: skip
+
+
+def _round_view(rec: dict[str, Any]) -> dict[str, Any]:
+    """A round's record in compare.json "rounds": the headline numbers (the full record is
+    in the round's own directory as its summary.json)."""
+    return {k: rec[k] for k in ROUND_KEYS if k in rec}
+
+
+def _load(args: argparse.Namespace) -> Any:
+    """The comparison's corpus, tokenized as its runs will be (a --model directory's own
+    tokenizer by default); builds the cache once, before the children need it."""
+    from es_llm.data import load_corpus
+    from es_llm.model import tokenizer_for
+
+    return load_corpus(
+        args.data, seq_len=args.seq_len, cache_dir=args.cache_dir, vocab_size=args.vocab_size,
+        val_data=args.val_data,
+        max_train_samples=args.max_train_samples, max_val_samples=args.max_val_samples,
+        tokenizer=tokenizer_for(args.model, args.tokenizer), progress=not args.no_progress,
+    )  # fmt: skip
+
+
+def header(args: argparse.Namespace, n_train: int, out: Path) -> str:
+    """The one line printed before the first run: every run counted, uniform-matched too."""
+    names = runs_per_round(args)
+    budgets = args.epochs_grid or [args.epochs]
+    runs = len(names) * args.repeats * len(budgets)
+    rounds = f" x {args.repeats} rounds" if args.repeats > 1 else ""
+    if len(budgets) > 1:
+        epochs = f"at each of {len(budgets)} epoch budgets"
+        length = f"epochs {', '.join(str(e) for e in budgets)}"
+    else:
+        epochs, length = "", f"{budgets[0]} epoch(s)"
+    return (
+        f"es-llm compare: {runs} runs ({', '.join(names)}{rounds}{' ' if epochs else ''}"
+        f"{epochs}), {length}, {n_train} training sequences, {args.world_size} rank(s), "
+        f"target uniform's {args.target} validation loss -> {out}"
+    )
 
 
 def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> int:
@@ -248,14 +395,17 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
 
     command = shlex.join(["es-llm", *(sys.argv[1:] if argv is None else argv)])
     out = Path(args.out)
+    runs_per_round(args)  # a bad --match or duplicate name: one line, before the data loads
+    corpus = _load(args)
+    _say(args, header(args, len(corpus.train), out))
     if not args.epochs_grid:
-        compare_once(args, out, command)
+        compare_once(args, out, command, corpus)
         return 0
     results: dict[int, dict[str, Any]] = {}
     for epochs in args.epochs_grid:
         sub = argparse.Namespace(**{**vars(args), "epochs": epochs})
         _say(args, f"== {epochs} epoch(s)")
-        results[epochs] = compare_once(sub, out / f"epochs_{epochs}", command)
+        results[epochs] = compare_once(sub, out / f"epochs_{epochs}", command, corpus)
     grid = grid_summary(results)
     grid["command"] = command
     grid["machine"] = results[args.epochs_grid[-1]]["machine"]

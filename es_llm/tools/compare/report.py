@@ -1,6 +1,7 @@
 """compare.md, grid.md and compare.png: the comparison for people to read.
 
-Markdown tables (results, time breakdown, machine and command) and the validation-loss
+A plain summary first (which run reached the target, in what share of uniform's time), then
+markdown tables (results, time breakdown, machine conditions, machine and command) and the validation-loss
 curves against training wall-clock and CPU time. matplotlib and rich are imported only here.
 """
 
@@ -13,7 +14,14 @@ from typing import Any
 
 from es_llm.tools.compare.metrics import MATCHED, TIMER_LABELS
 
-__all__ = ["grid_markdown", "markdown_report", "plot_comparison", "print_table"]
+__all__ = [
+    "conditions_lines",
+    "grid_markdown",
+    "markdown_report",
+    "plot_comparison",
+    "print_table",
+    "summary_lines",
+]
 
 
 def _f(x: float | None, fmt: str = ".1f", none: str = "—") -> str:
@@ -28,36 +36,95 @@ def _pct(x: float | None) -> str:
     return _f(None if x is None else 100 * x, ".0f") + ("%" if x is not None else "")
 
 
-def markdown_report(result: dict[str, Any]) -> str:
-    """compare.md: the results table, the time breakdown, and how the numbers were taken."""
+def _loss(x: float | None) -> str:
+    return _f(x, ".4f")
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """compare.md's opening: the target, then per run in one sentence whether it reached it
+    and in what share of uniform's time; the conditions warning first when there is one."""
+    kind = result["target"]["kind"]
     target = result["target_val_loss"]
-    lines = [
-        f"Target: uniform's final validation loss {target:.4f} "
-        f"({result['epochs']} epochs, {result['train_samples']} sequences, "
-        f"{result['world_size']} rank(s), model {result['model']}).",
+    methods = result["methods"]
+    uniform = methods["uniform"]
+    lines: list[str] = []
+    if result.get("conditions_differ"):
+        lines += [
+            "**Warning: the runs saw clearly different machine conditions, so the time "
+            "ratios below are not to be trusted** ("
+            + "; ".join(result["conditions_differ"])
+            + "). Rerun with `--repeats 3` (the runs interleaved, the median per method) on a "
+            "quieter machine.",
+            "",
+        ]
+    repeats = result.get("repeats", 1)
+    med = f" (medians of {repeats} interleaved rounds)" if repeats > 1 else ""
+    lines += [
+        "## Summary",
         "",
-        "| method | final val loss | Δ vs uniform | Δ vs matched | train wall s | train CPU s "
-        "| to target wall s | ÷ uniform | to target CPU ÷ uniform | speedup wall / CPU "
-        "| BP samples | scored samples |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"Target: uniform's {kind} validation loss, {_loss(target)}, which uniform reached "
+        f"after {_f(uniform['time_to_target_s'])} s of training{med}. "
+        "Speedup = uniform's time to the target ÷ the method's time to it: "
+        "**speedup > 1 means the method pays**.",
+        "",
+    ]
+    for name, r in methods.items():
+        if name == "uniform":
+            continue
+        who = name
+        if name == MATCHED:
+            who = f"{name} (uniform given {r.get('matched_to')}'s training time)"
+        if r["time_to_target_s"] is None:
+            lines.append(
+                f"- {who} did not reach the target; its best loss was {_loss(r['best_val_loss'])} "
+                f"({_f(r['best_val_loss_vs_target_pct'], '+.1f')}%)."
+            )
+        else:
+            lines.append(
+                f"- {who} reached it in {_pct(r['time_to_target_ratio'])} of uniform's time "
+                f"(speedup {_x(r['speedup'])})."
+            )
+    lines.append("")
+    return lines
+
+
+def markdown_report(result: dict[str, Any]) -> str:
+    """compare.md: the summary, the results table, the time breakdown, the conditions and
+    how the numbers were taken."""
+    kind = result["target"]["kind"]
+    target = result["target_val_loss"]
+    lines = ["# es-llm compare", "", *summary_lines(result)]
+    lines += [
+        "## Results",
+        "",
+        f"Time to target = training time until the validation loss first reached uniform's "
+        f"{kind} loss {_loss(target)} ({result['epochs']} epochs, {result['train_samples']} "
+        f"sequences, {result['world_size']} rank(s), model {result['model']}). Times are "
+        "training time, evaluation excluded.",
+        "",
+        "| method | best val loss | best at step | best at time (s) | final val loss "
+        f"| {kind} loss vs uniform's | training time (s) | CPU time (s) | time to target (s) "
+        "| share of uniform's time | speedup | best loss minus uniform-matched's "
+        "| samples trained | samples scored |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in result["methods"].items():
+        own_pct = r[f"{kind}_val_loss_vs_target_pct"]
         lines.append(
-            f"| {name} | {_f(r['final_val_loss'], '.4f')} | "
-            f"{_f(r['final_val_loss_vs_target_pct'], '+.2f')}% | "
-            f"{_f(r.get('final_val_loss_vs_matched'), '+.4f')} | "
+            f"| {name} | {_loss(r['best_val_loss'])} | {_f(r['best_step'], 'd')} | "
+            f"{_f(r['best_wall_clock_s'])} | {_loss(r['final_val_loss'])} | "
+            f"{_f(own_pct, '+.2f')}{'%' if own_pct is not None else ''} | "
             f"{_f(r['wall_clock_s'])} | {_f(r['cpu_time_s'])} | {_f(r['time_to_target_s'])} | "
-            f"{_f(r.get('time_to_target_ratio'), '.2f')} | "
-            f"{_f(r.get('time_to_target_cpu_ratio'), '.2f')} | "
-            f"{_x(r.get('speedup_vs_uniform'))} / {_x(r.get('speedup_vs_uniform_cpu'))} | "
+            f"{_pct(r.get('time_to_target_ratio'))} | {_x(r.get('speedup'))} | "
+            f"{_f(r.get('best_val_loss_vs_matched'), '+.4f')} | "
             f"{r['bp_samples']} | {r['scored_samples']} |"
         )
     lines += [
         "",
         "Time breakdown (seconds, share of the training time):",
         "",
-        "| method | " + " | ".join(TIMER_LABELS.values()) + " | other | score cost / sample "
-        "÷ train fwd+bwd / sample | bookkeeping ÷ selection step |",
+        "| method | " + " | ".join(TIMER_LABELS.values()) + " | other | scoring cost per sample "
+        "÷ training cost per sample | bookkeeping share of a selection step |",
         "|---|" + "---|" * (len(TIMER_LABELS) + 3),
     ]
     for name, r in result["methods"].items():
@@ -68,6 +135,7 @@ def markdown_report(result: dict[str, Any]) -> str:
             f"{_f(None if r['bookkeeping_share'] is None else 100 * r['bookkeeping_share'], '.2f')}"
             f"{'%' if r['bookkeeping_share'] is not None else ''} |"
         )
+    lines += conditions_lines(result)
     m = result["machine"]
     lines += [
         "",
@@ -78,6 +146,42 @@ def markdown_report(result: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def conditions_lines(result: dict[str, Any]) -> list[str]:
+    """The machine conditions of every run: calibration time and load average; the budget
+    uniform-matched got and used."""
+    conds = result.get("conditions") or {}
+    lines = [
+        "",
+        "Machine conditions per run (calibration: a fixed matmul timed just before the run; "
+        "they differ clearly when calibrations differ by more than 25% or mean loads by more "
+        "than half the cores):",
+        "",
+        "| run | calibration (ms) | mean load average | load first -> last |",
+        "|---|---|---|---|",
+    ]
+    for name, c in conds.items():
+        cal = c.get("calibration_s")
+        lines.append(
+            f"| {name} | {_f(None if cal is None else 1000 * cal, '.2f')} | "
+            f"{_f(c.get('load_average_mean'), '.2f')} | {_f(c.get('load_average_first'), '.2f')}"
+            f" -> {_f(c.get('load_average_last'), '.2f')} |"
+        )
+    matched = result["methods"].get(MATCHED)
+    if matched is not None and matched.get("budget_s"):
+        used = matched.get("budget_used")
+        lines += [
+            "",
+            f"uniform-matched's budget: {_f(matched['budget_s'])} s of {matched.get('match_clock')}"
+            f" training time ({matched.get('matched_to')}'s); it used {_pct(used)} of it"
+            + (
+                " (more than 2% off: its step time differed from uniform's)."
+                if used is not None and abs(used - 1) > 0.02
+                else "."
+            ),
+        ]
+    return lines
 
 
 def print_table(md: str) -> None:
@@ -131,20 +235,21 @@ def plot_comparison(result: dict[str, Any], out_png: Path) -> None:
 
 
 def grid_markdown(grid: dict[str, Any]) -> str:
-    """grid.md: one row per epoch budget and run."""
+    """grid.md: one row per epoch budget and run (uniform is the reference of each budget)."""
     lines = [
-        "| epochs | method | final val loss | Δ vs uniform | Δ vs uniform-matched (nats) "
-        "| to target ÷ uniform (wall) | (CPU) | speedup (CPU) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| epochs | method | best val loss | final val loss | final vs uniform's "
+        "| final minus uniform-matched's | share of uniform's time to target | speedup "
+        "| speedup (CPU time) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for epochs, b in grid["epochs"].items():
         for name, r in b["methods"].items():
+            pct = r["final_val_loss_vs_target_pct"]
             lines.append(
-                f"| {epochs} | {name} | {_f(r['final_val_loss'], '.4f')} | "
-                f"{_f(r['final_val_loss_vs_target_pct'], '+.2f')}% | "
-                f"{_f(r['final_val_loss_vs_matched'], '+.4f')} | "
-                f"{_f(r['time_to_target_ratio'], '.2f')} | "
-                f"{_f(r['time_to_target_cpu_ratio'], '.2f')} | "
-                f"{_x(r['speedup_vs_uniform_cpu'])} |"
+                f"| {epochs} | {name} | {_loss(r.get('best_val_loss'))} | "
+                f"{_loss(r['final_val_loss'])} | {_f(pct, '+.2f')}{'%' if pct is not None else ''}"
+                f" | {_f(r['final_val_loss_vs_matched'], '+.4f')} | "
+                f"{_pct(r['time_to_target_ratio'])} | {_x(r.get('speedup'))} | "
+                f"{_x(r.get('speedup_cpu'))} |"
             )
     return "\n".join(lines) + "\n"

@@ -1,4 +1,5 @@
-"""Each run of a comparison in its own process, and the machine the runs were timed on.
+"""Each run of a comparison in its own process, followed while it trains, and the machine the
+runs were timed on.
 
 Why processes: DeepSpeed keeps process-group state between engines, and `--world-size N`
 needs the deepspeed launcher anyway. The parent writes the run's `TrainOptions` (built once
@@ -6,6 +7,8 @@ from the flags, then changed per run) to DIR/<name>/run_spec.json; the child
 (`python -m es_llm.tools.compare --worker FILE`, on every rank) trains from it. Threads per rank
 are left to the training loop (`es_llm.dist.share_cpu_threads`, which honours
 OMP_NUM_THREADS); the child records the count it trained with in DIR/<name>/worker.json.
+While the child trains, the parent follows its metrics.jsonl (`live`) and samples the load
+average; just before it starts, it times the calibration (`conditions`).
 """
 
 from __future__ import annotations
@@ -57,22 +60,75 @@ def _child_command(spec_file: Path, world: int) -> list[str]:
 
 
 def run_one(
-    base: TrainOptions, spec: RunSpec, out: Path, *, world: int, quiet: bool = False
+    base: TrainOptions,
+    spec: RunSpec,
+    out: Path,
+    *,
+    world: int,
+    quiet: bool = False,
+    label: str = "",
+    poll_s: float = 0.5,
 ) -> dict[str, Any]:
-    """Train one run in child process(es); return its summary.json (plus "threads_per_rank")."""
+    """Train one run in child process(es); return its summary.json, plus "threads_per_rank"
+    and "conditions" (the calibration timed just before it and the load average during it).
+
+    While the child trains, its metrics.jsonl is followed and each evaluation printed as one
+    line (unless `quiet`); `label` ("[2/5]") prefixes the run's first line.
+    """
+    from es_llm.tools.compare.conditions import LoadSampler, calibrate
+    from es_llm.tools.compare.live import MetricsFollower, done_line, eval_line
+
     opts = run_options(base, spec, out)
     run_dir = Path(opts.out)
     run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.jsonl", "summary.json", WORKER_FILE):  # a previous run's, if any
+        (run_dir / stale).unlink(missing_ok=True)
     spec_file = run_dir / SPEC_FILE
     options = {**dataclasses.asdict(opts), "out": str(opts.out)}
     spec_file.write_text(json.dumps({"spec": dataclasses.asdict(spec), "options": options}))
     log = run_dir / "run.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    calibration_s = calibrate()
+    loads = LoadSampler()
+    follower = MetricsFollower(run_dir / "metrics.jsonl")
+    best: dict[str, Any] | None = None
+
+    def follow() -> None:
+        nonlocal best
+        for rec in follower.poll():
+            if rec.get("type") != "eval" or rec.get("val_loss") is None:
+                continue
+            if best is None or rec["val_loss"] < best["val_loss"]:
+                best = rec
+            if not quiet:
+                print(eval_line(spec.name, rec, best["val_loss"]), flush=True)
+
+    if not quiet and label:
+        budget = spec.max_wall_clock_s or spec.max_cpu_time_s
+        clock = "wall" if spec.max_wall_clock_s else "CPU"
+        print(
+            f"{label} {spec.name} ({spec.method}, {spec.epochs} epoch(s), evaluation every "
+            f"{spec.eval_every} steps"
+            + (f", {spec.max_steps} steps" if spec.max_steps else "")
+            + (f", budget {budget:.1f}s {clock}" if budget else "")
+            + f", calibration {1000 * calibration_s:.1f} ms) -> {run_dir}",
+            flush=True,
+        )
     t0 = time.perf_counter()
     with log.open("w") as fh:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             _child_command(spec_file, world), stdout=fh, stderr=subprocess.STDOUT, env=env
         )
+        try:
+            while proc.poll() is None:
+                loads.sample()
+                follow()
+                time.sleep(poll_s)
+        finally:
+            if proc.poll() is None:  # interrupted here: do not leave the child training
+                proc.terminate()
+                proc.wait()
+    follow()
     if proc.returncode != 0:
         tail = log.read_text(errors="replace").splitlines()[-25:]
         said = [line for line in tail if line.startswith(INPUT_ERROR_PREFIX)]
@@ -85,13 +141,9 @@ def run_one(
     summary = json.loads((run_dir / "summary.json").read_text())
     worker = json.loads((run_dir / WORKER_FILE).read_text())
     summary["threads_per_rank"] = worker["torch_threads"]
+    summary["conditions"] = {"calibration_s": calibration_s, **loads.summary()}
     if not quiet:
-        print(
-            f"  {spec.name:<16} final val {summary['final_val_loss']:.4f}  train "
-            f"{summary['wall_clock_s']:.1f}s wall / {summary['cpu_time_s']:.1f}s CPU  "
-            f"({time.perf_counter() - t0:.0f}s with start-up and evaluation)",
-            flush=True,
-        )
+        print(done_line(spec.name, summary, best, time.perf_counter() - t0), flush=True)
     return summary
 
 
