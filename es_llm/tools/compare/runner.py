@@ -92,16 +92,20 @@ def run_one(
     loads = LoadSampler()
     follower = MetricsFollower(run_dir / "metrics.jsonl")
     best: dict[str, Any] | None = None
+    shown: tuple[int, float] | None = None
 
     def follow() -> None:
-        nonlocal best
+        nonlocal best, shown
         for rec in follower.poll():
             if rec.get("type") != "eval" or rec.get("val_loss") is None:
                 continue
             if best is None or rec["val_loss"] < best["val_loss"]:
                 best = rec
-            if not quiet:
+            # an epoch's end that is also an interval (or the stop) is evaluated twice: once
+            # on screen
+            if not quiet and (rec["step"], rec["val_loss"]) != shown:
                 print(eval_line(spec.name, rec, best["val_loss"]), flush=True)
+            shown = (rec["step"], rec["val_loss"])
 
     if not quiet and label:
         budget = spec.max_wall_clock_s or spec.max_cpu_time_s
@@ -143,7 +147,12 @@ def run_one(
     summary["threads_per_rank"] = worker["torch_threads"]
     summary["conditions"] = {"calibration_s": calibration_s, **loads.summary()}
     if not quiet:
-        print(done_line(spec.name, summary, best, time.perf_counter() - t0), flush=True)
+        line = done_line(spec.name, summary, best, time.perf_counter() - t0)
+        budget = spec.max_wall_clock_s or spec.max_cpu_time_s
+        if budget:
+            used = summary["wall_clock_s" if spec.max_wall_clock_s else "cpu_time_s"] / budget
+            line += f"; it used {100 * used:.0f}% of its budget"
+        print(line, flush=True)
     return summary
 
 
