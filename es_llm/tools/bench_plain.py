@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,8 +103,11 @@ class _Clock:
         return [(b - a, c - b) for a, b, c in self.marks]
 
 
-def run_plain(opts: PlainOptions) -> dict[str, Any]:
-    """Train `opts.steps` optimizer steps; write and return the summary."""
+def run_plain(opts: PlainOptions, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Train `opts.steps` optimizer steps; write and return the summary.
+
+    `on_step(step)` (optional) is called on the host after each step is queued (the sync
+    counter marks steps with it); it must not wait for the GPU."""
     from es_llm.data import load_corpus
     from es_llm.drivers.deepspeed.dsconfig import load_ds_config
     from es_llm.model import build_model, count_parameters, load_model_preset
@@ -152,7 +156,7 @@ def run_plain(opts: PlainOptions) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.synchronize()
     t_start = time.perf_counter()
-    for _ in range(opts.steps):
+    for step in range(1, opts.steps + 1):
         if pos + geo.train_batch > n:
             order, pos, epoch = permutation(), 0, epoch + 1
         batch = order[pos : pos + geo.train_batch]
@@ -172,6 +176,8 @@ def run_plain(opts: PlainOptions) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         clock.add(start, after_bwd, clock.mark())
         losses.append(step_loss)
+        if on_step is not None:
+            on_step(step)
     per_step = clock.seconds()  # the one wait for the GPU
     wall = time.perf_counter() - t_start
     train_losses = torch.stack(losses).tolist()
@@ -241,7 +247,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/plain", help="output directory (default: %(default)s)")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, on_step: Callable[[int], None] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m es_llm.tools.bench_plain",
         description="Plain PyTorch training loop of the same model and batch as es-llm train.",
@@ -254,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         max_train_samples=a.max_train_samples, steps=a.steps, seed=a.seed, device=a.device,
     )  # fmt: skip
     try:
-        s = run_plain(opts)
+        s = run_plain(opts, on_step=on_step)
     except InputError as e:
         print(f"bench_plain: error: {e}", file=sys.stderr)
         return 2

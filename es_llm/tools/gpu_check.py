@@ -1,73 +1,98 @@
 """The GPU check: `bash launch/gpu_check.sh [OUT_DIR]` (or `python -m es_llm.tools.gpu_check OUT_DIR`).
 
-On one GPU it runs, each as a process of its own with its log in OUT/logs/:
+On one GPU it runs these pieces, in this order (most valuable first), logs in OUT/logs/:
 
-1. `kernels`: the kernel parity tests (`pytest tests/test_kernels_*.py`), on the GPU;
-2. `uniform`, `es`: a few hundred steps of `es-llm train` with a shipped GPU config;
-3. `plain`: the same model and batch in a plain PyTorch loop (`es_llm.tools.bench_plain`);
-4. `syncs`: uniform, ES and plain again, short, twice each, under `es_llm.tools.sync_count`, for the
-   host synchronisations per optimizer step;
-5. `compare`: a short `es-llm compare` of uniform against es;
+1. `kernels`: the Triton kernel parity tests (`pytest tests/test_kernels_*.py`), on the GPU;
+2. `uniform`: `es-llm train --method uniform` with a shipped GPU config (this first run also
+   builds the corpus cache and DeepSpeed's FusedAdam, once);
+3. `es`: the same with `--method es`;
+4. `plain`: the same model and batch in a plain PyTorch loop (`es_llm.tools.bench_plain`),
+   in the process that ran `es` (no second start-up), then a short plain run there under the
+   sync counter (plain's host synchronisations per step);
+5. `syncs`: uniform and es once more, short, under `es_llm.tools.sync_count`, for their host
+   synchronisations per optimizer step;
+6. `compare`: a short `es-llm compare` of uniform against es.
 
-then prints one table and writes it to OUT/gpu_check.json and OUT/gpu_check.md. Nothing is
-downloaded: the data is the embedded corpus. `--cpu-smoke` runs the same pieces with a tiny
+The table (OUT/gpu_check.json and OUT/gpu_check.md) is rewritten whenever a piece starts or
+ends, so a check that is killed still leaves what it measured ("running" marks the piece that
+was cut, "not run" those never reached). The default profile fits a budget (`--budget-s`,
+400 s): a piece starts only if its estimated time still fits, and a piece still running at
+the end of the budget is stopped. `--full` runs the longer profile without a budget. Nothing
+is downloaded: the data is the embedded corpus. `--cpu-smoke` runs the pieces with a tiny
 model on the CPU, to test the check itself; its numbers mean nothing about a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
+import contextlib
+import gc
 import json
 import os
-import statistics
+import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from es_llm.sampling.methods import get_method
+from es_llm.tools.gpu_check_table import build_report, read_run, render_markdown
+
+_STARTED = time.time()  # the budget counts from the start of this process
 
 PIECES = ("kernels", "uniform", "es", "plain", "syncs", "compare")
+# pieces that share one process: `es` then `plain` (then plain's sync count)
+WORKER_PIECES = ("es", "plain")
+PARITY_TESTS = ("test_kernels_ce.py", "test_kernels_linear.py", "test_kernels_scoring.py")
+STOP_GRACE_S = 5.0  # SIGTERM at the end of the budget, SIGKILL this much later
 
-# the issue's targets, on one H100
-BOOKKEEPING_MAX = 0.01  # gather + select + score update <= 1% of an ES step
-UNIFORM_VS_PLAIN_MIN = 0.9  # es-llm uniform >= 0.9x the plain loop's tokens/s
-ES_STEP_SLACK = 0.02  # ES step <= (uniform step + scoring forward of B_meta) x 1.02
+# Seconds per piece on one H100/H200, estimated from the code and the step counts (no GPU has
+# run this yet; docs/gpu.md shows the arithmetic). `uniform` includes the one-time builds.
+DEFAULT_ESTIMATES = {"kernels": 60.0, "uniform": 120.0, "es": 35.0, "plain": 25.0,
+                     "syncs": 50.0, "compare": 90.0}  # fmt: skip
+FULL_ESTIMATES = {"kernels": 120.0, "uniform": 140.0, "es": 50.0, "plain": 35.0,
+                  "syncs": 50.0, "compare": 150.0}  # fmt: skip
+# cpu-smoke: generous bounds for a loaded 2-core machine (they only matter with --budget-s)
+SMOKE_ESTIMATES = {"kernels": 300.0, "uniform": 60.0, "es": 60.0, "plain": 30.0,
+                   "syncs": 60.0, "compare": 300.0}  # fmt: skip
+DEFAULT_BUDGET_S = 400.0
 
 
 @dataclass
 class Setup:
-    """What the check runs. GPU defaults; `cpu_smoke()` gives the tiny CPU variant."""
+    """What the check runs. Default profile; `profile_setup` gives `full` and `cpu-smoke`."""
 
     out: Path
     repo: Path
+    profile: str = "default"
     config: str = "zero1_bf16"
     model: str = "gpt2-124m"
     seq_len: int = 256
     vocab_size: int = 8192
-    steps: int = 300
+    steps: int = 100
     warmup_steps: int = 20  # left out of tokens/s and step times (first-step allocations)
     max_val_samples: int = 256
     max_train_samples: int | None = None
-    sync_steps: tuple[int, int] = (10, 30)
-    compare_train_samples: int = 4096
+    sync_steps: tuple[int, int] = (10, 30)  # syncs per step between the ends of these steps
+    compare_train_samples: int = 2048
     compare_epochs: int = 1
+    kernel_tests: tuple[str, ...] = PARITY_TESTS  # () = every tests/test_kernels_*.py
+    budget_s: float | None = DEFAULT_BUDGET_S
+    estimates: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_ESTIMATES))
     data: str | None = None
     cache_dir: str | None = None
     skip: set[str] = field(default_factory=set)
     cpu_smoke: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+    started_at: float = _STARTED  # the check's start (time.time()); its worker inherits it
 
-    @classmethod
-    def cpu_smoke_setup(cls, out: Path, repo: Path, skip: set[str]) -> Setup:
-        return cls(
-            out=out, repo=repo, config="cpu_tiny", model="gpt2-tiny", seq_len=32,
-            vocab_size=512, steps=4, warmup_steps=1, max_val_samples=32,
-            max_train_samples=256, sync_steps=(2, 3), compare_train_samples=256, skip=skip,
-            cpu_smoke=True,
-        )  # fmt: skip
+    @property
+    def deadline(self) -> float | None:
+        return None if self.budget_s is None else self.started_at + self.budget_s
 
     def data_args(self) -> list[str]:
         args = ["--config", self.config, "--model", self.model, "--seq-len", str(self.seq_len),
@@ -84,6 +109,9 @@ class Setup:
         args = ["train", *self.data_args(), "--method", method, "--max-steps", str(steps),
                 "--epochs", "100", "--max-val-samples", str(self.max_val_samples),
                 "--no-progress", "--out", str(out)]  # fmt: skip
+        # imported here, not with this module: the budget's clock starts at that import
+        from es_llm.sampling.methods import get_method
+
         if get_method(method).scoring_forward:
             args += ["--es", "burn_in_steps=1"]  # the same burn-in at every run length
         return args
@@ -91,243 +119,338 @@ class Setup:
     def plain_args(self, steps: int, out: Path) -> list[str]:
         return [*self.data_args(), "--steps", str(steps), "--out", str(out)]
 
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(out=str(self.out), repo=str(self.repo), skip=sorted(self.skip))
+        return d
 
-# ------------------------------------------------------------------ reading runs
-def read_run(run_dir: Path) -> dict[str, Any] | None:
-    """summary.json and the step records of one run directory; None when it has no summary."""
-    path = run_dir / "summary.json"
-    if not path.is_file():
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Setup:
+        d = dict(d)
+        d.update(out=Path(d["out"]), repo=Path(d["repo"]), skip=set(d["skip"]),
+                 sync_steps=tuple(d["sync_steps"]), kernel_tests=tuple(d["kernel_tests"]))  # fmt: skip
+        return cls(**d)
+
+
+def profile_setup(profile: str, out: Path, repo: Path, skip: set[str]) -> Setup:
+    """`default` (fits DEFAULT_BUDGET_S), `full` (the long check, no budget), `cpu-smoke`."""
+    if profile == "default":
+        return Setup(out=out, repo=repo, skip=skip)
+    if profile == "full":
+        return Setup(out=out, repo=repo, profile="full", steps=300, compare_train_samples=4096,
+                     kernel_tests=(), budget_s=None, estimates=dict(FULL_ESTIMATES), skip=skip)  # fmt: skip
+    if profile == "cpu-smoke":
+        return Setup(
+            out=out, repo=repo, profile="cpu-smoke", config="cpu_tiny", model="gpt2-tiny",
+            seq_len=32, vocab_size=512, steps=4, warmup_steps=1, max_val_samples=32,
+            max_train_samples=256, sync_steps=(2, 3), compare_train_samples=256,
+            kernel_tests=(), budget_s=None, estimates=dict(SMOKE_ESTIMATES), skip=skip,
+            cpu_smoke=True,
+        )  # fmt: skip
+    raise ValueError(f"unknown profile {profile!r}")
+
+
+# ------------------------------------------------------------------ the table on disk
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _sync_per_step(setup: Setup, name: str) -> float | None:
+    from es_llm.tools.sync_count import per_step_from_marks
+
+    rec = _read_json(setup.out / "syncs" / f"{name}.json")
+    if not rec or rec.get("returncode") not in (0, None):
         return None
-    steps = []
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                if rec.get("type", "step") == "step":
-                    steps.append(rec)
-    return {"summary": json.loads(path.read_text()), "steps": steps}
+    return per_step_from_marks(rec.get("marks") or [], *setup.sync_steps)
 
 
-def _div(a: float | None, b: float | None) -> float | None:
-    return None if a is None or not b else a / b
+def collect_report(setup: Setup, pieces: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The table from what is on disk now: finished runs, sync records, the compare."""
+    runs = {name: read_run(setup.out / name) if pieces[name]["status"] == "ok" else None
+            for name in ("uniform", "es", "plain")}  # fmt: skip
+    syncs = {name: _sync_per_step(setup, name) for name in ("uniform", "es", "plain")}
+    k = pieces["kernels"]
+    kernels = None
+    if k["status"] not in ("skipped", "not run"):
+        result = "pass" if k["status"] == "ok" else k["status"]
+        kernels = {"result": result, "summary": k.get("summary")}
+    compare = None
+    if pieces["compare"]["status"] == "ok":
+        compare = _read_json(setup.out / "compare" / "compare.json")
+    info = {**setup.info, "profile": setup.profile, "config": setup.config,
+            "model": setup.model, "seq_len": setup.seq_len, "steps": setup.steps,
+            "cpu_smoke": setup.cpu_smoke, "sync_steps": list(setup.sync_steps),
+            "budget_s": setup.budget_s}  # fmt: skip
+    return build_report(runs, syncs, warmup=setup.warmup_steps, kernels=kernels,
+                        compare=compare, info=info, pieces=pieces)  # fmt: skip
 
 
-def run_stats(run: dict[str, Any], warmup: int) -> dict[str, Any]:
-    """tokens/s, step time and the per-step breakdown of one run.
+class Board:
+    """The pieces' records in OUT/pieces.json; every change rewrites the table.
 
-    tokens/s and step times use the step records after `warmup` steps (back-propagated
-    tokens over the sum of `step_s`); the breakdown is the run's own timers
-    (`time_breakdown_s`): training fwd+bwd and optimizer per step, scoring forward and
-    gather+select+update per selection step (burn-in steps do not score).
-    """
-    s, steps = run["summary"], run["steps"]
-    seq = s["seq_len"]
-    steady = steps[warmup:] if len(steps) > warmup else steps
-    select_all = [r for r in steps if r.get("phase") == "select"]
-    select_steady = [r for r in steady if r.get("phase") == "select"]
-    n_steps = max(1, s["steps"])
-    n_select = len(select_all)
-    tb = s.get("time_breakdown_s")
-    if tb is None:  # older summaries: per-step averages only
-        tb = {k: v * n_steps for k, v in s["time_breakdown_per_step_s"].items()}
-    step_s = [r["step_s"] for r in steady]
-    sel_s = [r["step_s"] for r in select_steady]
-    return {
-        "method": s["method"],
-        "steps": s["steps"],
-        "select_steps": n_select,
-        "tokens_per_s": _div(sum(r["selected"] for r in steady) * seq, sum(step_s)),
-        "step_ms": 1e3 * statistics.fmean(step_s) if step_s else None,
-        "select_step_ms": 1e3 * statistics.fmean(sel_s) if sel_s else None,
-        "score_ms": 1e3 * tb["score_fwd_s"] / n_select if n_select else None,
-        "select_ms": 1e3 * tb["select_s"] / n_select if n_select else None,
-        "fwd_bwd_ms": 1e3 * tb["train_fwd_bwd_s"] / n_steps,
-        "optimizer_ms": 1e3 * tb["optimizer_s"] / n_steps,
-        "scoring_cost_ratio": _div(
-            _div(tb["score_fwd_s"], s.get("scored_samples") or None),
-            _div(tb["train_fwd_bwd_s"], s.get("bp_samples") or None),
-        ),
-        "bookkeeping_share": _div(tb["select_s"], sum(r["step_s"] for r in select_all) or None),
-        "batch": s.get("batch"),
-    }
+    The check and its worker process take turns (the check waits while the worker runs), so
+    each change reads the file, updates one piece and writes it back."""
+
+    def __init__(self, setup: Setup) -> None:
+        self.setup = setup
+        self.path = setup.out / "pieces.json"
+
+    def pieces(self) -> dict[str, dict[str, Any]]:
+        return json.loads(self.path.read_text())
+
+    def start(self, setup: Setup) -> None:
+        pieces = {
+            p: {"status": "skipped" if p in setup.skip else "not run",
+                "estimate_s": setup.estimates.get(p), "log": f"logs/{p}.log"}
+            for p in PIECES
+        }  # fmt: skip
+        self._save(pieces)
+
+    def set(self, piece: str, **fields: Any) -> None:
+        pieces = self.pieces()
+        pieces[piece].update(fields)
+        self._save(pieces)
+
+    def _save(self, pieces: dict[str, dict[str, Any]]) -> None:
+        _write_atomic(self.path, json.dumps(pieces, indent=2))
+        report = collect_report(self.setup, pieces)
+        _write_atomic(self.setup.out / "gpu_check.json", json.dumps(report, indent=2))
+        _write_atomic(self.setup.out / "gpu_check.md", render_markdown(report))
 
 
-def _target(name: str, value: float | None, limit: str, ok: bool | None) -> dict[str, Any]:
-    return {"target": name, "value": value, "limit": limit,
-            "result": "not measured" if ok is None else ("pass" if ok else "FAIL")}  # fmt: skip
+def _fits(setup: Setup, piece: str) -> bool:
+    deadline = setup.deadline
+    return deadline is None or time.time() + setup.estimates.get(piece, 0.0) <= deadline
 
 
-def build_report(
-    runs: dict[str, dict[str, Any] | None],
-    syncs: dict[str, float | None],
-    *,
-    warmup: int,
-    kernels: dict[str, Any] | None = None,
-    compare: dict[str, Any] | None = None,
-    info: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The check's table from the runs' summaries (`runs[name]` as `read_run` returns it)."""
-    stats = {name: run_stats(r, warmup) for name, r in runs.items() if r is not None}
-    rows = []
-    for name in ("uniform", "es", "plain"):
-        st = stats.get(name)
-        row: dict[str, Any] = {"run": name, "syncs_per_step": syncs.get(name)}
-        if st is None:
-            row["status"] = "not run or failed"
-        else:
-            row.update({k: st[k] for k in ("tokens_per_s", "step_ms", "select_step_ms",
-                                           "score_ms", "select_ms", "fwd_bwd_ms",
-                                           "optimizer_ms")})  # fmt: skip
-            row["status"] = "ok"
-        rows.append(row)
-    es, uni, plain = stats.get("es"), stats.get("uniform"), stats.get("plain")
-    ratio = es["scoring_cost_ratio"] if es else None
-    share = es["bookkeeping_share"] if es else None
-    targets = [
-        _target("bookkeeping (gather + select + score update) / ES step", share,
-                f"<= {BOOKKEEPING_MAX:.0%}", None if share is None else share <= BOOKKEEPING_MAX),
-    ]  # fmt: skip
-    rel = _div(uni and uni["tokens_per_s"], plain and plain["tokens_per_s"])
-    targets.append(
-        _target("es-llm uniform tokens/s / plain loop tokens/s", rel,
-                f">= {UNIFORM_VS_PLAIN_MIN}", None if rel is None else rel >= UNIFORM_VS_PLAIN_MIN)
-    )  # fmt: skip
-    es_ms = es and es["select_step_ms"]
-    bound = None
-    if es_ms is not None and uni and uni["step_ms"] is not None:
-        bound = (uni["step_ms"] + es["score_ms"]) * (1 + ES_STEP_SLACK)
-    targets.append(
-        _target("ES step ms / ((uniform step + scoring fwd of B_meta) x 1.02)",
-                _div(es_ms, bound), "<= 1", None if bound is None else es_ms <= bound)
-    )  # fmt: skip
-    report: dict[str, Any] = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        **(info or {}),
-        "warmup_steps_excluded": warmup,
-        "rows": rows,
-        "scoring_cost_ratio": ratio,
-        "bookkeeping_share": share,
-        "es_step_bound_ms": bound,
-        "targets": targets,
-        "kernel_tests": kernels,
-        "compare": _compare_summary(compare),
-        "runs": stats,
-    }
-    return report
+def _status(rc: int | None) -> str:
+    return "cut off (time limit)" if rc is None else ("ok" if rc == 0 else f"FAIL (exit {rc})")
 
 
-def _compare_summary(compare: dict[str, Any] | None) -> dict[str, Any] | None:
-    if compare is None:
-        return None
-    return {
-        name: {k: rec.get(k) for k in ("final_val_loss", "final_val_loss_vs_target_pct",
-                                       "wall_clock_s", "steps", "speedup_vs_uniform")}
-        for name, rec in compare.get("methods", {}).items()
-    }  # fmt: skip
-
-
-def _f(x: Any, spec: str, none: str = "n/a") -> str:
-    return none if x is None else format(x, spec)
-
-
-def render_markdown(report: dict[str, Any]) -> str:
-    lines = [
-        f"# es-llm GPU check — {report.get('device', '?')}, {report['date']}",
-        "",
-        f"Config `{report.get('config')}`, model `{report.get('model')}`, seq len "
-        f"{report.get('seq_len')}, {report.get('steps')} steps per run (first "
-        f"{report['warmup_steps_excluded']} left out of tokens/s and step times).",
-        "",
-        "| run | tokens/s | step ms | ES step ms | score ms | select ms | fwd+bwd ms "
-        "| optimizer ms | host syncs / step |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in report["rows"]:
-        if r["status"] != "ok":
-            lines.append(f"| {r['run']} | {r['status']} |  |  |  |  |  |  | "
-                         f"{_f(r['syncs_per_step'], '.2f')} |")  # fmt: skip
+# ------------------------------------------------------------------ pieces in child processes
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the child's process group (es-llm stops cleanly), SIGKILL it if it lingers."""
+    for sig, wait_s in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
             continue
-        lines.append(
-            f"| {r['run']} | {_f(r['tokens_per_s'], ',.0f')} | {_f(r['step_ms'], '.1f')} | "
-            f"{_f(r['select_step_ms'], '.1f', '—')} | {_f(r['score_ms'], '.1f', '—')} | "
-            f"{_f(r['select_ms'], '.2f', '—')} | {_f(r['fwd_bwd_ms'], '.1f')} | "
-            f"{_f(r['optimizer_ms'], '.1f')} | {_f(r['syncs_per_step'], '.2f')} |"
-        )
-    lines += [
-        "",
-        f"Scoring cost ratio (scoring fwd per sample / training fwd+bwd per sample): "
-        f"{_f(report['scoring_cost_ratio'], '.3f')}. Bookkeeping share (gather + select + "
-        f"score update / ES step): {_f(report['bookkeeping_share'], '.2%')}.",
-        "",
-        "| target | value | limit | result |",
-        "|---|---|---|---|",
-    ]
-    for t in report["targets"]:
-        lines.append(f"| {t['target']} | {_f(t['value'], '.4f')} | {t['limit']} | {t['result']} |")
-    k = report.get("kernel_tests")
-    if k is not None:
-        lines += ["", f"Kernel parity tests: {k.get('result')} ({k.get('summary')})."]
-    c = report.get("compare")
-    if c:
-        lines += ["", "| compare run | final val loss | vs uniform | train wall s | steps |",
-                  "|---|---|---|---|---|"]  # fmt: skip
-        for name, rec in c.items():
-            lines.append(
-                f"| {name} | {_f(rec['final_val_loss'], '.4f')} | "
-                f"{_f(rec['final_val_loss_vs_target_pct'], '+.2f')}% | "
-                f"{_f(rec['wall_clock_s'], '.1f')} | {_f(rec['steps'], 'd')} |"
-            )
-    failed = [f"{p}: exit {v['returncode']} (log {v['log']})"
-              for p, v in report.get("pieces", {}).items() if v.get("returncode")]  # fmt: skip
-    if failed:
-        lines += ["", "Failed pieces: " + "; ".join(failed) + "."]
-    return "\n".join(lines) + "\n"
 
 
-# ------------------------------------------------------------------ running the pieces
-def _run(cmd: list[str], log: Path, cwd: Path, env: dict[str, str]) -> int:
+def _run(
+    cmd: list[str], log: Path, setup: Setup, env: dict[str, str],
+    on_start: Callable[[int], None] | None = None,
+) -> int | None:  # fmt: skip
+    """Run `cmd` with its output in `log`; its exit code, or None when the budget ran out."""
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"gpu_check: {' '.join(cmd[1:])}  (log {log})", flush=True)
     t0 = time.perf_counter()
     with log.open("w") as fh:
-        rc = subprocess.run(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
-    print(f"gpu_check:   exit {rc} after {time.perf_counter() - t0:.0f}s", flush=True)
+        proc = subprocess.Popen(cmd, cwd=setup.out, env=env, stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            if on_start is not None:
+                on_start(proc.pid)
+            deadline = setup.deadline
+            rc: int | None = proc.wait(
+                None if deadline is None else max(0.0, deadline - time.time())
+            )
+        except subprocess.TimeoutExpired:
+            _stop(proc)
+            rc = None
+        except BaseException:  # Ctrl-C or a bug here: never leave the child running
+            _stop(proc)
+            raise
+    said = "stopped at the end of the budget" if rc is None else f"exit {rc}"
+    print(f"gpu_check:   {said} after {time.perf_counter() - t0:.0f}s", flush=True)
     return rc
 
 
-def _kernel_tests(setup: Setup, env: dict[str, str], pieces: dict) -> dict[str, Any]:
-    tests = sorted(str(p) for p in (setup.repo / "tests").glob("test_kernels_*.py"))
-    log = setup.out / "logs" / "kernels.log"
+def _run_piece(
+    board: Board, piece: str, cmd: list[str], env: dict[str, str], log: str | None = None
+) -> int | None:
+    setup = board.setup
+    log = log or f"logs/{piece}.log"
+    t0 = time.time()
+    board.set(piece, status="running", started_s=round(t0 - setup.started_at, 1), log=log)
+    rc = _run(cmd, setup.out / log, setup, env, lambda pid: board.set(piece, pid=pid))
+    board.set(piece, status=_status(rc), returncode=rc, seconds=round(time.time() - t0, 1))
+    return rc
+
+
+def _kernels(board: Board, env: dict[str, str]) -> None:
+    setup = board.setup
+    tests_dir = setup.repo / "tests"
+    if setup.kernel_tests:
+        tests = [str(tests_dir / t) for t in setup.kernel_tests if (tests_dir / t).is_file()]
+    else:
+        tests = sorted(str(p) for p in tests_dir.glob("test_kernels_*.py"))
     if not tests:
-        pieces["kernels"] = {"returncode": 1, "log": str(log)}
-        return {"result": "FAIL", "summary": f"no tests/test_kernels_*.py under {setup.repo}"}
-    rc = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], log,
-              setup.out, env)  # fmt: skip
-    pieces["kernels"] = {"returncode": rc, "log": str(log)}
+        board.set("kernels", status="FAIL (no kernel tests)",
+                  summary=f"no kernel tests under {tests_dir}")  # fmt: skip
+        return
+    _run_piece(board, "kernels",
+               [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], env)  # fmt: skip
+    log = setup.out / "logs" / "kernels.log"
     tail = [ln for ln in log.read_text().splitlines() if ln.strip()][-1:] or ["no output"]
-    return {"result": "pass" if rc == 0 else "FAIL", "summary": tail[0].strip("= ")}
+    board.set("kernels", summary=tail[0].strip("= "))
 
 
-def _sync_counts(setup: Setup, env: dict[str, str], pieces: dict) -> dict[str, float | None]:
-    from es_llm.tools.sync_count import per_step
+def _syncs(board: Board, env: dict[str, str]) -> None:
+    """uniform and es under the sync counter, one run each (plain's count ran in the worker)."""
+    setup = board.setup
+    t0 = time.time()
+    board.set("syncs", status="running", started_s=round(t0 - setup.started_at, 1))
+    last = setup.sync_steps[1]
+    status = "ok"
+    for name in ("uniform", "es"):
+        log = f"logs/syncs-{name}.log"
+        board.set("syncs", log=log)
+        cmd = [sys.executable, "-m", "es_llm.tools.sync_count",
+               str(setup.out / "syncs" / f"{name}.json"),
+               *setup.train_args(name, last, setup.out / "syncs" / f"{name}-run")]  # fmt: skip
+        rc = _run(cmd, setup.out / log, setup, env)
+        if rc != 0:
+            status = _status(rc) + f" ({name})"
+            if rc is None:
+                break
+    board.set("syncs", status=status, seconds=round(time.time() - t0, 1))
 
-    out: dict[str, float | None] = {}
-    for name in ("uniform", "es", "plain"):
-        recs = []
-        for n in setup.sync_steps:
-            run_dir = setup.out / "syncs" / f"{name}-{n}"
-            rec_path = setup.out / "syncs" / f"{name}-{n}.json"
-            job = (["plain", *setup.plain_args(n, run_dir)] if name == "plain"
-                   else setup.train_args(name, n, run_dir))  # fmt: skip
-            rc = _run([sys.executable, "-m", "es_llm.tools.sync_count", str(rec_path), *job],
-                      setup.out / "logs" / f"syncs-{name}-{n}.log", setup.out, env)  # fmt: skip
-            pieces[f"syncs-{name}-{n}"] = {"returncode": rc, "log": f"logs/syncs-{name}-{n}.log"}
-            recs.append(json.loads(rec_path.read_text()) if rc == 0 else {"syncs": None})
-        out[name] = per_step(recs[0], recs[1])
-    return out
+
+def _compare(board: Board, env: dict[str, str]) -> None:
+    setup = board.setup
+    cmd = [sys.executable, "-m", "es_llm.cli", "compare", *setup.data_args(),
+           "--methods", "uniform,es", "--epochs", str(setup.compare_epochs),
+           "--max-val-samples", str(setup.max_val_samples), "--no-progress",
+           "--out", str(setup.out / "compare")]  # fmt: skip
+    if setup.max_train_samples is None:
+        cmd += ["--max-train-samples", str(setup.compare_train_samples)]
+    _run_piece(board, "compare", cmd, env)
 
 
+def _worker_job(board: Board, env: dict[str, str], todo: list[str]) -> None:
+    """`es` and `plain` in one child process (see `worker_main`)."""
+    setup = board.setup
+    cmd = [sys.executable, "-m", "es_llm.tools.gpu_check", str(setup.out),
+           "--worker", ",".join(todo)]  # fmt: skip
+    rc = _run(cmd, setup.out / "logs" / "worker.log", setup, env)
+    pieces = board.pieces()
+    for p in todo:  # what the worker could not say itself
+        if pieces[p]["status"] == "running":
+            board.set(p, status=_status(rc) if rc != 0 else "FAIL (worker died)", returncode=rc)
+        elif pieces[p]["status"] == "not run" and rc != 0:
+            board.set(p, status="not run (budget)" if rc is None else "not run (worker died)")
+
+
+# ------------------------------------------------------------------ the worker process
+@contextlib.contextmanager
+def _output_to(log: Path) -> Iterator[None]:
+    """Send this process's stdout and stderr (C-level too) to `log` for a while."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as fh:
+        os.dup2(fh.fileno(), 1)
+        os.dup2(fh.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def _call(fn: Callable[[], int | None]) -> int:
+    """Run one piece in this process: its exit code; a bug prints its traceback, exit 1."""
+    try:
+        return int(fn() or 0)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    except Exception:
+        traceback.print_exc()
+        return 1
+
+
+def _free_device_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def worker_main(setup: Setup, todo: list[str]) -> int:
+    """Run `todo` (of `es`, `plain`) here, one after the other, rewriting the table after each.
+
+    One process saves a start-up (imports, CUDA context, FusedAdam load): DeepSpeed cannot
+    initialise twice in one process, so only one es-llm run shares it, and the plain loop
+    (no DeepSpeed) follows it. The `plain` piece ends with the plain loop's sync count (a
+    second, short plain run under the trace hooks, which stay on for the rest of the process);
+    the `syncs` piece counts uniform and es in processes of their own."""
+    board = Board(setup)
+    rc = 0
+    for piece in todo:
+        if not _fits(setup, piece):
+            board.set(piece, status="not run (budget)")
+            continue
+        log = setup.out / "logs" / f"{piece}.log"
+        t0 = time.time()
+        board.set(
+            piece, status="running", started_s=round(t0 - setup.started_at, 1), pid=os.getpid()
+        )
+        print(f"gpu_check worker: {piece} (log {log})", flush=True)
+        with _output_to(log):
+            if piece == "es":
+                from es_llm.cli import main as cli_main
+
+                args = setup.train_args("es", setup.steps, setup.out / "es")
+                piece_rc = _call(partial(cli_main, args))
+            else:
+                from es_llm.tools.bench_plain import main as plain_main
+
+                args = setup.plain_args(setup.steps, setup.out / "plain")
+                piece_rc = _call(partial(plain_main, args))
+        if piece == "plain" and piece_rc == 0:
+            _plain_syncs(setup)  # last in this process: the trace hooks stay on
+        _free_device_memory()
+        deadline = setup.deadline
+        cut = piece_rc != 0 and deadline is not None and time.time() >= deadline
+        board.set(piece, status=_status(None if cut else piece_rc), returncode=piece_rc,
+                  seconds=round(time.time() - t0, 1))  # fmt: skip
+        rc = rc or piece_rc
+        if cut:  # stopped by the check's SIGTERM at the end of the budget
+            break
+    return rc
+
+
+def _plain_syncs(setup: Setup) -> None:
+    """The plain loop again, `sync_steps[1]` steps under the sync counter -> syncs/plain.json."""
+    from es_llm.tools.bench_plain import main as plain_main
+    from es_llm.tools.sync_count import SyncCounter
+
+    counter = SyncCounter()
+    counter.activate()
+    args = setup.plain_args(setup.sync_steps[1], setup.out / "syncs" / "plain-run")
+    with _output_to(setup.out / "logs" / "syncs-plain.log"):
+        rc = _call(lambda: plain_main(args, on_step=counter.mark))
+    rec = counter.record(job="plain", args=args, returncode=rc)
+    _write_atomic(setup.out / "syncs" / "plain.json", json.dumps(rec, indent=2))
+
+
+# ------------------------------------------------------------------ the check
 def _device_info() -> dict[str, Any]:
     import torch
 
@@ -346,8 +469,39 @@ def _device_info() -> dict[str, Any]:
     return info
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _run_jobs(board: Board, env: dict[str, str]) -> None:
+    """The pieces in order, each job in its process, each started only if it fits the budget."""
+    setup = board.setup
+    jobs: list[tuple[str, ...]] = [("kernels",), ("uniform",), WORKER_PIECES, ("syncs",),
+                                   ("compare",)]  # fmt: skip
+    for job in jobs:
+        todo = [p for p in job if p not in setup.skip]
+        if not todo:
+            continue
+        if not any(_fits(setup, p) for p in todo):  # the worker decides piece by piece
+            for p in todo:
+                board.set(p, status="not run (budget)")
+            continue
+        if job == WORKER_PIECES:
+            _worker_job(board, env, todo)
+        elif job == ("kernels",):
+            _kernels(board, env)
+        elif job == ("uniform",):
+            _run_piece(board, "uniform",
+                       [sys.executable, "-m", "es_llm.cli",
+                        *setup.train_args("uniform", setup.steps, setup.out / "uniform")], env)  # fmt: skip
+        elif job == ("syncs",):
+            _syncs(board, env)
+        else:
+            _compare(board, env)
+
+
 def run_check(setup: Setup) -> dict[str, Any]:
-    """Run the pieces not in `setup.skip`; write OUT/gpu_check.{json,md}; return the report."""
+    """Run the pieces in order within the budget; the table is on disk after each piece."""
     import torch
 
     from es_llm.cuda_env import fix_torch_cuda_arch_list
@@ -358,54 +512,37 @@ def run_check(setup: Setup) -> dict[str, Any]:
         raise InputError("torch sees no GPU here; on a CPU-only machine use --cpu-smoke")
     fix_torch_cuda_arch_list()  # the children inherit the normalised list
     setup.out.mkdir(parents=True, exist_ok=True)
+    (setup.out / "syncs").mkdir(exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     if setup.cpu_smoke:
         env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
-    pieces: dict[str, dict[str, Any]] = {}
-    kernels = None
-    if "kernels" not in setup.skip:
-        kernels = _kernel_tests(setup, env, pieces)
-    runs: dict[str, dict[str, Any] | None] = {}
-    for name in ("uniform", "es", "plain"):
-        if name in setup.skip:
-            continue
-        run_dir = setup.out / name
-        if name == "plain":
-            cmd = [sys.executable, "-m", "es_llm.tools.bench_plain",
-                   *setup.plain_args(setup.steps, run_dir)]  # fmt: skip
-        else:
-            cmd = [sys.executable, "-m", "es_llm.cli",
-                   *setup.train_args(name, setup.steps, run_dir)]  # fmt: skip
-        rc = _run(cmd, setup.out / "logs" / f"{name}.log", setup.out, env)
-        pieces[name] = {"returncode": rc, "log": f"logs/{name}.log"}
-        runs[name] = read_run(run_dir) if rc == 0 else None
-    syncs: dict[str, float | None] = {}
-    if "syncs" not in setup.skip and not setup.cpu_smoke:
-        syncs = _sync_counts(setup, env, pieces)
-    compare = None
-    if "compare" not in setup.skip:
-        cdir = setup.out / "compare"
-        cmd = [sys.executable, "-m", "es_llm.cli", "compare", *setup.data_args(),
-               "--methods", "uniform,es", "--epochs", str(setup.compare_epochs),
-               "--max-val-samples", str(setup.max_val_samples), "--no-progress",
-               "--out", str(cdir)]  # fmt: skip
-        if setup.max_train_samples is None:
-            cmd += ["--max-train-samples", str(setup.compare_train_samples)]
-        rc = _run(cmd, setup.out / "logs" / "compare.log", setup.out, env)
-        pieces["compare"] = {"returncode": rc, "log": "logs/compare.log"}
-        if rc == 0 and (cdir / "compare.json").is_file():
-            compare = json.loads((cdir / "compare.json").read_text())
-    info = {**_device_info(), "config": setup.config, "model": setup.model,
-            "seq_len": setup.seq_len, "steps": setup.steps, "cpu_smoke": setup.cpu_smoke,
-            "sync_steps": list(setup.sync_steps), "pieces": pieces}  # fmt: skip
-    report = build_report(runs, syncs, warmup=setup.warmup_steps, kernels=kernels,
-                          compare=compare, info=info)  # fmt: skip
-    md = render_markdown(report)
-    (setup.out / "gpu_check.json").write_text(json.dumps(report, indent=2))
-    (setup.out / "gpu_check.md").write_text(md)
-    print(md)
+    setup.info = _device_info()
+    # the worker reads the setup (with the check's start time, hence the same deadline)
+    _write_atomic(setup.out / "setup.json", json.dumps(setup.to_json(), indent=2))
+    board = Board(setup)
+    board.start(setup)
+    # SIGTERM (a caller's time limit) stops the piece's process group too and says so in
+    # the table: the children run in sessions of their own, out of reach of a kill aimed here
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        _run_jobs(board, env)
+    except BaseException:
+        for p, rec in board.pieces().items():
+            if rec["status"] == "running":
+                board.set(p, status="cut off (check stopped)")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    report = collect_report(setup, board.pieces())
+    print(render_markdown(report))
     print(f"gpu_check: wrote {setup.out / 'gpu_check.json'} and {setup.out / 'gpu_check.md'}")
     return report
+
+
+def failed(report: dict[str, Any]) -> bool:
+    """A piece failed or was cut off (pieces left out by the budget are not failures)."""
+    return any(str(v.get("status")).startswith(("FAIL", "cut off", "not run (worker"))
+               for v in report["pieces"].values())  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -415,26 +552,41 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: %(default)s)")  # fmt: skip
     p.add_argument("--repo", default=None, help="the es-llm checkout whose tests/ hold the "
                    "kernel tests (default: the current directory)")  # fmt: skip
-    p.add_argument("--cpu-smoke", action="store_true",
-                   help="tiny model on the CPU: tests the check itself, measures nothing")  # fmt: skip
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--full", action="store_true", help="the long profile: 300 steps per "
+                      "run, every kernel test, a longer compare, no budget")  # fmt: skip
+    mode.add_argument("--cpu-smoke", action="store_true",
+                      help="tiny model on the CPU: tests the check itself, measures nothing")  # fmt: skip
     p.add_argument("--skip", default="", help=f"comma-separated pieces to leave out, of {PIECES}")
-    p.add_argument("--steps", type=int, default=None, help="steps per run (default 300; "
-                   "cpu-smoke 4)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=None, help="steps per timed run (default 100; "
+                   "--full 300; --cpu-smoke 4)")  # fmt: skip
+    p.add_argument("--budget-s", type=float, default=None, help="seconds for the whole check, "
+                   f"counted from its start (default {DEFAULT_BUDGET_S:.0f}; --full and "
+                   "--cpu-smoke: none; 0: none)")  # fmt: skip
     p.add_argument("--data", default=None, help="training data, as for es-llm train "
                    "(default: the embedded corpus)")  # fmt: skip
     p.add_argument("--cache-dir", default=None, help="corpus cache, as for es-llm train")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    out = Path(a.out).resolve()
+    if a.worker is not None:  # a child of the check: the setup is on disk
+        d = json.loads((out / "setup.json").read_text())
+        return worker_main(Setup.from_json(d), a.worker.split(","))
     skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     unknown = skip - set(PIECES)
     if unknown:
         p.error(f"--skip: unknown pieces {sorted(unknown)}; choose from {PIECES}")
-    out = Path(a.out).resolve()
     repo = Path(a.repo).resolve() if a.repo else Path.cwd()
-    setup = Setup.cpu_smoke_setup(out, repo, skip) if a.cpu_smoke else Setup(out, repo, skip=skip)
+    profile = "full" if a.full else ("cpu-smoke" if a.cpu_smoke else "default")
+    setup = profile_setup(profile, out, repo, skip)
     if a.steps is not None:
         if a.steps <= setup.warmup_steps:
             p.error(f"--steps must exceed the {setup.warmup_steps} warm-up steps")
         setup.steps = a.steps
+    if a.budget_s is not None:
+        if a.budget_s < 0:
+            p.error("--budget-s must be >= 0 (0: no budget)")
+        setup.budget_s = a.budget_s or None
     setup.data, setup.cache_dir = a.data, a.cache_dir
     from es_llm.errors import InputError
 
@@ -443,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"gpu_check: error: {e}", file=sys.stderr)
         return 2
-    return 1 if any(v.get("returncode") for v in report.get("pieces", {}).values()) else 0
+    return 1 if failed(report) else 0
 
 
 if __name__ == "__main__":

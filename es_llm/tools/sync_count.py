@@ -7,16 +7,21 @@ PyTorch's GPU trace hooks (the ones its CUDA sanitizer uses) report every synchr
 goes through PyTorch: device synchronize, stream synchronize, event synchronize, and the
 copy-then-synchronize behind `.item()`, `.cpu()`, `.tolist()`, blocking host<->device copies
 and data-dependent shapes (`nonzero`, boolean masks). Waits that PyTorch does not perform
-(NCCL, or a C++ extension calling the CUDA runtime itself) are not seen. Setup, evaluation
-and the end of a run synchronise too, so the GPU check runs each job twice with different step
-counts and divides the difference by the difference in steps (`per_step`).
+(NCCL, or a C++ extension calling the CUDA runtime itself) are not seen.
+
+Setup, evaluation and the end of a run synchronise too, so the count is read at the end of
+every optimizer step (`marks`: step -> synchronisations so far) and the GPU check divides the
+difference between two steps' marks by the steps between them (`per_step_from_marks`): one run
+per job. `es-llm train` is marked when it writes a step record (`MetricsWriter.write`), the
+plain loop through its `on_step` callback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,51 +30,90 @@ import torch
 KINDS = ("device", "stream", "event")
 
 
-def count_syncs(fn: Callable[[], Any]) -> tuple[Any, dict[str, int] | None]:
-    """Run `fn()`; return its result and the synchronisations by kind (None without CUDA).
+class SyncCounter:
+    """Synchronisations by kind, and the running total at the end of each marked step."""
 
-    Activates PyTorch's GPU trace for the rest of the process (it cannot be switched off),
-    so call it in a process of its own.
-    """
-    if not torch.cuda.is_available():
-        return fn(), None
-    from torch.cuda import _gpu_trace
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(KINDS, 0)
+        self.marks: list[tuple[int, int]] = []
+        self.active = False
 
-    counts = dict.fromkeys(KINDS, 0)
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
 
-    def bump(kind: str) -> Callable[..., None]:
+    def bump(self, kind: str) -> Callable[..., None]:
         def cb(*_: Any) -> None:
-            counts[kind] += 1
+            self.counts[kind] += 1
 
         return cb
 
-    torch._C._activate_gpu_trace()
-    _gpu_trace.register_callback_for_device_synchronization(bump("device"))
-    _gpu_trace.register_callback_for_stream_synchronization(bump("stream"))
-    _gpu_trace.register_callback_for_event_synchronization(bump("event"))
-    result = fn()
-    return result, counts
+    def mark(self, step: int) -> None:
+        self.marks.append((int(step), self.total))
+
+    def activate(self) -> bool:
+        """Switch PyTorch's GPU trace on and count; False (counting nothing) without CUDA.
+
+        The trace stays on for the rest of the process (it cannot be switched off) and costs
+        time at every allocation, so count in a process, or at the end of one, whose timings
+        no longer matter.
+        """
+        if not torch.cuda.is_available():
+            return False
+        from torch.cuda import _gpu_trace
+
+        torch._C._activate_gpu_trace()
+        _gpu_trace.register_callback_for_device_synchronization(self.bump("device"))
+        _gpu_trace.register_callback_for_stream_synchronization(self.bump("stream"))
+        _gpu_trace.register_callback_for_event_synchronization(self.bump("event"))
+        self.active = True
+        return True
+
+    def record(self, **extra: Any) -> dict[str, Any]:
+        """The JSON record of the count; `syncs`/`by_kind` are None when nothing was counted."""
+        return {
+            **extra,
+            "syncs": self.total if self.active else None,
+            "by_kind": dict(self.counts) if self.active else None,
+            "marks": [list(m) for m in self.marks] if self.active else [],
+        }
 
 
-def per_step(short: dict[str, Any], long: dict[str, Any]) -> float | None:
-    """Synchronisations per optimizer step from two runs that differ only in their length."""
-    if short.get("syncs") is None or long.get("syncs") is None:
+def count_syncs(fn: Callable[[], Any]) -> tuple[Any, dict[str, int] | None]:
+    """Run `fn()`; return its result and the synchronisations by kind (None without CUDA)."""
+    counter = SyncCounter()
+    if not counter.activate():
+        return fn(), None
+    return fn(), dict(counter.counts)
+
+
+@contextlib.contextmanager
+def marking_train_steps(counter: SyncCounter) -> Iterator[None]:
+    """Mark `counter` each time `es-llm train` writes a step record (in this process)."""
+    from es_llm.drivers.deepspeed.metrics import MetricsWriter
+
+    original = MetricsWriter.write
+
+    def write(self: MetricsWriter, record: dict[str, Any]) -> None:
+        original(self, record)
+        if record.get("type", "step") == "step" and "step" in record:
+            counter.mark(record["step"])
+
+    MetricsWriter.write = write  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        MetricsWriter.write = original  # type: ignore[method-assign]
+
+
+def per_step_from_marks(marks: Iterable[Sequence[int]], first: int, last: int) -> float | None:
+    """Synchronisations per optimizer step between the ends of steps `first` and `last`.
+
+    None when either step was not marked (no CUDA, or the run stopped early)."""
+    at = {int(step): int(count) for step, count in marks}
+    if first not in at or last not in at or last <= first:
         return None
-    d_steps = long["steps"] - short["steps"]
-    if d_steps <= 0:
-        return None
-    return (long["syncs"] - short["syncs"]) / d_steps
-
-
-def _steps_from_summary(out_dir: str | None) -> int | None:
-    if out_dir is None:
-        return None
-    path = Path(out_dir) / "summary.json"
-    return json.loads(path.read_text())["steps"] if path.is_file() else None
-
-
-def _flag(args: list[str], name: str) -> str | None:
-    return args[args.index(name) + 1] if name in args[:-1] else None
+    return (at[last] - at[first]) / (last - first)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,24 +122,19 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     out, what, rest = Path(args[0]), args[1], args[2:]
+    counter = SyncCounter()
+    counter.activate()
     if what == "train":
         from es_llm.cli import main as cli_main
 
-        rc, counts = count_syncs(lambda: cli_main(["train", *rest]))
+        with marking_train_steps(counter):
+            rc = cli_main(["train", *rest])
     else:
         from es_llm.tools.bench_plain import main as plain_main
 
-        rc, counts = count_syncs(lambda: plain_main(rest))
-    record = {
-        "job": what,
-        "args": rest,
-        "returncode": rc,
-        "steps": _steps_from_summary(_flag(rest, "--out")),
-        "syncs": None if counts is None else sum(counts.values()),
-        "by_kind": counts,
-    }
+        rc = plain_main(rest, on_step=counter.mark)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
+    out.write_text(json.dumps(counter.record(job=what, args=rest, returncode=rc), indent=2))
     return int(rc or 0)
 
 
