@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The GPU check, for one GPU: `bash launch/gpu_check.sh [OUT_DIR] [es_llm.tools.gpu_check flags...]`.
-# Runs the kernel parity tests on the GPU, a few hundred steps of `es-llm train` (uniform and
-# es) with the shipped zero1_bf16 config and gpt2-124m, a plain PyTorch loop of the same model
-# and batch, host-sync counts, and a short `es-llm compare`; prints one table and writes
-# OUT_DIR/gpu_check.{json,md} (default OUT_DIR: runs/gpu_check). Needs no network: the data is
-# the embedded corpus. See docs/gpu.md for what each column means.
+# Default profile (fits one short call: the check stops itself after 400 s, builds included):
+# the Triton kernel parity tests on the GPU, 100 steps each of `es-llm train` (uniform, es) with
+# the shipped zero1_bf16 config and gpt2-124m, a plain PyTorch loop of the same model and batch,
+# host-sync counts, and a short `es-llm compare`, in that order; a piece starts only if its
+# estimated time still fits. `--full` runs the long profile (300 steps, every kernel test, a
+# longer compare, no time limit); `--budget-s S` sets the limit. OUT_DIR/gpu_check.{json,md}
+# (default OUT_DIR: runs/gpu_check) is rewritten as each piece starts and ends, so a killed
+# check still leaves its numbers. Needs no network: the data is the embedded corpus. See
+# docs/gpu.md for the pieces, their time budgets and what each column means.
 # es-llm must be importable by $PYTHON (default python3): `pip install -e .` in this checkout,
 # or an offline install (see docs/gpu.md). Everything runs with the output directory as the
 # working directory, so this checkout's es_llm/ folder never shadows an installed package.
