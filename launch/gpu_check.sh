@@ -28,7 +28,9 @@ if [[ "$OUT" == "$REPO" ]]; then
 fi
 PYTHON=${PYTHON:-python3}
 cd "$OUT"
-if ! "$PYTHON" -c "import es_llm.tools.gpu_check, es_llm.kernels" 2>/dev/null; then
+# find the modules without importing them: importing torch and triton here would cost a
+# start-up of the check's time budget
+if ! "$PYTHON" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('es_llm.tools.gpu_check') and u.find_spec('es_llm.kernels')))" 2>/dev/null; then
   echo "gpu_check: es-llm is not importable by $PYTHON: run 'pip install -e $REPO' or the offline setup (docs/gpu.md)" >&2
   exit 2
 fi

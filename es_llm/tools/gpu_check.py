@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.metadata
 import json
 import os
 import signal
@@ -437,15 +438,22 @@ def worker_main(setup: Setup, todo: list[str]) -> int:
 
 
 def _plain_syncs(setup: Setup) -> None:
-    """The plain loop again, `sync_steps[1]` steps under the sync counter -> syncs/plain.json."""
+    """The plain loop again, `sync_steps[1]` steps under the sync counter -> syncs/plain.json.
+
+    A failure here (the trace hooks, say) goes to its log and leaves the count out; it never
+    costs the plain loop's own result."""
     from es_llm.tools.bench_plain import main as plain_main
     from es_llm.tools.sync_count import SyncCounter
 
     counter = SyncCounter()
-    counter.activate()
     args = setup.plain_args(setup.sync_steps[1], setup.out / "syncs" / "plain-run")
+
+    def count() -> int:
+        counter.activate()
+        return plain_main(args, on_step=counter.mark)
+
     with _output_to(setup.out / "logs" / "syncs-plain.log"):
-        rc = _call(lambda: plain_main(args, on_step=counter.mark))
+        rc = _call(count)
     rec = counter.record(job="plain", args=args, returncode=rc)
     _write_atomic(setup.out / "syncs" / "plain.json", json.dumps(rec, indent=2))
 
@@ -459,12 +467,10 @@ def _device_info() -> dict[str, Any]:
         info["device"] = torch.cuda.get_device_name(0)
     else:
         info["device"] = "cpu (no GPU: numbers say nothing about a GPU)"
-    try:
-        import deepspeed
-
-        info["deepspeed"] = deepspeed.__version__
-    except Exception as e:  # reported, not fatal: the train pieces will fail and say why
-        info["deepspeed"] = f"not importable: {type(e).__name__}"
+    try:  # the installed version, without importing it (seconds of the budget)
+        info["deepspeed"] = importlib.metadata.version("deepspeed")
+    except importlib.metadata.PackageNotFoundError:  # the train pieces will fail and say why
+        info["deepspeed"] = "not installed"
     info["TORCH_CUDA_ARCH_LIST"] = os.environ.get("TORCH_CUDA_ARCH_LIST")
     return info
 
