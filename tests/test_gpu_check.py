@@ -154,13 +154,15 @@ def test_profiles_order_sizes_and_budget(tmp_path: Path) -> None:
     assert gpu_check.PIECES == ("kernels", "uniform", "es", "plain", "syncs", "compare")
     d = gpu_check.profile_setup("default", tmp_path, REPO, set())
     assert d.config == "zero1_bf16" and d.model == "gpt2-124m" and d.steps == 100
-    assert d.kernel_tests == gpu_check.PARITY_TESTS  # the parity tests, not the bench
+    assert d.kernel_tests == gpu_check.PARITY_TESTS  # the parity tests, not the bench ...
+    assert d.kernel_pytest_args == ("-m", "not multiproc")  # ... nor a CPU DeepSpeed process
     assert all((REPO / "tests" / t).is_file() for t in d.kernel_tests)
     # every piece has an estimate, and together they fit the budget, which fits 7 minutes
     assert set(d.estimates) == set(gpu_check.PIECES)
     assert sum(d.estimates.values()) <= d.budget_s <= 7 * 60 - 2 * gpu_check.STOP_GRACE_S
     f = gpu_check.profile_setup("full", tmp_path, REPO, set())
     assert (f.steps, f.compare_train_samples, f.kernel_tests, f.budget_s) == (300, 4096, (), None)
+    assert f.kernel_pytest_args == ()  # every kernel test
     assert f.sync_steps == d.sync_steps == (10, 30)
     smoke = gpu_check.profile_setup("cpu-smoke", tmp_path, REPO, {"compare"})
     assert smoke.cpu_smoke and smoke.model == "gpt2-tiny" and smoke.skip == {"compare"}

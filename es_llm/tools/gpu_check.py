@@ -82,6 +82,9 @@ class Setup:
     compare_train_samples: int = 2048
     compare_epochs: int = 1
     kernel_tests: tuple[str, ...] = PARITY_TESTS  # () = every tests/test_kernels_*.py
+    # the parity tests in the pytest process, on the GPU; not the ZeRO-3 scoring test, which
+    # starts a CPU DeepSpeed process (and may build DeepSpeed's CPU op first)
+    kernel_pytest_args: tuple[str, ...] = ("-m", "not multiproc")
     budget_s: float | None = DEFAULT_BUDGET_S
     estimates: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_ESTIMATES))
     data: str | None = None
@@ -129,7 +132,8 @@ class Setup:
     def from_json(cls, d: dict[str, Any]) -> Setup:
         d = dict(d)
         d.update(out=Path(d["out"]), repo=Path(d["repo"]), skip=set(d["skip"]),
-                 sync_steps=tuple(d["sync_steps"]), kernel_tests=tuple(d["kernel_tests"]))  # fmt: skip
+                 sync_steps=tuple(d["sync_steps"]), kernel_tests=tuple(d["kernel_tests"]),
+                 kernel_pytest_args=tuple(d["kernel_pytest_args"]))  # fmt: skip
         return cls(**d)
 
 
@@ -139,13 +143,15 @@ def profile_setup(profile: str, out: Path, repo: Path, skip: set[str]) -> Setup:
         return Setup(out=out, repo=repo, skip=skip)
     if profile == "full":
         return Setup(out=out, repo=repo, profile="full", steps=300, compare_train_samples=4096,
-                     kernel_tests=(), budget_s=None, estimates=dict(FULL_ESTIMATES), skip=skip)  # fmt: skip
+                     kernel_tests=(), kernel_pytest_args=(), budget_s=None,
+                     estimates=dict(FULL_ESTIMATES), skip=skip)  # fmt: skip
     if profile == "cpu-smoke":
         return Setup(
             out=out, repo=repo, profile="cpu-smoke", config="cpu_tiny", model="gpt2-tiny",
             seq_len=32, vocab_size=512, steps=4, warmup_steps=1, max_val_samples=32,
             max_train_samples=256, sync_steps=(2, 3), compare_train_samples=256,
-            kernel_tests=(), budget_s=None, estimates=dict(SMOKE_ESTIMATES), skip=skip,
+            kernel_tests=(), kernel_pytest_args=(), budget_s=None,
+            estimates=dict(SMOKE_ESTIMATES), skip=skip,
             cpu_smoke=True,
         )  # fmt: skip
     raise ValueError(f"unknown profile {profile!r}")
@@ -300,7 +306,8 @@ def _kernels(board: Board, env: dict[str, str]) -> None:
                   summary=f"no kernel tests under {tests_dir}")  # fmt: skip
         return
     _run_piece(board, "kernels",
-               [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], env)  # fmt: skip
+               [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                *setup.kernel_pytest_args, *tests], env)  # fmt: skip
     log = setup.out / "logs" / "kernels.log"
     tail = [ln for ln in log.read_text().splitlines() if ln.strip()][-1:] or ["no output"]
     board.set("kernels", summary=tail[0].strip("= "))
