@@ -48,6 +48,7 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from es_llm.data.documents import VAL_MODULUS, Document, Source, is_val_group
+from es_llm.data.instruct import is_instruct_data, load_instruct_corpus
 from es_llm.data.sources import resolve_source
 from es_llm.data.tokenizer import (
     EOD_TOKEN,
@@ -430,6 +431,8 @@ def load_corpus(
     ``max_*_samples`` keep the first rows, so ids stay the row index.
     ``val_data``: validate on this separate source's held-out documents instead (any form
     ``data`` takes; see the module docstring); None splits ``data`` itself.
+    Instruction data (``instruct:...``, or files of prompt/completion or messages records)
+    is not packed: see ``es_llm.data.instruct``.
     """
     if not isinstance(seq_len, int) or seq_len < 2:
         raise InputError(f"seq_len must be an integer >= 2, got {seq_len!r}")
@@ -437,6 +440,19 @@ def load_corpus(
         raise InputError(f"max_documents must be >= 1 or None, got {max_documents}")
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     label = repr(data) if data is not None else "'stdlib'"
+    if is_instruct_data(data):  # one padded sample per record, with labels (data/instruct.py)
+        return load_instruct_corpus(
+            data,
+            seq_len=seq_len,
+            cache_dir=cache,
+            vocab_size=vocab_size,
+            max_train_samples=max_train_samples,
+            max_val_samples=max_val_samples,
+            tokenizer=tokenizer,
+            max_documents=max_documents,
+            progress=progress,
+            val_data=val_data,
+        )
 
     src = resolve_source(data, max_documents)
     val_src = None if val_data is None else resolve_source(val_data, max_documents)
