@@ -32,6 +32,35 @@ class _StopAfter(TrainerCallback):
             control.should_save = True
 
 
+def _sft_config(**kw):
+    from trl import SFTConfig
+
+    # SFTConfig's own defaults that TrainingArguments does not have: off, as natively
+    return SFTConfig(**kw, bf16=False, gradient_checkpointing=False, max_length=None)
+
+
+def _unpadded(ds):
+    """The rows as a collator would get them: no padding, labels, attention_mask of ones."""
+    import datasets
+    import numpy as np
+
+    rows = {"input_ids": [], "labels": [], "attention_mask": []}
+    for r in ds.with_format("numpy"):
+        n = int(np.flatnonzero(r["labels"] != -100)[-1]) + 1
+        rows["input_ids"].append(r["input_ids"][:n].tolist())
+        rows["labels"].append(r["labels"][:n].tolist())
+        rows["attention_mask"].append([1] * n)
+    return datasets.Dataset.from_dict(rows)
+
+
+def _hf_tokenizer(path: str):
+    from transformers import PreTrainedTokenizerFast
+
+    from es_llm.data.tokenizer import EOD_TOKEN
+
+    return PreTrainedTokenizerFast(tokenizer_file=path, eos_token=EOD_TOKEN, pad_token=EOD_TOKEN)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--config", required=True)
@@ -47,12 +76,19 @@ def main() -> None:
     p.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps")
     p.add_argument("--stop-after", type=int, default=0, help="stop after step N (observed)")
     p.add_argument("--resume", default=None, help="a checkpoint folder, or 'last'")
+    p.add_argument("--data", default=None, help="as es-llm train --data (default: stdlib)")
+    p.add_argument(
+        "--trl",
+        action="store_true",
+        help="train with es_llm.drivers.trl.ESSFTTrainer on the rows without their padding "
+        "(input_ids/labels/attention_mask of varying length, as TRL users have them)",
+    )
     a = p.parse_args()
 
     original = Path(a.config).read_text()
     torch.manual_seed(a.seed)  # as the native loop: model init from the run seed
     corpus = load_corpus(
-        None,
+        a.data,
         seq_len=a.seq_len,
         cache_dir=os.environ.get("ES_LLM_CACHE"),
         vocab_size=a.vocab_size,
@@ -63,7 +99,7 @@ def main() -> None:
     model = build_model(
         load_model_preset("gpt2-tiny"), vocab_size=corpus.vocab_size, seq_len=corpus.seq_len
     )
-    args = TrainingArguments(
+    args = (_sft_config if a.trl else TrainingArguments)(
         output_dir=a.out,
         deepspeed=a.config,
         per_device_train_batch_size=a.micro,
@@ -85,13 +121,26 @@ def main() -> None:
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
     )
-    trainer = ESTrainer(model=model, args=args, train_dataset=corpus.train)
+    if a.trl:
+        from es_llm.drivers.trl import ESSFTTrainer
+
+        trainer = ESSFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=_unpadded(corpus.train),
+            processing_class=_hf_tokenizer(corpus.tokenizer_path),
+            es_max_length=corpus.seq_len,  # the native rows' length
+        )
+    else:
+        trainer = ESTrainer(model=model, args=args, train_dataset=corpus.train)
     if trainer.es is None:
         raise SystemExit("the config has no evolved_sampling section")
     if a.stop_after:
         trainer.add_callback(_StopAfter(a.stop_after))
     resume = True if a.resume == "last" else a.resume
     result = trainer.train(resume_from_checkpoint=resume)
+    if a.trl:  # the varying-length rows were padded back to the native rows' length
+        assert trainer.es_padding["padded"] and trainer.es_padding["length"] == a.seq_len
     assert Path(a.config).read_text() == original, "the user's DeepSpeed config file was modified"
     if args.process_index == 0:
         summary = {

@@ -9,6 +9,7 @@ per_device_train_batch_size=2, gradient_accumulation_steps=2, so the comparison 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -140,25 +141,51 @@ def test_trainer_selects_what_the_native_loop_selects(
         assert [_key(r) for r in z3] == [_key(r) for r in native]
 
 
+def write_instruct_jsonl(path: Path) -> Path:
+    """Prompt-completion records; every 4th completion is cut at --seq-len 32."""
+    recs = []
+    for i in range(300):
+        a, b = i % 17 + 3, (i * 7) % 23 + 1
+        if i % 4 == 0:
+            recs.append({"prompt": f"count from {a}:", "completion": " " + " ".join(
+                str(a + k) for k in range(40))})  # fmt: skip
+        else:
+            recs.append({"prompt": f"{a}+{b}=", "completion": f" {a + b}"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
 @pytest.mark.multiproc
 def test_trainer_eswp_across_epochs_matches_native(tmp_path, es_cache, native_beside):
-    """ESWP over 2 epochs: the pruned second epoch, its rescale weights and the epoch boundary
-    inside the stream follow the native loop step for step."""
+    """ESWP over 2 epochs on instruction data, the Trainer side through TRL's SFTTrainer
+    (`ESSFTTrainer`) fed the rows as TRL users have them (no padding, varying length, labels,
+    attention_mask): padded back to fixed rows, the pruned second epoch, its rescale weights
+    and the epoch boundary inside the stream follow the native loop step for step."""
     cfg = json.loads(HF_CONFIG.read_text())
     cfg["evolved_sampling"]["method"] = "eswp"
     path = tmp_path / "eswp.json"
     path.write_text(json.dumps(cfg))
+    data = ["--data", str(write_instruct_jsonl(tmp_path / "instruct.jsonl"))]
     native_steps = native_beside(
-        tmp_path / "native", path, "--epochs", "2", "--max-train-samples", "64"
+        tmp_path / "native", path, "--epochs", "2", "--max-train-samples", "64", *data
     )  # beside the Trainer run
-    hf = _run_hf(tmp_path / "hf", es_cache, 1, path, "--epochs", "2", "--max-train-samples", "64")
+    hf_out = tmp_path / "hf"
+    hf = _run_hf(hf_out, es_cache, 1, path, "--epochs", "2", "--max-train-samples", "64", *data,
+                 "--trl")  # fmt: skip
     native = native_steps()
     # Both drive the same data path, which stops at the planned step count (14 here) or when
     # the pruned epochs run out. Every step the Trainer ran is the native one.
-    assert len(hf) == 14 and len(native) >= len(hf)
+    assert len(hf) >= 12 and len(native) >= len(hf)
     assert {r["epoch"] for r in hf} == {0, 1}
     assert [_key(r) for r in hf] == [_key(r) for r in native[: len(hf)]]
     assert [r["meta_loss"] for r in hf] == [r["meta_loss"] for r in native[: len(hf)]]
+    # the SFT run selected (half of each scored meta-batch) and trained
+    assert any(r["phase"] == "select" and r["selected"] < r["scored"] for r in hf)
+    summary = json.loads((hf_out / "summary.json").read_text())
+    assert summary["global_step"] == len(hf) and math.isfinite(summary["train_loss"])
+    native_summary = json.loads((tmp_path / "native" / "summary.json").read_text())
+    report = native_summary["data_composition"]["instruct"]
+    assert report["records"] == 300 and report["truncated_completions"] == 75
 
 
 @pytest.mark.multiproc

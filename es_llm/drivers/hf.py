@@ -7,6 +7,12 @@ pointing at a DeepSpeed config that carries an `evolved_sampling` section::
                         train_dataset=packed)   # columns: input_ids (equal length T)
     trainer.train()
 
+Fine-tuning sets of varying length (`input_ids` with `labels` and/or `attention_mask`, as a
+collator would pad them) are padded once to fixed-length rows (`es_llm.data.padded`): the
+scoring pass needs one shape. The length is `es_max_length` when given (longer rows keep
+their start), else the longest row, capped at `args.max_length` (TRL's `SFTConfig`). `ESTrainerMixin` is the same behaviour for another
+`Trainer` subclass, e.g. TRL's `SFTTrainer` (`es_llm.drivers.trl.ESSFTTrainer`).
+
 Without the section (or with `enabled: false`) it is a plain `Trainer`.
 
 The ES data path is `es_llm.sampling.datapath.ESDataPath`, the same component the native loop
@@ -57,7 +63,7 @@ from es_llm.sampling.config import SECTION, EvolvedSamplingConfig, es_config_fro
 from es_llm.sampling.datapath import ESDataPath, StepAssignment, StepDraw
 from es_llm.sampling.geometry import resolve_geometry
 
-__all__ = ["ESTrainer"]
+__all__ = ["ESTrainer", "ESTrainerMixin"]
 
 
 class _ESStream(IterableDataset):
@@ -111,20 +117,18 @@ def _strip_es_section(args: Any) -> dict[str, Any] | None:
 class _FinishStep(TrainerCallback):
     """Closes the ES step after the Trainer's optimizer step (before any checkpoint save)."""
 
-    def __init__(self, trainer: ESTrainer) -> None:
+    def __init__(self, trainer: ESTrainerMixin) -> None:
         self.trainer = trainer
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer._finish_es_step()
 
 
-class ESTrainer(Trainer):
-    """`transformers.Trainer` that trains with ES/ESWP when the DeepSpeed config says so.
+class ESTrainerMixin:
+    """ES/ESWP for a `transformers.Trainer` (sub)class, when the DeepSpeed config says so.
 
-    `es_config` overrides the config's section (e.g. for sweeps). `train_dataset` is a
-    `datasets.Dataset` with an `input_ids` column of equal-length packed sequences; the
-    global sample id is the row index. `scorer` (optional) replaces the scoring forward:
-    `scorer(tokens, ids) -> (loss, valid)` (see `es_llm.drivers.scoring.Scorer`).
+    Put it first among the bases: ``class MyES(ESTrainerMixin, MyTrainer)``. The keyword
+    arguments are `ESTrainer`'s.
     """
 
     def __init__(
@@ -132,6 +136,7 @@ class ESTrainer(Trainer):
         *args: Any,
         es_config: EvolvedSamplingConfig | None = None,
         scorer: Scorer | None = None,
+        es_max_length: int | None = None,
         **kwargs: Any,
     ):
         from es_llm.cuda_env import fix_torch_cuda_arch_list
@@ -148,6 +153,8 @@ class ESTrainer(Trainer):
             )
         self._es_ds_config = ds_config
         self._scorer = scorer
+        self._es_max_length = es_max_length
+        self.es_padding: dict[str, Any] = {}  # what es_llm.data.padded.fixed_length did
         self.es_data: ESDataPath | None = None
         self._stream: _ESStream | None = None
         self._assignment: StepAssignment | None = None
@@ -178,6 +185,7 @@ class ESTrainer(Trainer):
             raise InputError(
                 "ESTrainer needs a datasets.Dataset train_dataset with an 'input_ids' column"
             )
+        ds = self._es_rows(ds)
         geo = resolve_geometry(ds_config, dist.world_size(), es.effective_selection_ratio)
         if geo.micro != self.args.per_device_train_batch_size or (
             geo.grad_accum != self.args.gradient_accumulation_steps
@@ -206,6 +214,22 @@ class ESTrainer(Trainer):
         # Trainer epochs only count steps: make their total the planned count
         per_trainer_epoch = math.ceil(self.es_data.total_steps / epochs)
         return _ESStream(self.es_data, length=per_trainer_epoch * geo.grad_accum)
+
+    def _es_rows(self, ds: Any) -> Any:
+        """The train set as fixed-length rows with labels (a fixed-length set as it is)."""
+        from es_llm.data.padded import fixed_length
+
+        tok = getattr(self, "processing_class", None)
+        pad = getattr(tok, "pad_token_id", None)
+        pad = getattr(tok, "eos_token_id", None) if pad is None else pad
+        ds, self.es_padding = fixed_length(
+            ds,
+            length=self._es_max_length,
+            max_length=getattr(self.args, "max_length", None),
+            pad_id=0 if pad is None else int(pad),
+            ignore_index=self.es.ignore_index if self.es is not None else -100,
+        )
+        return ds
 
     # ------------------------------------------------------------------ one step
     def get_batch_samples(
@@ -338,3 +362,14 @@ class ESTrainer(Trainer):
                 self._load_es_state(folder)
                 self._resume_dir = None
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+
+class ESTrainer(ESTrainerMixin, Trainer):
+    """`transformers.Trainer` that trains with ES/ESWP when the DeepSpeed config says so.
+
+    `es_config` overrides the config's section (e.g. for sweeps). `train_dataset` is a
+    `datasets.Dataset` with an `input_ids` column: equal-length packed sequences, or rows of
+    varying length with `labels`/`attention_mask` (padded once, see the module doc); the
+    global sample id is the row index. `scorer` (optional) replaces the scoring forward:
+    `scorer(tokens, ids) -> (loss, valid)` (see `es_llm.drivers.scoring.Scorer`).
+    """
