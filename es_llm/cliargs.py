@@ -98,7 +98,9 @@ def add_run_arguments(p: argparse.ArgumentParser, *, with_method: bool = True) -
         help="training data: 'stdlib' (default: the Python standard library sources of this "
         "interpreter, no download), a local .txt/.jsonl/.json/.parquet file or directory, or a "
         "Hugging Face hub dataset 'name' or 'name:config', or a data recipe such as "
-        "'recipe:code=1,junk=0.3' (embedded mixtures; see docs/regimes.md)",
+        "'recipe:code=1,junk=0.3' (embedded mixtures; see docs/regimes.md). Instruction data "
+        "(one record per sample, loss on the completion only; see docs/finetuning.md): files "
+        "of prompt/completion or messages records, or 'instruct:stdlib-functions' (embedded)",
     )
     p.add_argument(
         "--val-data",
