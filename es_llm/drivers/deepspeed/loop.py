@@ -141,8 +141,8 @@ class ESRun:
         )
         vlo, vhi = shard_range(len(corpus.val), self.rank, self.world)
         self.val_shard = corpus.val.select(range(vlo, vhi)).with_format(
-            "numpy", columns=["input_ids"]
-        )
+            "numpy", columns=[c for c in ("input_ids", "labels") if c in corpus.val.column_names]
+        )  # labels: instruction data, the loss is over completion tokens
 
         model = load_model(
             resolve_model(opts.model),
@@ -269,9 +269,16 @@ class ESRun:
         )
         with torch.no_grad():
             for i in bar:
-                rows = self.val_shard[i : min(n, i + self.scoring_mbs)]["input_ids"]
-                tokens = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device)
-                s, c = scoring_losses(module, tokens, ignore_index=self.es.ignore_index)
+                batch = self.val_shard[i : min(n, i + self.scoring_mbs)]
+                tokens = torch.from_numpy(np.asarray(batch["input_ids"], dtype=np.int64))
+                tokens = tokens.to(self.device)
+                labels = None
+                if "labels" in batch:
+                    labels = torch.from_numpy(np.asarray(batch["labels"], dtype=np.int64))
+                    labels = labels.to(self.device)
+                s, c = scoring_losses(
+                    module, tokens, ignore_index=self.es.ignore_index, labels=labels
+                )
                 acc += torch.stack([s.double().sum(), c.double().sum()])
         module.train(was_training)
         total, count = dist.all_reduce_sum(acc.tolist())
