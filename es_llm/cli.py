@@ -141,9 +141,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from es_llm.base_models import resolve_model_arg
     from es_llm.ds_ops import announce_deepspeed_op_build
     from es_llm.preflight import check_train_inputs, prepare_out_dir
 
+    resolve_model_arg(args)  # --model base:...: the cached pre-trained base (built once)
     check_train_inputs(args)  # every input problem, before any engine or process group
     prepare_out_dir(args)
     from es_llm.drivers.deepspeed.loop import train

@@ -90,7 +90,9 @@ def add_run_arguments(p: argparse.ArgumentParser, *, with_method: bool = True) -
         help="model preset (a JSON path, or a name in configs/models/), started from random "
         "weights, or a local Hugging Face model directory (any causal LM "
         "AutoModelForCausalLM loads), started from its weights with its own tokenizer; see "
-        "docs/models.md (default: %(default)s)",
+        "docs/models.md; or 'base:PRESET[,steps=N]': that preset pre-trained once on the "
+        "stdlib (plain training, this run's config, seq-len, vocab-size and seed) and cached, "
+        "to fine-tune; see docs/finetuning.md (default: %(default)s)",
     )
     p.add_argument(
         "--data",

@@ -200,3 +200,17 @@ class StartedCli:
                 child.kill()
         self.proc.kill()
         self.proc.wait()
+
+
+def write_instruct_jsonl(path: Path) -> Path:
+    """Prompt-completion records; every 4th completion is cut at --seq-len 32."""
+    recs = []
+    for i in range(300):
+        a, b = i % 17 + 3, (i * 7) % 23 + 1
+        if i % 4 == 0:
+            recs.append({"prompt": f"count from {a}:", "completion": " " + " ".join(
+                str(a + k) for k in range(40))})  # fmt: skip
+        else:
+            recs.append({"prompt": f"{a}+{b}=", "completion": f" {a + b}"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path

@@ -7,10 +7,11 @@ import argparse
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_RUN_ARGS, StartedCli, run_cli, write_ds_config
+from conftest import TINY_RUN_ARGS, StartedCli, run_cli, write_ds_config, write_instruct_jsonl
 
 from es_llm.errors import InputError
 from es_llm.sampling.config import METHODS
@@ -626,9 +627,11 @@ def compare_runs(tmp_path_factory, es_cache):
                            "--epochs", "1", "--max-steps", "10", "--es", "beta1=0.3", "--out",
                            str(e2e_out), *TINY_RUN_ARGS],
                           es_cache, root / "e2e_logs", timeout=1800),
+        # the post-training regime: instruction data on a base pre-trained (2 steps) and cached
         "grid": StartedCli(["compare", "--config", str(grid_cfg), "--methods", "uniform,prune",
                             "--epochs-grid", "1,2", "--max-steps", "4", "--no-matched", "--out",
-                            str(grid_out), *TINY_RUN_ARGS],
+                            str(grid_out), *TINY_RUN_ARGS, "--model", "base:gpt2-tiny,steps=2",
+                            "--data", str(write_instruct_jsonl(root / "instruct.jsonl"))],
                            es_cache, root / "grid_logs", timeout=1800),
     }  # fmt: skip
     try:
@@ -724,6 +727,14 @@ def test_epochs_grid_writes_one_comparison_per_budget_and_grid_json(compare_runs
         prune = grid["epochs"][e]["methods"]["prune"]
         assert prune["final_val_loss"] == res["methods"]["prune"]["final_val_loss"]
     assert (out / "grid.md").read_text().count("| prune |") == 2
+    # every run fine-tuned the one cached base, with its tokenizer, on completion tokens
+    res = json.loads((out / "epochs_1" / "compare.json").read_text())
+    base = Path(res["model"])
+    assert base.parent.name == "base-models" and (base / "pretrain_summary.json").is_file()
+    assert json.loads((base / "pretrain_summary.json").read_text())["steps"] == 2
+    assert res["data_composition"]["instruct"]["records"] == 300
+    summary = json.loads((out / "epochs_1" / "prune" / "summary.json").read_text())
+    assert summary["model"] == str(base)
 
 
 def test_a_bad_match_is_one_line_of_error(tmp_path, es_cache, tiny_ds_config):

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, StartedCli, free_port, run_cli
+from conftest import REPO, StartedCli, free_port, run_cli, write_instruct_jsonl
 
 from es_llm.drivers.deepspeed.metrics import read_jsonl
 
@@ -139,20 +139,6 @@ def test_trainer_selects_what_the_native_loop_selects(
         path.write_text(json.dumps(cfg))
         z3 = _run_hf(tmp_path / "hf_zero3", es_cache, ranks, path, "--max-steps", "6")
         assert [_key(r) for r in z3] == [_key(r) for r in native]
-
-
-def write_instruct_jsonl(path: Path) -> Path:
-    """Prompt-completion records; every 4th completion is cut at --seq-len 32."""
-    recs = []
-    for i in range(300):
-        a, b = i % 17 + 3, (i * 7) % 23 + 1
-        if i % 4 == 0:
-            recs.append({"prompt": f"count from {a}:", "completion": " " + " ".join(
-                str(a + k) for k in range(40))})  # fmt: skip
-        else:
-            recs.append({"prompt": f"{a}+{b}=", "completion": f" {a + b}"})
-    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    return path
 
 
 @pytest.mark.multiproc

@@ -1,0 +1,179 @@
+"""Pre-trained bases for the post-training regime, cached like the corpus: ``--model base:...``.
+
+``base:PRESET[,steps=N]`` names a model pre-trained from the preset on the embedded stdlib
+corpus (no download) with plain uniform DeepSpeed training: the run's ``--config`` (its ES
+section ignored), ``--seq-len``, ``--vocab-size`` (a BPE trained on the stdlib, saved with the
+model) and ``--seed``, for N optimizer steps (default ``DEFAULT_STEPS``). The first run that
+names it pre-trains it once, as a child ``es-llm train`` (one process), and keeps the
+exported Hugging Face directory (``OUT/model``) in ``CACHE/base-models/<key>/``; every later
+run with the same key (source, preset, tokenizer, seq_len, seed, steps, config) reuses it.
+``--model base:...`` is then replaced by that directory, so the run fine-tunes it with its
+own tokenizer, as ``--model DIR`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from es_llm.errors import InputError
+
+BASE_PREFIX = "base:"
+BASE_SOURCE = "stdlib"
+DEFAULT_STEPS = 2000
+BASE_VAL_SAMPLES = 256  # the pre-training run validates on the first held-out rows only
+BASE_VERSION = 1  # bump when what a base holds changes
+# Launcher variables a rank process has: the child pre-training run is a job of its own.
+LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+              "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "CROSS_RANK", "CROSS_SIZE",
+              "TORCHELASTIC_RUN_ID")  # fmt: skip
+
+
+class BaseModelError(InputError):
+    """A ``base:`` spec that cannot be read, or a pre-training run that did not finish."""
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    preset: str
+    steps: int = DEFAULT_STEPS
+
+
+def is_base_spec(model: str | None) -> bool:
+    return isinstance(model, str) and model.strip().lower().startswith(BASE_PREFIX)
+
+
+def parse_base_spec(text: str) -> BaseSpec:
+    body = text.strip()[len(BASE_PREFIX) :]
+    preset, *items = [p.strip() for p in body.split(",")]
+    grammar = f"--model {BASE_PREFIX}PRESET[,steps=N], e.g. {BASE_PREFIX}gpt2-tiny,steps=500"
+    if not preset:
+        raise BaseModelError(f"{text!r} names no preset; expected {grammar}")
+    steps = DEFAULT_STEPS
+    for item in items:
+        key, _, value = item.partition("=")
+        if key.strip() != "steps" or not value.strip().isdigit() or int(value) < 1:
+            raise BaseModelError(f"{text!r}: cannot read {item!r}; expected {grammar}")
+        steps = int(value)
+    return BaseSpec(preset, steps)
+
+
+def base_key(spec: BaseSpec, *, config: str, seq_len: int, vocab_size: int, seed: int) -> dict:
+    """Everything the base's weights depend on (its cache key is a digest of this)."""
+    from es_llm.data.sources import resolve_source
+    from es_llm.drivers.deepspeed.dsconfig import load_ds_config
+    from es_llm.model import load_model_preset
+
+    return {
+        "v": BASE_VERSION,
+        "source": resolve_source(BASE_SOURCE).fingerprint,
+        "preset": load_model_preset(spec.preset),
+        "tokenizer": {"trained_bpe": vocab_size},
+        "seq_len": seq_len,
+        "seed": seed,
+        "steps": spec.steps,
+        "config": load_ds_config(config),
+        "val_samples": BASE_VAL_SAMPLES,
+    }
+
+
+def _child_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+
+
+def _pretrain(spec: BaseSpec, out: Path, cache: Path, *, config: str, seq_len: int,
+              vocab_size: int, seed: int) -> None:  # fmt: skip
+    cmd = [
+        sys.executable, "-m", "es_llm.cli", "train",
+        "--config", config, "--method", "uniform", "--model", spec.preset,
+        "--data", BASE_SOURCE, "--seq-len", str(seq_len), "--vocab-size", str(vocab_size),
+        "--seed", str(seed), "--max-steps", str(spec.steps), "--epochs", "1000",
+        "--max-val-samples", str(BASE_VAL_SAMPLES),
+        "--cache-dir", str(cache), "--out", str(out), "--no-progress",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=_child_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise BaseModelError(
+            f"pre-training the base {spec.preset} ({spec.steps} steps) failed with exit "
+            f"{proc.returncode}: {tail}; its output is in {out}"
+        )
+    if not (out / "model" / "config.json").is_file():
+        raise RuntimeError(f"the pre-training run finished but left no {out / 'model'}")
+
+
+def ensure_base_model(
+    text: str,
+    *,
+    config: str,
+    seq_len: int,
+    vocab_size: int,
+    seed: int,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> Path:
+    """The cached base's Hugging Face directory, pre-training it first when it is missing.
+
+    Safe from many ranks at once: one builds (under the entry's lock), the others wait.
+    """
+    from es_llm.data.corpus import _digest, _file_lock, default_cache_dir, lock_path
+
+    spec = parse_base_spec(text)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    key = base_key(spec, config=config, seq_len=seq_len, vocab_size=vocab_size, seed=seed)
+    digest = _digest(key)[:16]
+    name = f"{BASE_SOURCE}-{Path(spec.preset).stem}-T{seq_len}-s{spec.steps}-{digest}"
+    entry = cache / "base-models" / name
+    if (entry / "config.json").is_file():
+        return entry
+    with _file_lock(lock_path(cache, f"base-{digest}")):
+        if (entry / "config.json").is_file():
+            return entry
+        if progress:
+            print(
+                f"es-llm: pre-training the base {spec.preset} on {BASE_SOURCE} once "
+                f"({spec.steps} steps) -> {entry}",
+                file=sys.stderr,
+                flush=True,
+            )
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".base-{digest}-{uuid.uuid4().hex[:8]}-",
+                                    dir=entry.parent))  # fmt: skip
+        try:
+            _pretrain(spec, tmp / "run", cache, config=config, seq_len=seq_len,
+                      vocab_size=vocab_size, seed=seed)  # fmt: skip
+            model = tmp / "run" / "model"
+            shutil.copyfile(tmp / "run" / "summary.json", model / "pretrain_summary.json")
+            (model / "base_key.json").write_text(json.dumps(key, indent=1, default=str))
+            if entry.exists():  # a half entry from an older crash
+                shutil.rmtree(entry, ignore_errors=True)
+            os.rename(model, entry)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return entry
+
+
+def resolve_model_arg(args) -> None:
+    """Replace ``args.model`` ``base:...`` by the cached base's directory (built once), and
+    default ``args.tokenizer`` to that directory's tokenizer. Other ``--model`` values stay."""
+    if not is_base_spec(getattr(args, "model", None)):
+        return
+    entry = ensure_base_model(
+        args.model,
+        config=args.config,
+        seq_len=args.seq_len,
+        vocab_size=args.vocab_size,
+        seed=args.seed,
+        cache_dir=args.cache_dir,
+        progress=not getattr(args, "no_progress", False),
+    )
+    args.model = str(entry)
+    if args.tokenizer is None:
+        args.tokenizer = str(entry)
