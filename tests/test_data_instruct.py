@@ -10,13 +10,8 @@ import pytest
 
 from es_llm.data import load_corpus
 from es_llm.data.documents import is_val_group
-from es_llm.data.instruct import (
-    IGNORE_INDEX,
-    InstructDataError,
-    SplitReport,
-    fit_sample,
-    is_instruct_data,
-)
+from es_llm.data.instruct import IGNORE_INDEX, InstructDataError, is_instruct_data
+from es_llm.data.instruct_build import SplitReport, fit_sample
 from es_llm.data.instruct_sets import function_records
 from es_llm.data.tokenizer import EOD_TOKEN, train_bpe
 from es_llm.errors import InputError

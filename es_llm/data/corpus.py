@@ -48,7 +48,8 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from es_llm.data.documents import VAL_MODULUS, Document, Source, is_val_group
-from es_llm.data.instruct import is_instruct_data, load_instruct_corpus
+from es_llm.data.instruct import is_instruct_data
+from es_llm.data.instruct_build import load_instruct_corpus
 from es_llm.data.sources import resolve_source
 from es_llm.data.tokenizer import (
     EOD_TOKEN,

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from es_llm.data.instruct import IGNORE_INDEX, to_dataset
+from es_llm.data.instruct import IGNORE_INDEX
+from es_llm.data.instruct_build import to_dataset
 from es_llm.errors import InputError
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,400 @@
+"""Instruction records -> the cached train/val datasets of fixed-length samples with labels.
+
+The records, their forms and their rendering are `es_llm.data.instruct`'s; this module
+tokenizes each record into one sample (truncated or right-padded to ``seq_len``; ``labels``
+``IGNORE_INDEX`` on prompt and padding), counts what was cut or left out, splits by record
+with the project's hash rule, and caches the result like the packed corpus (``load_corpus``
+calls ``load_instruct_corpus`` for instruction data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from es_llm.data.documents import Document, Source, is_val_group
+from es_llm.data.instruct import (
+    IGNORE_INDEX,
+    ChatTemplate,
+    InstructDataError,
+    InstructSource,
+    Record,
+    is_instruct_data,
+    record_text,
+    resolve_instruct_source,
+    segments,
+)
+
+FORMAT_VERSION = 1  # bump when the build changes what lands on disk
+
+
+# ----------------------------------------------------------------------------- tokens
+@dataclass
+class SplitReport:
+    records: int = 0  # records of this split (before any is dropped)
+    samples: int = 0  # kept: one sample each
+    truncated_completions: int = 0  # kept, completion cut at seq_len
+    dropped_no_completion_tokens: int = 0  # left out: no completion token to predict
+    prompt_tokens: int = 0  # of the kept samples, after truncation
+    completion_tokens: int = 0  # of the kept samples, after truncation (loss tokens)
+    dropped_keys: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "dropped_keys"}
+        d["dropped_examples"] = self.dropped_keys[:5]
+        return d
+
+
+def encode_record(
+    pieces: list[tuple[str, bool]], encode: Callable[[str], list[int]], eod: int, *, add_eod: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, completion mask) of one record, before truncation."""
+    ids: list[int] = []
+    mask: list[bool] = []
+    for text, is_completion in pieces:
+        if text:
+            t = encode(text)
+            ids.extend(t)
+            mask.extend([is_completion] * len(t))
+    if add_eod:
+        ids.append(eod)
+        mask.append(True)
+    return np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=bool)
+
+
+def fit_sample(
+    ids: np.ndarray, mask: np.ndarray, seq_len: int, pad_id: int, report: SplitReport, key: str
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Truncate or right-pad one record to ``seq_len``: (input_ids, labels), or None (dropped).
+
+    Labels are ``IGNORE_INDEX`` on prompt and padding tokens. A completion token at position 0
+    has nothing before it to predict it from, so it does not count as trainable.
+    """
+    report.records += 1
+    cut = len(ids) > seq_len and bool(mask[seq_len:].any())
+    ids, mask = ids[:seq_len], mask[:seq_len]
+    trainable = int(mask[1:].sum())
+    if trainable == 0:
+        report.dropped_no_completion_tokens += 1
+        report.dropped_keys.append(key)
+        return None
+    report.samples += 1
+    report.truncated_completions += int(cut)
+    report.completion_tokens += int(mask.sum())
+    report.prompt_tokens += int((~mask).sum())
+    input_ids = np.full(seq_len, pad_id, dtype=np.int32)
+    labels = np.full(seq_len, IGNORE_INDEX, dtype=np.int32)
+    input_ids[: len(ids)] = ids
+    labels[: len(ids)] = np.where(mask, ids, IGNORE_INDEX)
+    return input_ids, labels
+
+
+def to_dataset(rows: list[tuple[np.ndarray, np.ndarray]], seq_len: int):
+    """Arrow dataset: ``id`` int64 (row index), ``input_ids`` and ``labels`` int32[seq_len]."""
+    import datasets
+    import pyarrow as pa
+
+    n = len(rows)
+    inp = np.stack([r[0] for r in rows]) if rows else np.zeros((0, seq_len), np.int32)
+    lab = np.stack([r[1] for r in rows]) if rows else np.zeros((0, seq_len), np.int32)
+
+    def col(x: np.ndarray) -> pa.Array:
+        flat = pa.array(np.ascontiguousarray(x, dtype=np.int32).reshape(-1), type=pa.int32())
+        return pa.FixedSizeListArray.from_arrays(flat, seq_len)
+
+    ids = pa.array(np.arange(n, dtype=np.int64), type=pa.int64())
+    return datasets.Dataset(pa.table({"id": ids, "input_ids": col(inp), "labels": col(lab)}))
+
+
+# ----------------------------------------------------------------------------- split
+def _split_key(rec: Record) -> str:
+    return rec.group or rec.key
+
+
+def split_records(
+    records: list[Record], val_records: list[Record] | None, chat: ChatTemplate, label: str
+) -> tuple[list[Record], list[Record], str]:
+    """(train, val, rule): by the hash rule of each record's group (or key), as documents are;
+    with a separate validation source, its held-out records minus texts trained on."""
+    from es_llm.data.corpus import split_documents
+
+    if val_records is None:
+        docs = [Document(r.key, "", r.group) for r in records]
+        train_idx, val_idx, rule = split_documents(docs)
+        return [records[i] for i in train_idx], [records[i] for i in val_idx], rule
+    train = [r for r in records if not is_val_group(_split_key(r))]
+    seen = {hashlib.sha1(record_text(r, chat).encode()).digest() for r in train}
+    val = [
+        r
+        for r in val_records
+        if is_val_group(_split_key(r))
+        and hashlib.sha1(record_text(r, chat).encode()).digest() not in seen
+    ]
+    if not train:
+        raise InstructDataError(f"data {label}: every record falls on the validation side")
+    if not val:
+        raise InstructDataError(
+            f"validation data of {label}: no held-out record that is not also a training "
+            "record; use a larger or different validation source"
+        )
+    return train, val, "hash-separate-val-data"
+
+
+# ----------------------------------------------------------------------------- build
+def _tokenizer(
+    src: InstructSource,
+    train: list[Record],
+    chat: ChatTemplate,
+    *,
+    tokenizer: str | None,
+    vocab_size: int,
+    cache_dir: Path,
+    progress: bool,
+):
+    """(tokenizers.Tokenizer, eod id, its tokenizer.json): the user's, or a BPE trained on the
+    train records' text (cached by its own key, as the packed corpus's)."""
+    from es_llm.data.corpus import _tokenizer_for
+
+    docs = [Document(r.key, record_text(r, chat)) for r in train]
+    as_source = Source(f"{src.name}-instruct", {"instruct": src.fingerprint}, lambda: docs)
+    return _tokenizer_for(
+        as_source,
+        docs,
+        list(range(len(docs))),
+        tokenizer=tokenizer,
+        vocab_size=vocab_size,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
+
+
+def build(
+    src: InstructSource,
+    out_dir: Path,
+    *,
+    seq_len: int,
+    vocab_size: int,
+    tokenizer: str | None,
+    cache_dir: Path,
+    progress: bool,
+    data_label: str,
+    val_src: InstructSource | None = None,
+) -> None:
+    t0 = time.perf_counter()
+    records = src.load()
+    if not records:
+        raise InstructDataError(f"data {data_label}: no instruction records")
+    chat = ChatTemplate(tokenizer)
+    val_records = None if val_src is None else val_src.load()
+    train, val, rule = split_records(records, val_records, chat, data_label)
+    tok, eod, tok_path = _tokenizer(
+        src,
+        train,
+        chat,
+        tokenizer=tokenizer,
+        vocab_size=vocab_size,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
+
+    def encode(text: str) -> list[int]:
+        return tok.encode(text, add_special_tokens=False).ids
+
+    reports = {"train": SplitReport(), "val": SplitReport()}
+    forms = sorted({r.form for r in train + val})
+    for split, recs in (("train", train), ("val", val)):
+        rows = []
+        for r in recs:
+            ids, mask = encode_record(
+                segments(r, chat), encode, eod, add_eod=r.form == "prompt-completion"
+            )
+            row = fit_sample(ids, mask, seq_len, eod, reports[split], r.key)
+            if row is not None:
+                rows.append(row)
+        if not rows:
+            rep = reports[split]
+            raise InstructDataError(
+                f"data {data_label}: none of the {rep.records} {split} records keeps a "
+                f"completion token within seq_len={seq_len} "
+                f"({rep.dropped_no_completion_tokens} dropped); use a larger --seq-len"
+            )
+        to_dataset(rows, seq_len).save_to_disk(str(out_dir / split))
+    shutil.copyfile(tok_path, out_dir / "tokenizer.json")
+    tr, va = reports["train"], reports["val"]
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "kind": "instruct",
+        "name": src.name,
+        "data": data_label,
+        "val_data": None if val_src is None else val_src.name,
+        "forms": forms,
+        "seq_len": seq_len,
+        "vocab_size": tok.get_vocab_size(with_added_tokens=True),
+        "requested_vocab_size": None if tokenizer else vocab_size,
+        "eod_id": eod,
+        "pad_id": eod,
+        "split_rule": rule,
+        "instruct": {
+            "records": tr.records + va.records,
+            "truncated_completions": tr.truncated_completions + va.truncated_completions,
+            "dropped_no_completion_tokens": (
+                tr.dropped_no_completion_tokens + va.dropped_no_completion_tokens
+            ),
+            "train": tr.as_dict(),
+            "val": va.as_dict(),
+        },
+        "train_sequences": tr.samples,
+        "val_sequences": va.samples,
+        "build_seconds": round(time.perf_counter() - t0, 3),
+    }
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def _warn(meta: dict) -> None:
+    """One line on stderr (rank 0) when records were dropped or cut, every time it is loaded."""
+    rep = meta["instruct"]
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if rep["dropped_no_completion_tokens"] or rep["truncated_completions"]:
+        print(
+            f"es-llm: instruction data {meta['data']}: {rep['records']} records, "
+            f"{rep['dropped_no_completion_tokens']} left out (no completion token within "
+            f"seq_len={meta['seq_len']}), {rep['truncated_completions']} with the completion "
+            "cut; counts in summary.json (data_composition.instruct)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def composition(meta: dict, n_train: int, n_val: int) -> dict:
+    return {
+        "data": meta["data"],
+        "val_data": meta["val_data"],
+        "kind": "instruct",
+        "forms": meta["forms"],
+        "instruct": meta["instruct"],
+        "train_sequences": n_train,
+        "val_sequences": n_val,
+    }
+
+
+def load_instruct_corpus(
+    data: str,
+    *,
+    seq_len: int,
+    cache_dir: Path,
+    vocab_size: int,
+    max_train_samples: int | None,
+    max_val_samples: int | None,
+    tokenizer: str | None,
+    max_documents: int | None,
+    progress: bool,
+    val_data: str | None,
+):
+    """The instruction-data counterpart of ``load_corpus`` (which calls it): a ``Corpus``
+    whose train/val datasets carry a ``labels`` column next to ``input_ids``."""
+    import datasets
+
+    from es_llm.data import corpus as packed
+
+    src = resolve_instruct_source(data, max_documents)
+    val_src = None
+    if val_data is not None:
+        if not is_instruct_data(val_data):
+            raise InstructDataError(
+                f"--val-data {val_data!r} is not instruction data, but --data {data!r} is: "
+                "validate instruction training on instruction records"
+            )
+        val_src = resolve_instruct_source(val_data, max_documents)
+    if tokenizer is not None:
+        from es_llm.data.tokenizer import resolve_tokenizer_file
+
+        tok_file, eos = resolve_tokenizer_file(tokenizer)
+        tok_fp: dict = {"file_sha256": hashlib.sha256(tok_file.read_bytes()).hexdigest()}
+        cfg = Path(tokenizer).expanduser()
+        for extra in ("tokenizer_config.json", "chat_template.jinja"):
+            if cfg.is_dir() and (cfg / extra).is_file():
+                tok_fp[extra] = hashlib.sha256((cfg / extra).read_bytes()).hexdigest()
+        tok_fp["eos"] = eos
+    else:
+        tok_fp = {"trained_bpe": vocab_size}
+    key = packed._digest(
+        {
+            "v": FORMAT_VERSION,
+            "kind": "instruct",
+            "source": src.fingerprint,
+            "tokenizer": tok_fp,
+            "seq_len": seq_len,
+            "split": packed.SPLIT_RULE,
+            **({} if val_src is None else {"val_source": val_src.fingerprint}),
+        }
+    )[:16]
+    final = cache_dir / f"{src.name}-instruct-T{seq_len}-{key}"
+    label = repr(data)
+    if not (final / "meta.json").is_file():
+        with packed._file_lock(packed.lock_path(cache_dir, f"{src.name}-instruct-{key}")):
+            if not (final / "meta.json").is_file():
+                if progress:
+                    print(
+                        f"es-llm: building the instruction data cache for {src.name} once "
+                        f"-> {final}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                tmp = Path(
+                    tempfile.mkdtemp(prefix=f".build-{key}-{uuid.uuid4().hex[:8]}-", dir=cache_dir)
+                )
+                try:
+                    with packed._datasets_progress(progress):
+                        build(
+                            src,
+                            tmp,
+                            seq_len=seq_len,
+                            vocab_size=vocab_size,
+                            tokenizer=tokenizer,
+                            cache_dir=cache_dir,
+                            progress=progress,
+                            data_label=label,
+                            val_src=val_src,
+                        )
+                    if final.exists():
+                        shutil.rmtree(final, ignore_errors=True)
+                    try:
+                        os.rename(tmp, final)
+                    except OSError:
+                        if not (final / "meta.json").is_file():
+                            raise
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+    meta = json.loads((final / "meta.json").read_text())
+    _warn(meta)
+    train = packed._truncate(
+        datasets.load_from_disk(str(final / "train")), max_train_samples, "max_train_samples"
+    )
+    val = packed._truncate(
+        datasets.load_from_disk(str(final / "val")), max_val_samples, "max_val_samples"
+    )
+    return packed.Corpus(
+        train=train,
+        val=val,
+        vocab_size=int(meta["vocab_size"]),
+        seq_len=seq_len,
+        tokenizer_path=str(final / "tokenizer.json"),
+        name=src.name,
+        eod_id=int(meta["eod_id"]),
+        cache_path=str(final),
+        stats=meta,
+        composition=composition(meta, len(train), len(val)),
+    )
