@@ -168,27 +168,31 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_min_int(value: int) -> int:
+def _group_size(group: Any) -> int:
+    return dist.get_world_size(group) if is_initialized() else 1
+
+
+def all_reduce_min_int(value: int, group: Any = None) -> int:
     """MIN of one host integer over ranks (setup and epoch starts only: it syncs the host)."""
     if not is_initialized():
         return int(value)
     t = torch.tensor([int(value)], dtype=torch.int64, device=device())
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
     return int(t.item())
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
+def all_reduce_sum(values: list[float], group: Any = None) -> list[float]:
     """Sum a few host scalars over ranks in float64 (score sums over 10^8 samples need it).
 
     Epoch starts and evaluation only: it syncs the host.
     """
     t = torch.tensor(values, dtype=torch.float64, device=device())
     if is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return [float(v) for v in t.tolist()]
 
 
-def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+def all_reduce_(t: torch.Tensor, op: str = "sum", group: Any = None) -> torch.Tensor:
     """In-place all-reduce of a device tensor (no host sync); op is sum, min or max."""
     check_device("all_reduce_", t)
     ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
@@ -196,19 +200,20 @@ def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         raise ValueError(f"all_reduce_ op must be one of {sorted(ops)}, got {op!r}")
     if is_initialized():
         _count(t, 1)
-        dist.all_reduce(t, op=ops[op])
+        dist.all_reduce(t, op=ops[op], group=group)
     return t
 
 
-def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+def all_gather_cat(t: torch.Tensor, group: Any = None) -> torch.Tensor:
     """Concatenate equal-shaped tensors of all ranks along dim 0, in rank order (no host sync)."""
     check_device("all_gather_cat", t)
     if not is_initialized():
         return t
     t = t.contiguous()
-    _count(t, world_size() - 1)
-    out = torch.empty((world_size() * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
-    dist.all_gather_into_tensor(out, t)
+    size = _group_size(group)
+    _count(t, size - 1)
+    out = torch.empty((size * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+    dist.all_gather_into_tensor(out, t, group=group)
     return out
 
 
@@ -222,7 +227,7 @@ def all_gather_object(obj: Any) -> list[Any]:
 
 
 def lockstep_diverged(
-    digest: torch.Tensor, flag: torch.Tensor | None = None
+    digest: torch.Tensor, flag: torch.Tensor | None = None, group: Any = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """0-dim bool tensor: did any rank compute a different 0-dim int64 `digest`? No host sync.
 
@@ -240,16 +245,49 @@ def lockstep_diverged(
         check_device("lockstep_diverged", flag)
         parts.append(flag.reshape(1).to(torch.int64))
     both = torch.cat(parts)
-    all_reduce_(both, "max")
+    all_reduce_(both, "max", group)
     diverged = (both[0] != d[0]) | (-both[1] != d[0])
     if flag is None:
         return diverged
     return diverged, both[2] > 0
 
 
-def raise_if_diverged(diverged: bool, digest: str) -> None:
-    if diverged:
-        raise RuntimeError(
-            f"rank {rank()}: selection diverged across data-parallel ranks "
-            f"(local digest {digest[:15]}); check that every rank uses the same seed and config"
-        )
+class Communicator:
+    """`es_llm.sampling.comm.Communicator` over torch.distributed: one data-parallel group.
+
+    `group=None` is the whole world (or one process without a process group); pass the
+    data-parallel group of a model-parallel job (`torch.distributed.new_group`) and every
+    collective of the ES data path runs over that group only. `rank` and `size` are this
+    process's place in the group.
+    """
+
+    def __init__(self, group: Any = None) -> None:
+        self.group = group
+        if is_initialized():
+            self.rank = dist.get_rank(group)
+            self.size = dist.get_world_size(group)
+            if self.rank < 0:
+                raise ValueError("this process is not a member of the communicator's group")
+        else:
+            if group is not None:
+                raise ValueError("a process group needs torch.distributed to be initialised")
+            self.rank, self.size = 0, 1
+        self.device = device()
+
+    def all_gather_cat(self, t: torch.Tensor) -> torch.Tensor:
+        return all_gather_cat(t, self.group)
+
+    def lockstep_flags(
+        self, digest: torch.Tensor, flag: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        diverged, any_flag = lockstep_diverged(digest, flag, self.group)
+        return diverged, any_flag
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        return all_reduce_sum(values, self.group)
+
+    def all_reduce_min_int(self, value: int) -> int:
+        return all_reduce_min_int(value, self.group)
+
+    def __repr__(self) -> str:
+        return f"Communicator(rank={self.rank}, size={self.size}, device={self.device})"

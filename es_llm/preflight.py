@@ -26,12 +26,12 @@ def check_train_inputs(args: argparse.Namespace) -> None:
     """Raise InputError for the first problem with the run's configs, data or checkpoint."""
     from es_llm.drivers.deepspeed.dsconfig import es_config_for_run, load_ds_config
     from es_llm.model import resolve_model
-    from es_llm.sampling.geometry import resolve_geometry
+    from es_llm.sampling.plan import plan_geometry
 
     ds_config = load_ds_config(args.config)
     es = es_config_for_run(ds_config, getattr(args, "method", None), dict(args.es))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    resolve_geometry(ds_config, world, es.effective_selection_ratio)
+    # the run plan's first step (the rest needs the corpus, which is not read here)
+    plan_geometry(ds_config, es, int(os.environ.get("WORLD_SIZE", "1")))
     model = resolve_model(args.model)
     _check_data(args.data)
     _check_tokenizer(model, args)

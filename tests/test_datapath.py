@@ -9,13 +9,16 @@ import datasets
 import pytest
 import torch
 
+from es_llm.dist import Communicator
 from es_llm.sampling.config import EvolvedSamplingConfig
 from es_llm.sampling.datapath import DataPathError, ESDataPath
 from es_llm.sampling.geometry import BatchGeometry
+from es_llm.sampling.plan import RunPlan
 from es_llm.sampling.schedule import estimate_total_steps
 
 N, T = 64, 3
 GEO = BatchGeometry(world=1, train_batch=4, micro=2, grad_accum=2, meta_batch=8)
+DS = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2}
 
 
 def _dataset() -> datasets.Dataset:
@@ -31,7 +34,9 @@ def _scorer(tokens: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torc
 
 def _path(method: str = "eswp", **kw) -> ESDataPath:
     es = EvolvedSamplingConfig(method=method, selection_ratio=0.5, burn_in_steps=2, **kw)
-    return ESDataPath(es, GEO, _dataset(), seed=3, epochs=3, scorer=_scorer)
+    plan = RunPlan.build(DS, es, dp_size=1, num_samples=N, epochs=3, seed=3)
+    assert plan.geo == GEO or not es.uses_scoring_forward  # prune: B_meta = B
+    return ESDataPath(plan, _dataset(), comm=Communicator(), scorer=_scorer)
 
 
 def _run(dp: ESDataPath, steps: int | None = None) -> list[dict]:
@@ -94,9 +99,8 @@ def test_a_state_from_another_configuration_is_refused():
 
 def test_too_little_data_for_one_meta_batch_is_an_input_error():
     es = EvolvedSamplingConfig(method="es", selection_ratio=0.5)
-    small = datasets.Dataset.from_dict({"input_ids": [[1] * T] * 5})
     with pytest.raises(DataPathError, match="fewer than one meta-batch of 8"):
-        ESDataPath(es, GEO, small, seed=0, epochs=1, scorer=_scorer)
+        RunPlan.build(DS, es, dp_size=1, num_samples=5, epochs=1)
 
 
 @pytest.mark.parametrize("method", ["lp", "es", "prune"])
@@ -118,3 +122,23 @@ def test_plain_steps_score_by_the_methods_own_rule(method):
         b2 = dp.es.beta2
         s_init = torch.full_like(loss, dp.es.s_init if dp.es.s_init is not None else 1.0 / N)
         torch.testing.assert_close(got, b2 * s_init + (1 - b2) * loss, rtol=0, atol=1e-6)
+
+
+def test_the_sampling_package_imports_no_engine_and_no_process_group():
+    """The data path talks to other ranks only through the communicator it is given."""
+    import ast
+    from pathlib import Path
+
+    import es_llm.sampling
+
+    banned = ("torch.distributed", "deepspeed", "es_llm.dist")
+    bad = []
+    for f in Path(es_llm.sampling.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            bad += [f"{f.name}: {n}" for n in names if n.startswith(banned)]
+    assert not bad

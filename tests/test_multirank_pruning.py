@@ -45,16 +45,17 @@ def _run(rank: int, world: int, port: int, out: str) -> None:
     s, valid = _scores(ids)
     table.update(ids, s, valid)
     sampler = RankSampler(hi - lo, offset=lo, seed=5, rank=rank)
-    result = {"mean": global_mean_score(table), "epochs": []}
+    comm = es_dist.Communicator()
+    result = {"mean": global_mean_score(comm, table), "epochs": []}
     for epoch in range(EPOCHS):
         sampler.set_epoch(epoch)
-        plan = plan_epoch_global(table, cfg, epoch=epoch, epochs=EPOCHS, seed=11)
+        plan = plan_epoch_global(comm, table, cfg, epoch=epoch, epochs=EPOCHS, seed=11)
         result["epochs"].append(
             {
                 "keep": plan.keep.tolist(),
                 "boost": plan.weight_boost.tolist(),
                 "weights": plan.loss_weights(torch.arange(hi - lo)).tolist(),
-                "available": lockstep_available(sampler, plan),
+                "available": lockstep_available(comm, sampler, plan),
                 "local_kept": plan.num_kept(),
             }
         )

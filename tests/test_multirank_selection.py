@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from es_llm.data.sharding import shard_range
+from es_llm.dist import Communicator
 from es_llm.sampling.config import EvolvedSamplingConfig
 from es_llm.sampling.global_selection import select_global
 from es_llm.sampling.scores import ScoreTable
@@ -56,6 +57,8 @@ def _run(rank: int, world: int, port: int, method: str, out: str) -> None:
     )
     lo, hi = shard_range(N, rank, world)
     table = ScoreTable(hi - lo, offset=lo, s_init=1.0 / N)
+    comm = Communicator()
+    assert (comm.rank, comm.size) == (rank, world)
     digests, scores, shares = [], [], []
     for step in range(STEPS):
         glob = _global_meta_batch(step)
@@ -68,6 +71,7 @@ def _run(rank: int, world: int, port: int, method: str, out: str) -> None:
         gs = select_global(
             cfg,
             table,
+            comm=comm,
             step=step,
             seed=7,
             ids=ids,

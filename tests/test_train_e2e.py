@@ -226,6 +226,7 @@ def test_selected_ids_exclude_invalid(tmp_path):
     """Unit-level companion of the NaN test: the digest of a selection never covers NaN ids."""
     import torch
 
+    from es_llm.dist import Communicator
     from es_llm.sampling.config import EvolvedSamplingConfig
     from es_llm.sampling.global_selection import select_global
     from es_llm.sampling.scores import ScoreTable
@@ -239,6 +240,7 @@ def test_selected_ids_exclude_invalid(tmp_path):
     gs = select_global(
         cfg,
         table,
+        comm=Communicator(),
         step=3,
         seed=0,
         ids=ids,

@@ -30,7 +30,7 @@ The ES data path is `es_llm.sampling.datapath.ESDataPath`, the same component th
 * At the end of each optimizer step (`on_step_end`) `finish_step()` closes the step; its
   record goes to `OUTPUT_DIR/es_metrics.jsonl` (the native `selection_digest`).
 
-The planned step count is the native loop's (`estimate_total_steps`, or `max_steps`); the
+The planned step count is the native loop's (the run's `RunPlan`, or `max_steps`); the
 Trainer's per-epoch length is set so that its total is that count, and the stream ends there.
 
 Checkpoints: every Trainer checkpoint folder gets one file per rank, `es_state_rank<r>.pt`
@@ -56,12 +56,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from es_llm import dist
 from es_llm.drivers.deepspeed import checkpoint as ckpt
-from es_llm.drivers.losses import training_losses
+from es_llm.drivers.losses import weighted_step_loss
 from es_llm.drivers.scoring import ModelScorer, Scorer
+from es_llm.drivers.steplog import step_record
 from es_llm.errors import InputError
 from es_llm.sampling.config import SECTION, EvolvedSamplingConfig, es_config_from_ds_config
 from es_llm.sampling.datapath import ESDataPath, StepAssignment, StepDraw
-from es_llm.sampling.geometry import resolve_geometry
+from es_llm.sampling.plan import RunPlan
 
 __all__ = ["ESTrainer", "ESTrainerMixin"]
 
@@ -186,7 +187,18 @@ class ESTrainerMixin:
                 "ESTrainer needs a datasets.Dataset train_dataset with an 'input_ids' column"
             )
         ds = self._es_rows(ds)
-        geo = resolve_geometry(ds_config, dist.world_size(), es.effective_selection_ratio)
+        comm = dist.Communicator()
+        epochs = max(1, math.ceil(self.args.num_train_epochs))
+        plan = RunPlan.build(
+            ds_config,
+            es,
+            dp_size=comm.size,
+            num_samples=len(ds),
+            epochs=epochs,
+            seed=self.args.seed,
+            max_steps=self.args.max_steps if self.args.max_steps > 0 else None,
+        )
+        geo = plan.geo
         if geo.micro != self.args.per_device_train_batch_size or (
             geo.grad_accum != self.args.gradient_accumulation_steps
         ):
@@ -195,24 +207,14 @@ class ESTrainerMixin:
                 f"from TrainingArguments ({self.args.per_device_train_batch_size}, "
                 f'{self.args.gradient_accumulation_steps}); use "auto" in the config'
             )
-        epochs = max(1, math.ceil(self.args.num_train_epochs))
         scorer = self._scorer or ModelScorer(
             lambda: self.model_wrapped,
-            micro_batch=es.scoring_micro_batch_size or 2 * geo.micro,
+            micro_batch=plan.scoring_micro_batch,
             ignore_index=es.ignore_index,
         )
-        self.es_data = ESDataPath(
-            es,
-            geo,
-            ds,
-            seed=es.resolved_seed(self.args.seed),
-            epochs=epochs,
-            max_steps=self.args.max_steps if self.args.max_steps > 0 else None,
-            device=self.args.device,
-            scorer=scorer,
-        )
+        self.es_data = ESDataPath(plan, ds, comm=comm, device=self.args.device, scorer=scorer)
         # Trainer epochs only count steps: make their total the planned count
-        per_trainer_epoch = math.ceil(self.es_data.total_steps / epochs)
+        per_trainer_epoch = math.ceil(plan.total_steps / epochs)
         return _ESStream(self.es_data, length=per_trainer_epoch * geo.grad_accum)
 
     def _es_rows(self, ds: Any) -> Any:
@@ -262,6 +264,9 @@ class ESTrainerMixin:
             {"input_ids": a.tokens[i : i + micro], "es_micro": i}
             for i in range(0, a.tokens.size(0), micro)
         ]
+        if a.labels is not None:
+            for b in batches:
+                b["es_labels"] = a.labels[b["es_micro"] : b["es_micro"] + micro]
         return batches, None
 
     def compute_loss(
@@ -280,8 +285,10 @@ class ESTrainerMixin:
         input_ids = inputs["input_ids"]
         sl = slice(inputs["es_micro"], inputs["es_micro"] + input_ids.size(0))
         outputs = model(input_ids=input_ids)
-        per_sample, _ = training_losses(outputs.logits, input_ids, self.es.ignore_index)
-        loss = (per_sample * a.loss_weights[sl].to(per_sample.device)).mean()
+        loss, per_sample = weighted_step_loss(
+            outputs.logits, input_ids, a.loss_weights[sl], self.es.ignore_index,
+            inputs.get("es_labels"),
+        )  # fmt: skip
         data.observe_training_losses(a, a.ids[sl], per_sample)
         return (loss, outputs) if return_outputs else loss
 
@@ -291,17 +298,7 @@ class ESTrainerMixin:
             return
         self._assignment = None
         rec = data.finish_step(a)
-        record = {
-            "type": "step",
-            "step": rec["step"],  # steps done after this one, as in the native metrics.jsonl
-            "epoch": rec["epoch"],
-            "phase": rec["phase"].name.lower(),
-            "scored": rec["scored"],
-            "selected": rec["selected"],
-            "invalid": rec["invalid"],
-            "meta_loss": rec.get("meta_loss"),
-            "selection_digest": rec["digest"],
-        }
+        record = step_record(rec)
         self.es_log.append(record)
         if self.args.process_index == 0:
             path = Path(self.args.output_dir) / "es_metrics.jsonl"

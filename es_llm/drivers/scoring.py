@@ -111,10 +111,18 @@ class Scorer(Protocol):
     """What the ES data path calls to score a meta-batch: ``(tokens [n, T], ids [n])`` ->
     ``(mean loss fp32 [n], valid bool [n])`` on the tokens' device, without a host sync.
 
+    When the training set has a ``labels`` column the data path calls
+    ``scorer(tokens, ids, labels)`` (int64 [n, T], -100 on tokens that are not trained): the
+    loss is then the mean over the tokens whose label is not ignored, and a sample without
+    any such token is invalid. Data without labels is scored with two arguments, so a scorer
+    that knows nothing of labels keeps working there.
+
     The seam for tests and for other scoring models: `ESDataPath(..., scorer=...)`.
     """
 
-    def __call__(self, tokens: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]: ...
+    def __call__(
+        self, tokens: Tensor, ids: Tensor, labels: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]: ...
 
 
 class ModelScorer:
@@ -125,20 +133,36 @@ class ModelScorer:
     """
 
     def __init__(
-        self, module: Callable[[], nn.Module], *, micro_batch: int, ignore_index: int = -100
+        self,
+        module: Callable[[], nn.Module],
+        *,
+        micro_batch: int,
+        ignore_index: int = -100,
+        use_fused_linear: bool = True,
     ) -> None:
         self.module = module
         self.micro_batch = int(micro_batch)
         self.ignore_index = ignore_index
+        self.use_fused_linear = use_fused_linear
 
-    def __call__(self, tokens: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(
+        self, tokens: Tensor, ids: Tensor, labels: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         module = self.module()
         was_training = module.training
         module.eval()
         sums, counts = [], []
+        chunks = tokens.split(self.micro_batch)
+        lab_chunks = labels.split(self.micro_batch) if labels is not None else [None] * len(chunks)
         try:
-            for chunk in tokens.split(self.micro_batch):
-                s, c = scoring_losses(module, chunk, ignore_index=self.ignore_index)
+            for chunk, lab in zip(chunks, lab_chunks, strict=True):
+                s, c = scoring_losses(
+                    module,
+                    chunk,
+                    ignore_index=self.ignore_index,
+                    labels=lab,
+                    use_fused_linear=self.use_fused_linear,
+                )
                 sums.append(s.float())
                 counts.append(c.float())
         finally:

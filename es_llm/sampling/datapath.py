@@ -1,7 +1,5 @@
-"""The ES data path: one stateful component that both drivers (native loop, HF Trainer) use.
-
-It owns the score shard, the rank's sampler position, the epoch's ESWP plan, the step and
-epoch counters, the phase schedule and the step's selection. A driver does per optimizer step::
+"""The ES data path: the one stateful component both drivers (native loop, HF Trainer) and a
+user's own DeepSpeed loop drive. A driver does per optimizer step::
 
     draw = dp.next_step()                 # None: the planned steps are done
     a = dp.assign(draw)                   # score + select (SELECT) or the plain batch
@@ -9,50 +7,47 @@ epoch counters, the phase schedule and the step's selection. A driver does per o
         dp.observe_training_losses(a, ids, per_sample_losses)
     record = dp.finish_step(a)            # what the step logs (host numbers)
 
-Data movement: ranks all-gather only per-sample records (`records.py`), never tokens; the
-chosen samples are trained locality-first and a sample that changes rank is re-read by global
-id from the training set, which every rank has memory-mapped. The host synchronises once per
-optimizer step, on one small int64 tensor: in a SELECT step after the selection (it needs the
-ids of the samples it receives), in a plain step at `finish_step` (for the logged loss).
+It composes three parts with one job each, each with `state_dict`/`load_state_dict`:
+
+* `StepStream` (`stream.py`): the sampler, epoch order, pruning plan and row reads by global
+  id (`input_ids`, and `labels` when the data has them);
+* `ScoreStore` (`store.py`): the rank's score shard and the plain-step score updates;
+* `GlobalSelector` (`global_selection.py`): every collective, over the communicator it is
+  given (the data-parallel group): record all-gather, selection, ESWP plan, lock-step counts.
+
+The run's shape (geometry, planned steps, burn-in) is the `RunPlan` (`plan.py`) it is built
+from. Data movement: ranks all-gather only per-sample records (`records.py`), never tokens;
+the chosen samples are trained locality-first and a sample that changes rank is re-read by
+global id from the training set, which every rank has memory-mapped. The host synchronises
+once per optimizer step, on one small int64 tensor (`records.PacketLayout`): in a SELECT step
+after the selection (it needs the ids of the samples it receives), in a plain step at
+`finish_step` (for the logged loss).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
-import numpy as np
 import torch
 
-from es_llm import dist
-from es_llm.data.sharding import RankSampler, shard_range
-from es_llm.drivers.scoring import Scorer
-from es_llm.errors import InputError
-from es_llm.sampling.config import EvolvedSamplingConfig
-from es_llm.sampling.eswp import lockstep_available, plan_epoch_global
-from es_llm.sampling.geometry import BatchGeometry
-from es_llm.sampling.global_selection import select_global
-from es_llm.sampling.policies import score_update
-from es_llm.sampling.pruning import EpochPlan
-from es_llm.sampling.records import bits_f32, f32_bits
-from es_llm.sampling.schedule import (
-    Phase,
-    estimate_total_steps,
-    phase_for_step,
-    resolve_burn_in_steps,
-)
+from es_llm.sampling.comm import Communicator, SelectionDivergedError
+from es_llm.sampling.global_selection import GlobalSelector
+from es_llm.sampling.plan import DataPathError, RunPlan
+from es_llm.sampling.records import PacketLayout, bits_f32, f32_bits
+from es_llm.sampling.schedule import Phase, phase_for_step
 from es_llm.sampling.scores import ScoreTable
 from es_llm.sampling.selector import selection_digest
+from es_llm.sampling.store import ScoreStore
+from es_llm.sampling.stream import StepStream
 from es_llm.sampling.timing import StepTimers
 
 __all__ = ["DataPathError", "ESDataPath", "StepAssignment", "StepDraw"]
 
-STATE_VERSION = 1
-
-
-class DataPathError(InputError):
-    """The data does not fit the batch geometry, or a saved state does not fit this run."""
+# 2: the state is one dict per part (stream, scores, selector); 1 was one flat dict
+STATE_VERSION = 2
 
 
 @dataclass
@@ -62,10 +57,10 @@ class StepDraw:
     step: int  # 0-based index of the optimizer step
     epoch: int
     phase: Phase
-    local_idx: torch.Tensor  # int64 (host): positions in this rank's shard
     ids: torch.Tensor  # int64 [n] global ids, on the device
     tokens: torch.Tensor  # int64 [n, T] on the device
     prune_weights: torch.Tensor  # fp32 [n] ESWP rescale weights, on the device
+    labels: torch.Tensor | None = None  # int64 [n, T] (-100: not trained), None: the tokens
 
     @property
     def selecting(self) -> bool:
@@ -81,12 +76,33 @@ class StepAssignment:
     tokens: torch.Tensor  # int64 [B/W, T] (device)
     loss_weights: torch.Tensor  # fp32 [B/W] (device)
     update_scores: bool  # plain step: the training losses update the scores
+    labels: torch.Tensor | None = None  # int64 [B/W, T] (device), None: the tokens
     record: dict[str, Any] = field(default_factory=dict)  # host numbers, complete after finish
     train_losses: list[torch.Tensor] = field(default_factory=list)  # device, per micro-batch
 
 
-def _f64_bits(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.float64).reshape(1).view(torch.int64)
+@lru_cache(maxsize=8)
+def _select_packet(k: int, q: int) -> PacketLayout:
+    """What a SELECT step brings to the host (one copy)."""
+    return PacketLayout(
+        (
+            ("selected", k, "i64"),  # the chosen global ids, selection order
+            ("my_ids", q, "i64"),  # what this rank trains
+            ("local", q, "i64"),  # 1: this rank holds its tokens already
+            ("diverged", 1, "i64"),
+            ("stop", 1, "i64"),
+            ("invalid", 1, "i64"),
+            ("moved", 1, "i64"),
+            ("train_loss", 1, "f64"),
+            ("meta_loss", 1, "f64"),
+        )
+    )
+
+
+@lru_cache(maxsize=8)
+def _plain_packet(n: int) -> PacketLayout:
+    """What a plain step brings to the host (one copy)."""
+    return PacketLayout((("ids", n, "i64"), ("train_loss", 1, "f64"), ("stop", 1, "i64")))
 
 
 def _masked_mean(x: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
@@ -96,143 +112,127 @@ def _masked_mean(x: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
 
 
 class ESDataPath:
-    """One rank's ES data stream and selection state (see the module doc)."""
+    """One data-parallel rank's ES data stream and selection state (see the module doc).
+
+    `comm` is the data-parallel group (`es_llm.dist.Communicator()`: the whole world);
+    `device` is where the step's tensors live (default: the communicator's); `scorer` is the
+    no-grad scoring forward (`es_llm.drivers.scoring.Scorer`), needed for scoring methods.
+    """
 
     def __init__(
         self,
-        es: EvolvedSamplingConfig,
-        geo: BatchGeometry,
+        plan: RunPlan,
         train_dataset: Any,
         *,
-        seed: int,
-        epochs: int,
-        max_steps: int | None = None,
-        device: torch.device | None = None,
-        scorer: Scorer | None = None,
+        comm: Communicator,
+        device: torch.device | str | None = None,
+        scorer: Any = None,
+        timer_event: Callable[[], Any] | None = None,
     ) -> None:
-        self.es, self.geo, self.seed, self.epochs = es, geo, int(seed), int(epochs)
-        self.rank, self.world = dist.rank(), dist.world_size()
-        self.device = torch.device(device) if device is not None else dist.device()
-        self.scorer = scorer
-        n = len(train_dataset)
-        if n == 0:
-            raise DataPathError("the training split is empty")
-        if "input_ids" not in getattr(train_dataset, "column_names", ["input_ids"]):
-            raise DataPathError("the training dataset needs an 'input_ids' column")
-        self.num_samples = n
-        self.lo, self.hi = shard_range(n, self.rank, self.world)
-        # the full set, memory-mapped: own rows at lo + i, moved samples by their global id
-        self.dataset = train_dataset.with_format("numpy", columns=["input_ids"])
-        self.min_local = dist.all_reduce_min_int(self.hi - self.lo)
-        scoring = es.uses_scoring_forward
-        need = geo.meta_per_rank if scoring else geo.train_per_rank
-        if self.min_local < need:
-            raise DataPathError(
-                f"{n} training sequences give rank shards of {self.min_local}, fewer than one "
-                f"{'meta-' if scoring else ''}batch of {need} per rank: "
-                f"use more data, a shorter --seq-len or a smaller batch"
+        if comm.size != plan.dp_size:
+            raise ValueError(
+                f"the run plan is for {plan.dp_size} data-parallel ranks, the communicator "
+                f"has {comm.size}"
             )
-        self.total_steps = estimate_total_steps(
-            es,
-            min_local=self.min_local,
-            train_per_rank=geo.train_per_rank,
-            meta_per_rank=geo.meta_per_rank,
-            epochs=self.epochs,
-            max_steps=max_steps,
+        if len(train_dataset) != plan.num_samples:
+            raise ValueError(
+                f"the run plan is for {plan.num_samples} training samples, the dataset has "
+                f"{len(train_dataset)}"
+            )
+        self.plan, self.es, self.geo = plan, plan.es, plan.geo
+        self.comm = comm
+        self.rank, self.world = comm.rank, comm.size
+        self.device = torch.device(device) if device is not None else comm.device
+        self.scorer = scorer
+        self.stream = StepStream(train_dataset, rank=self.rank, size=self.world, seed=plan.seed)
+        self.store = ScoreStore(
+            plan.es,
+            lo=self.stream.lo,
+            hi=self.stream.hi,
+            num_samples=plan.num_samples,
+            device=self.device,
         )
-        self.steps_per_epoch = max(1, self.min_local // need)
-        # burn-in epochs count plain steps (batches of B), see resolve_burn_in_steps
-        self._plain_steps_per_epoch = max(1, self.min_local // geo.train_per_rank)
-        self.burn_in_steps = (
-            resolve_burn_in_steps(es, self.total_steps, self._plain_steps_per_epoch)
-            if scoring
-            else 0
-        )
-        self.table = ScoreTable(
-            self.hi - self.lo, offset=self.lo, s_init=es.resolved_s_init(n), device=self.device
-        )
-        self.sampler = RankSampler(
-            self.hi - self.lo, offset=self.lo, seed=self.seed, rank=self.rank
-        )
-        self.plan: EpochPlan | None = None
+        self.selector = GlobalSelector(plan.es, comm, seed=plan.seed, k=plan.geo.train_batch)
         self.step = 0
-        self.epoch = 0
         self.done = False
-        self._started = False  # the current epoch's plan/order/available are set
-        self._order: torch.Tensor | None = None
-        self._available = 0
         self.totals = {"bp_samples": 0, "scored_samples": 0, "invalid_samples": 0, "pruned": 0}
-        self.timers = StepTimers(self.device)
+        self.timers = StepTimers(self.device, timer_event)
         self.host_syncs = 0
-        self.moved_samples = 0
         # Polled once per step; the ranks agree on it inside the step's collectives, so a
         # stop (SIGINT/SIGTERM on any rank) lands on the same step everywhere.
         self.stop_requested: Callable[[], bool] = lambda: False
+
+    # ------------------------------------------------------------------ views
+    @property
+    def total_steps(self) -> int:
+        return self.plan.total_steps
+
+    @property
+    def burn_in_steps(self) -> int:
+        return self.plan.burn_in_steps
+
+    @property
+    def num_samples(self) -> int:
+        return self.plan.num_samples
+
+    @property
+    def epoch(self) -> int:
+        return self.stream.epoch
+
+    @property
+    def table(self) -> ScoreTable:
+        return self.store.table
+
+    @property
+    def moved_samples(self) -> int:
+        return self.selector.moved_samples
 
     # ------------------------------------------------------------------ schedule
     def phase(self) -> Phase:
         if not self.es.uses_scoring_forward:
             return Phase.PLAIN  # plain batches of B (uniform, prune)
-        return phase_for_step(self.step, self.total_steps, self.es, self._plain_steps_per_epoch)
+        return phase_for_step(self.step, self.total_steps, self.es, self.plan.plain_steps_per_epoch)
 
     def _start_epoch(self) -> None:
-        """Epoch head (a collective): ESWP plan, visiting order, lock-step sample count."""
-        self.sampler.set_epoch(self.epoch)
-        self.plan = None
-        if self.es.uses_pruning:
-            self.plan = plan_epoch_global(
-                self.table, self.es, epoch=self.epoch, epochs=self.epochs, seed=self.seed
-            )
-            pruned = float((~self.plan.keep).sum())
-            self.totals["pruned"] += int(dist.all_reduce_sum([pruned])[0])
-        self._set_order()
-        self._available = lockstep_available(self.sampler, self.plan)
-        self._started = True
-
-    def _set_order(self) -> None:
-        self._order = self.sampler.order(self.plan.keep if self.plan is not None else None)
+        """Epoch head (a collective): ESWP plan, lock-step sample count, visiting order."""
+        s = self.stream
+        plan = self.selector.plan_epoch(self.table, epoch=s.epoch, epochs=self.plan.epochs)
+        self.totals["pruned"] += self.selector.count_pruned(plan)
+        s.begin_epoch(plan, self.selector.available(s.sampler, plan))
 
     def next_step(self) -> StepDraw | None:
         """This rank's draw for the next optimizer step; None once the planned steps are done."""
         if self.done or self.step >= self.total_steps:
             self.done = True
             return None
+        s = self.stream
         while True:
-            if not self._started:
+            if not s.started:
                 self._start_epoch()
             phase = self.phase()
             need = self.geo.meta_per_rank if phase == Phase.SELECT else self.geo.train_per_rank
-            pos = self.sampler.position
-            if pos + need <= self._available:
+            if s.fits(need):
                 break
-            if self.epoch + 1 >= self.epochs:
+            if s.epoch + 1 >= self.plan.epochs:
                 self.done = True
                 return None
-            self.epoch += 1
-            self._started = False
-        if self._order is None:
-            raise RuntimeError("the epoch order is missing after the epoch start")
-        local_idx = self._order[pos : pos + need]
-        self.sampler.advance(need)
-        if self.plan is None:
-            pw = torch.ones(need, dtype=torch.float32)
-        else:
-            pw = self.plan.loss_weights(local_idx).float()
+            s.next_epoch()
+        ids, weights = s.take(need)
+        rows = s.read(ids)
         return StepDraw(
             step=self.step,
-            epoch=self.epoch,
+            epoch=s.epoch,
             phase=phase,
-            local_idx=local_idx,
-            ids=self._to_device(local_idx + self.lo),
-            tokens=self._to_device(self.read_tokens(local_idx + self.lo)),
-            prune_weights=self._to_device(pw),
+            ids=self._to_device(ids),
+            tokens=self._to_device(rows.tokens),
+            prune_weights=self._to_device(weights),
+            labels=self._to_device(rows.labels) if rows.labels is not None else None,
         )
 
     # ------------------------------------------------------------------ data
     def read_tokens(self, global_ids: torch.Tensor) -> torch.Tensor:
         """int64 [n, T] token ids of `global_ids` (host) from the memory-mapped training set."""
-        rows = self.dataset[global_ids.tolist()]["input_ids"]
-        return torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        return self.stream.read(global_ids).tokens
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cpu":
@@ -256,7 +256,10 @@ class ESDataPath:
         if self.scorer is None:
             raise RuntimeError("ESDataPath has no scorer: pass scorer= or set .scorer")
         with self.timers.span("score_fwd_s"):
-            loss, valid = self.scorer(draw.tokens, draw.ids)
+            if draw.labels is None:
+                loss, valid = self.scorer(draw.tokens, draw.ids)
+            else:
+                loss, valid = self.scorer(draw.tokens, draw.ids, draw.labels)
         return loss.float(), valid.to(torch.bool)
 
     def assign(self, draw: StepDraw) -> StepAssignment:
@@ -268,89 +271,97 @@ class ESDataPath:
             draw=draw,
             ids=draw.ids,
             tokens=draw.tokens,
+            labels=draw.labels,
             loss_weights=draw.prune_weights,
             update_scores=self.es.plain_steps_update_scores,
         )
 
     def select(self, draw: StepDraw, losses: torch.Tensor, valid: torch.Tensor) -> StepAssignment:
         """All-gather the records, select B globally, update the owned scores, assign."""
-        comm = dist.device()
+        dev = self.comm.device
+        k, q = self.geo.train_batch, self.geo.train_per_rank
+        layout = _select_packet(k, q)
         with self.timers.span("select_s"):
-            gs = select_global(
-                self.es,
+            gs = self.selector.select(
                 self.table,
                 step=draw.step,
-                seed=self.seed,
-                ids=draw.ids.to(comm),
-                losses=losses.to(comm),
-                valid=valid.to(comm),
-                prune_weights=draw.prune_weights.to(comm),
-                k=self.geo.train_batch,
+                ids=draw.ids,
+                losses=losses,
+                valid=valid,
+                prune_weights=draw.prune_weights,
             )
             g, a = gs.gathered, gs.assignment
             meta_ok = torch.isfinite(g.losses) & g.valid
-            chosen = a.positions
-            sel_pos = gs.selection.positions.to(comm)
-            sel_ok, sel_losses = meta_ok[sel_pos], g.losses[sel_pos]
-            packed = torch.cat(
-                [
-                    gs.selected_ids,
-                    g.ids[chosen],
-                    a.local.to(torch.int64),
-                    *(
-                        t.to(torch.int64).reshape(1)
-                        for t in dist.lockstep_diverged(gs.digest, self._stop_flag(comm))
-                    ),
-                    (~g.valid).sum().reshape(1),
-                    a.moved.reshape(1),
-                    _f64_bits(_masked_mean(sel_losses, sel_ok)),
-                    _f64_bits(_masked_mean(g.losses, meta_ok)),
-                ]
+            sel_pos = gs.selection.positions.to(dev)
+            diverged, stop = self.comm.lockstep_flags(gs.digest, self._stop_flag(dev))
+            host = layout.unpack(
+                self._to_host(
+                    layout.pack(
+                        selected=gs.selected_ids,
+                        my_ids=g.ids[a.positions],
+                        local=a.local,
+                        diverged=diverged,
+                        stop=stop,
+                        invalid=(~g.valid).sum(),
+                        moved=a.moved,
+                        train_loss=_masked_mean(g.losses[sel_pos], meta_ok[sel_pos]),
+                        meta_loss=_masked_mean(g.losses, meta_ok),
+                    )
+                )
             )
-            host = self._to_host(packed)
-        k, q = self.geo.train_batch, self.geo.train_per_rank
-        selected, my_ids, local = host[:k], host[k : k + q], host[k + q : k + 2 * q].bool()
-        diverged, stop, n_invalid, moved = (int(v) for v in host[k + 2 * q : k + 2 * q + 4])
-        train_loss, meta_loss = (float(v) for v in host[k + 2 * q + 4 :].view(torch.float64))
-        digest = selection_digest(selected)
-        dist.raise_if_diverged(bool(diverged), digest)
-        tokens = self._assemble_tokens(draw, a.positions.to(self.device), my_ids, local)
+        digest = selection_digest(host["selected"])
+        if int(host["diverged"][0]):
+            raise SelectionDivergedError(self.rank, digest)
+        my_ids, local = host["my_ids"], host["local"].bool()
+        positions = a.positions.to(self.device)
+        tokens = self._assemble(draw.tokens, positions, my_ids, local, "tokens")
+        labels = None
+        if draw.labels is not None:
+            labels = self._assemble(draw.labels, positions, my_ids, local, "labels")
         weights = gs.loss_weights().to(self.device)
         m = draw.ids.numel()
+        n_invalid = int(host["invalid"][0])
         self.totals["bp_samples"] += k
         self.totals["scored_samples"] += m * self.world
         self.totals["invalid_samples"] += n_invalid
-        self.moved_samples += moved
+        self.selector.moved_samples += int(host["moved"][0])
         record = {
-            "train_loss": train_loss,
+            "train_loss": host["train_loss"],
             "scored": m * self.world,
             "selected": k,
             "invalid": n_invalid,
-            "meta_loss": meta_loss,
+            "meta_loss": host["meta_loss"],
             "digest": digest,
-            "stop_requested": bool(stop),
+            "stop_requested": bool(host["stop"][0]),
         }
         return StepAssignment(
             draw=draw,
             ids=my_ids.to(self.device),
             tokens=tokens,
+            labels=labels,
             loss_weights=weights,
             update_scores=False,
             record=record,
         )
 
-    def _assemble_tokens(
-        self, draw: StepDraw, positions: torch.Tensor, my_ids: torch.Tensor, local: torch.Tensor
+    def _assemble(
+        self,
+        drawn: torch.Tensor,
+        positions: torch.Tensor,
+        my_ids: torch.Tensor,
+        local: torch.Tensor,
+        column: str,
     ) -> torch.Tensor:
-        """Own samples from the draw's tokens (device), moved ones re-read by global id."""
-        m = draw.ids.numel()
+        """Rows of the samples this rank trains: own ones from the draw's rows (device), moved
+        ones re-read by global id (`column`: "tokens" or "labels")."""
+        m = drawn.size(0)
         own = (positions - self.rank * m).clamp(0, m - 1)
-        tokens = draw.tokens.index_select(0, own)
+        rows = drawn.index_select(0, own)
         if not bool(local.all()):
-            rows = torch.nonzero(~local).reshape(-1)
-            remote = self._to_device(self.read_tokens(my_ids[rows]))
-            tokens[rows.to(self.device)] = remote
-        return tokens
+            moved = torch.nonzero(~local).reshape(-1)
+            remote = getattr(self.stream.read(my_ids[moved]), column)
+            rows[moved.to(self.device)] = self._to_device(remote)
+        return rows
 
     def observe_training_losses(
         self, a: StepAssignment, ids: torch.Tensor, losses: torch.Tensor
@@ -359,42 +370,43 @@ class ESDataPath:
         update the scores of `ids` from them (the free scoring of burn-in / anneal / prune)."""
         losses = losses.detach().float()
         a.train_losses.append(losses)
-        if not a.update_scores:
-            return
-        tdev = self.table.device
-        ids_t, losses_t = ids.to(tdev), losses.to(tdev)
-        s_new = score_update(self.es.method, self.table.gather(ids_t), losses_t, self.es.beta2)
-        self.table.update(ids_t, s_new, torch.isfinite(losses_t))
+        if a.update_scores:
+            self.store.observe(ids, losses)
 
     def finish_step(self, a: StepAssignment) -> dict[str, Any]:
         """Close the step: count it and return its record (the plain step's one host sync)."""
         if not a.draw.selecting:
-            comm = dist.device()
+            dev = self.comm.device
             losses = torch.cat(a.train_losses) if a.train_losses else torch.zeros(0)
             # one extra row per rank carries its stop request: (flag, 0)
-            flag = self._stop_flag(comm)
+            flag = self._stop_flag(dev)
             mine = torch.cat(
                 [
-                    torch.stack([a.ids.to(comm), f32_bits(losses.to(comm))], dim=1),
+                    torch.stack([a.ids.to(dev), f32_bits(losses.to(dev))], dim=1),
                     torch.stack([flag, torch.zeros_like(flag)], dim=1),
                 ]
             )
-            everyone = dist.all_gather_cat(mine).view(self.world, -1, 2)
+            everyone = self.comm.all_gather_cat(mine).view(self.world, -1, 2)
             samples, flags = everyone[:, :-1].reshape(-1, 2), everyone[:, -1, 0]
-            all_losses = bits_f32(samples[:, 1])
             n = samples.shape[0]
-            packed = torch.cat(
-                [samples[:, 0], _f64_bits(all_losses.mean()), flags.amax().reshape(1)]
+            layout = _plain_packet(n)
+            host = layout.unpack(
+                self._to_host(
+                    layout.pack(
+                        ids=samples[:, 0],
+                        train_loss=bits_f32(samples[:, 1]).mean(),
+                        stop=flags.amax(),
+                    )
+                )
             )
-            host = self._to_host(packed)
             self.totals["bp_samples"] += n
             a.record = {
-                "train_loss": float(host[n:].view(torch.float64)[0]),
+                "train_loss": host["train_loss"],
                 "scored": 0,
                 "selected": n,
                 "invalid": 0,
-                "digest": selection_digest(host[:n]),
-                "stop_requested": bool(host[n + 1]),
+                "digest": selection_digest(host["ids"]),
+                "stop_requested": bool(host["stop"][0]),
             }
         a.record.update(step=a.draw.step + 1, epoch=a.draw.epoch, phase=a.draw.phase)
         self.step += 1
@@ -403,47 +415,48 @@ class ESDataPath:
     # ------------------------------------------------------------------ state
     def fingerprint(self) -> dict[str, Any]:
         """What must be equal for a resumed run to continue the same run."""
+        p = self.plan
         return {
             "world_size": self.world,
-            "num_samples": self.num_samples,
-            "shard": [self.lo, self.hi],
+            "num_samples": p.num_samples,
+            "shard": [self.stream.lo, self.stream.hi],
             "method": self.es.method,
-            "seed": self.seed,
-            "epochs": self.epochs,
-            "planned_steps": self.total_steps,
-            "burn_in_steps": self.burn_in_steps,
-            "steps_per_epoch": self.steps_per_epoch,
+            "seed": p.seed,
+            "epochs": p.epochs,
+            "planned_steps": p.total_steps,
+            "burn_in_steps": p.burn_in_steps,
+            "steps_per_epoch": p.steps_per_epoch,
             "train_batch": self.geo.train_batch,
             "meta_batch": self.geo.meta_batch,
             "micro_batch": self.geo.micro,
+            "labels": self.stream.has_labels,
             "evolved_sampling": self.es.model_dump(),
         }
 
     def state_dict(self) -> dict[str, Any]:
         """Plain containers and CPU tensors (weights_only-safe); take it between steps."""
-        scores = dict(self.table.state_dict())
-        scores["scores"] = scores["scores"].detach().to("cpu")
         return {
             "version": STATE_VERSION,
             "fingerprint": self.fingerprint(),
             "step": self.step,
-            "epoch": self.epoch,
             "done": self.done,
-            "epoch_started": self._started,
-            "available": self._available,
-            "scores": scores,
-            "plan": self.plan.state_dict() if self.plan is not None else None,
-            "sampler": self.sampler.state_dict(),
+            "stream": self.stream.state_dict(),
+            "scores": self.store.state_dict(),
+            "selector": self.selector.state_dict(),
             "totals": dict(self.totals),
             "timers": self.timers.state_dict(),
             "host_syncs": self.host_syncs,
-            "moved_samples": self.moved_samples,
         }
 
     def load_state_dict(self, state: dict[str, Any], *, source: str = "the ES state") -> None:
         """Continue from `state_dict()` of the same run; a different run is an error."""
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise DataPathError(f"{source} has an unknown ES data path state format")
+        version = state.get("version") if isinstance(state, dict) else None
+        if version != STATE_VERSION:
+            raise DataPathError(
+                f"{source} has ES data path state format {version!r}, this es-llm reads "
+                f"format {STATE_VERSION}: it was written by another es-llm version; start a "
+                f"fresh run (or resume with the es-llm that wrote it)"
+            )
         saved, now = state["fingerprint"], self.fingerprint()
         diff = [k for k in now if saved.get(k) != now[k]]
         if diff:
@@ -453,23 +466,13 @@ class ESDataPath:
                 f"with the same flags and config as the original run"
             )
         try:
-            scores = dict(state["scores"])
-            scores["scores"] = torch.as_tensor(scores["scores"]).to(self.table.device)
-            self.table.load_state_dict(scores)
-            self.sampler.load_state_dict(state["sampler"])
-            plan = state["plan"]
-            self.plan = EpochPlan.from_state_dict(plan) if plan is not None else None
+            self.store.load_state_dict(state["scores"])
+            self.stream.load_state_dict(state["stream"])
+            self.selector.load_state_dict(state["selector"])
         except (KeyError, ValueError, TypeError) as e:
             raise DataPathError(f"{source} does not fit this run: {e}") from e
         self.step = int(state["step"])
-        self.epoch = int(state["epoch"])
         self.done = bool(state["done"])
-        self._started = bool(state["epoch_started"])
-        self._available = int(state["available"])
-        self._order = None
-        if self._started:
-            self._set_order()
         self.totals.update({k: int(v) for k, v in state["totals"].items()})
         self.timers.load_state_dict(state["timers"])
         self.host_syncs = int(state["host_syncs"])
-        self.moved_samples = int(state["moved_samples"])

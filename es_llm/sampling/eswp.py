@@ -5,13 +5,14 @@ its score, the *global* mean score and a draw seeded by (seed, epoch, global id)
 all-reduces the sum and count of its scored samples, then plans its own shard; the union of
 the shards' plans is the plan one rank would make over the whole set. Ranks then agree on the
 steps of the epoch by an all-reduce MIN (a rank's leftover samples are skipped).
-The training loop and the multi-process test call these same functions.
+The data path and the multi-process test call these same functions; every collective runs
+over the communicator they are given (the data-parallel group).
 """
 
 from __future__ import annotations
 
-from es_llm import dist
 from es_llm.data.sharding import RankSampler
+from es_llm.sampling.comm import Communicator
 from es_llm.sampling.config import EvolvedSamplingConfig
 from es_llm.sampling.pruning import EpochPlan, plan_epoch
 from es_llm.sampling.scores import ScoreTable
@@ -19,20 +20,26 @@ from es_llm.sampling.scores import ScoreTable
 __all__ = ["global_mean_score", "plan_epoch_global", "lockstep_available"]
 
 
-def global_mean_score(table: ScoreTable) -> float:
+def global_mean_score(comm: Communicator, table: ScoreTable) -> float:
     """Mean score over every rank's scored samples (NaN when nothing is scored anywhere)."""
     s, c = table.sum_and_count()
-    total_s, total_c = dist.all_reduce_sum([s, float(c)])
+    total_s, total_c = comm.all_reduce_sum([s, float(c)])
     return total_s / total_c if total_c > 0 else float("nan")
 
 
 def plan_epoch_global(
-    table: ScoreTable, es: EvolvedSamplingConfig, *, epoch: int, epochs: int, seed: int
+    comm: Communicator,
+    table: ScoreTable,
+    es: EvolvedSamplingConfig,
+    *,
+    epoch: int,
+    epochs: int,
+    seed: int,
 ) -> EpochPlan:
     """This shard's part of the global pruning plan of `epoch` (a collective: all ranks call)."""
     return plan_epoch(
         table,
-        global_mean_score(table),
+        global_mean_score(comm, table),
         epoch=epoch,
         epochs=epochs,
         seed=seed,
@@ -42,10 +49,10 @@ def plan_epoch_global(
     )
 
 
-def lockstep_available(sampler: RankSampler, plan: EpochPlan | None) -> int:
+def lockstep_available(comm: Communicator, sampler: RankSampler, plan: EpochPlan | None) -> int:
     """Samples of this epoch every rank can draw: the MIN over ranks of its kept samples.
 
     A rank's epoch ends when its next batch would pass this count, so all ranks take the same
     number of steps whatever the batch size of each step (burn-in B, selection B_meta).
     """
-    return dist.all_reduce_min_int(sampler.num_kept(plan.keep if plan is not None else None))
+    return comm.all_reduce_min_int(sampler.num_kept(plan.keep if plan is not None else None))

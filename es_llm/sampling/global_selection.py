@@ -5,19 +5,25 @@ processes and synthetic losses: W ranks, each holding a slice of the same global
 must select exactly what one rank selects over the whole of it, step after step while the
 scores evolve. Only per-sample records travel (`es_llm.sampling.records`): one all-gather of
 24 bytes a sample, no token ids; every tensor stays on the device it came on (no host sync).
+Every collective runs over the communicator it is given: the data-parallel group.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from es_llm import dist
+from es_llm.sampling.comm import Communicator
 from es_llm.sampling.config import EvolvedSamplingConfig
+from es_llm.sampling.eswp import lockstep_available, plan_epoch_global
+from es_llm.sampling.pruning import EpochPlan
 from es_llm.sampling.records import Assignment, Records, locality_first, pack, unpack
 from es_llm.sampling.scores import ScoreTable
 from es_llm.sampling.selector import Selection, device_digest, select_step
+
+__all__ = ["GlobalSelection", "GlobalSelector", "select_global"]
 
 
 @dataclass
@@ -39,6 +45,7 @@ def select_global(
     cfg: EvolvedSamplingConfig,
     table: ScoreTable,
     *,
+    comm: Communicator,
     step: int,
     seed: int,
     ids: torch.Tensor,
@@ -49,12 +56,12 @@ def select_global(
 ) -> GlobalSelection:
     """Gather this rank's scored records, select `k` globally, update the owned scores, assign.
 
-    Every tensor argument must be on `dist.device()` (checked by the all-gather).
+    Every tensor argument must be on `comm.device` (checked by the all-gather).
     """
     m = ids.numel()
     prev = table.gather(ids.to(table.device)).to(ids.device)
     mine = Records(ids=ids, losses=losses, scores=prev, valid=valid, prune_weights=prune_weights)
-    g = unpack(dist.all_gather_cat(pack(mine)))
+    g = unpack(comm.all_gather_cat(pack(mine)))
     sel = select_step(
         cfg,
         step=step,
@@ -66,10 +73,10 @@ def select_global(
         k=k,
     )
     positions = sel.positions.to(ids.device)
-    r = dist.rank()
+    r = comm.rank
     own = sel.new_scores.to(ids.device)[r * m : (r + 1) * m]
     table.update(ids.to(table.device), own.to(table.device), valid.to(table.device))
-    assignment = locality_first(positions, per_rank_meta=m, world=dist.world_size(), rank=r)
+    assignment = locality_first(positions, per_rank_meta=m, world=comm.size, rank=r)
     selected = g.ids[positions]
     return GlobalSelection(
         gathered=g,
@@ -78,3 +85,61 @@ def select_global(
         selected_ids=selected,
         digest=device_digest(selected),
     )
+
+
+class GlobalSelector:
+    """The data path's collectives over one data-parallel group: the step's global selection
+    and the epoch's ESWP plan, with what it counts of them (samples that changed rank)."""
+
+    def __init__(self, es: EvolvedSamplingConfig, comm: Communicator, *, seed: int, k: int):
+        self.es, self.comm, self.seed, self.k = es, comm, int(seed), int(k)
+        self.moved_samples = 0  # chosen samples trained on another rank than their scorer's
+
+    def select(
+        self,
+        table: ScoreTable,
+        *,
+        step: int,
+        ids: torch.Tensor,
+        losses: torch.Tensor,
+        valid: torch.Tensor,
+        prune_weights: torch.Tensor,
+    ) -> GlobalSelection:
+        """`select_global` of this group; the tensors are moved to the communicator's device."""
+        dev = self.comm.device
+        return select_global(
+            self.es,
+            table,
+            comm=self.comm,
+            step=step,
+            seed=self.seed,
+            ids=ids.to(dev),
+            losses=losses.to(dev),
+            valid=valid.to(dev),
+            prune_weights=prune_weights.to(dev),
+            k=self.k,
+        )
+
+    def plan_epoch(self, table: ScoreTable, *, epoch: int, epochs: int) -> EpochPlan | None:
+        """The epoch's pruning plan of this shard (None without pruning; a collective)."""
+        if not self.es.uses_pruning:
+            return None
+        return plan_epoch_global(
+            self.comm, table, self.es, epoch=epoch, epochs=epochs, seed=self.seed
+        )
+
+    def available(self, sampler: Any, plan: EpochPlan | None) -> int:
+        """Samples of the epoch every rank can draw (a collective)."""
+        return lockstep_available(self.comm, sampler, plan)
+
+    def count_pruned(self, plan: EpochPlan | None) -> int:
+        """Samples the plan prunes over all ranks (a collective; 0 without a plan)."""
+        if plan is None:
+            return 0
+        return int(self.comm.all_reduce_sum([float((~plan.keep).sum())])[0])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"moved_samples": self.moved_samples}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.moved_samples = int(state["moved_samples"])

@@ -10,6 +10,10 @@ some were chosen. Each rank trains its own chosen samples (up to B/W); only the 
 ranks that own more than B/W moves to ranks that own fewer, and the receiving rank re-reads
 those samples by global id from the (memory-mapped) training set. All of it is computed from
 the selection alone, identically on every rank, with fixed shapes (no host sync).
+
+Why a packet layout: a step copies what the host needs (ids it receives, counts, losses, the
+lock-step flags) to the host once. `PacketLayout` names the fields of that one int64 tensor,
+so packing and reading it cannot drift apart.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 __all__ = [
     "RECORD_WORDS",
     "Assignment",
+    "PacketLayout",
     "Records",
     "bits_f32",
     "f32_bits",
@@ -123,3 +128,57 @@ def locality_first(
         slot=mine_slot,
         moved=(~kept).sum(),
     )
+
+
+def f64_bits(x: torch.Tensor) -> torch.Tensor:
+    """A float scalar as the int64 bit pattern of its float64 value, shape [1]."""
+    return x.to(torch.float64).reshape(1).view(torch.int64)
+
+
+@dataclass(frozen=True)
+class PacketLayout:
+    """Named fields of one int64 tensor: `(name, words, kind)`, kind "i64" or "f64".
+
+    `pack` concatenates the fields on their device (f64 scalars as bit patterns); the caller
+    copies the result to the host once; `unpack` returns each field by name (int64 tensors,
+    f64 fields as Python floats).
+    """
+
+    fields: tuple[tuple[str, int, str], ...]
+
+    def __post_init__(self) -> None:
+        names = [f[0] for f in self.fields]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate packet fields: {names}")
+        for name, words, kind in self.fields:
+            if kind not in ("i64", "f64") or words < 1 or (kind == "f64" and words != 1):
+                raise ValueError(f"packet field {name!r}: bad size {words} / kind {kind!r}")
+
+    @property
+    def words(self) -> int:
+        return sum(w for _, w, _ in self.fields)
+
+    def pack(self, **values: torch.Tensor) -> torch.Tensor:
+        if set(values) != {f[0] for f in self.fields}:
+            raise ValueError(
+                f"packet fields {sorted(values)} != layout {[f[0] for f in self.fields]}"
+            )
+        parts = []
+        for name, words, kind in self.fields:
+            v = values[name]
+            t = f64_bits(v) if kind == "f64" else v.to(torch.int64).reshape(-1)
+            if t.numel() != words:
+                raise ValueError(f"packet field {name!r} has {t.numel()} words, expected {words}")
+            parts.append(t)
+        return torch.cat(parts)
+
+    def unpack(self, host: torch.Tensor) -> dict[str, torch.Tensor | float]:
+        if host.numel() != self.words:
+            raise ValueError(f"packet of {host.numel()} words, layout has {self.words}")
+        out: dict[str, torch.Tensor | float] = {}
+        at = 0
+        for name, words, kind in self.fields:
+            part = host[at : at + words]
+            out[name] = float(part.view(torch.float64)[0]) if kind == "f64" else part
+            at += words
+        return out

@@ -1,7 +1,8 @@
 """Step timers that never make the host wait for the device.
 
-On CUDA a span is a pair of accelerator events (`get_accelerator().Event(enable_timing=True)`)
-recorded on the stream; they are read only at the step's one host sync (`flush`), when every
+On an accelerator a span is a pair of device events (`torch.Event(device,
+enable_timing=True)`, or what the `event` factory a driver passes returns) recorded on the
+current stream; they are read only at the step's one host sync (`flush`), when every
 event recorded before it has completed. On the CPU the work is synchronous and
 `time.perf_counter` measures it directly.
 """
@@ -9,7 +10,7 @@ event recorded before it has completed. On the CPU the work is synchronous and
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,15 +22,14 @@ TIMERS = ("score_fwd_s", "select_s", "train_fwd_bwd_s", "optimizer_s")
 class StepTimers:
     """Accumulated seconds per timer name; device spans are resolved by `flush()`."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, event: Callable[[], Any] | None = None) -> None:
         self.totals: dict[str, float] = dict.fromkeys(TIMERS, 0.0)
         self._events = device.type != "cpu"
         self._pending: list[tuple[str, Any, Any]] = []
+        self._new_event = event or (lambda: torch.Event(device, enable_timing=True))
 
     def _event(self) -> Any:
-        from deepspeed.accelerator import get_accelerator
-
-        ev = get_accelerator().Event(enable_timing=True)
+        ev = self._new_event()
         ev.record()
         return ev
 

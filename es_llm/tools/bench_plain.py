@@ -111,14 +111,14 @@ def run_plain(opts: PlainOptions, on_step: Callable[[int], None] | None = None) 
     from es_llm.data import load_corpus
     from es_llm.drivers.deepspeed.dsconfig import load_ds_config
     from es_llm.model import build_model, count_parameters, load_model_preset
-    from es_llm.sampling.geometry import resolve_geometry
+    from es_llm.sampling.config import EvolvedSamplingConfig
+    from es_llm.sampling.plan import RunPlan
 
     if opts.steps < 1:
         raise InputError(f"--steps must be >= 1, got {opts.steps}")
     device = _device(opts.device)
     torch.manual_seed(opts.seed)
     ds_config = load_ds_config(opts.config)
-    geo = resolve_geometry(ds_config, 1, 1.0)
     corpus = load_corpus(
         opts.data,
         seq_len=opts.seq_len,
@@ -130,11 +130,14 @@ def run_plain(opts: PlainOptions, on_step: Callable[[int], None] | None = None) 
         progress=False,
     )
     n = len(corpus.train)
-    if n < geo.train_batch:
-        raise InputError(
-            f"{n} training sequences are fewer than one batch of {geo.train_batch}: use more "
-            "data or a shorter --seq-len"
-        )
+    # uniform at one rank: the same geometry as es-llm train; as many epochs as the steps need
+    uniform = EvolvedSamplingConfig(method="uniform")
+    one_epoch = RunPlan.build(ds_config, uniform, dp_size=1, num_samples=n, epochs=1)
+    epochs = -(-opts.steps // one_epoch.plain_steps_per_epoch)
+    plan = RunPlan.build(
+        ds_config, uniform, dp_size=1, num_samples=n, epochs=epochs, max_steps=opts.steps
+    )
+    geo = plan.geo
     # the whole token table on the device once: no host-to-device copy inside a step
     tokens = torch.from_numpy(np.asarray(corpus.train["input_ids"], dtype=np.int64)).to(device)
     model = build_model(
@@ -156,7 +159,7 @@ def run_plain(opts: PlainOptions, on_step: Callable[[int], None] | None = None) 
     if device.type == "cuda":
         torch.cuda.synchronize()
     t_start = time.perf_counter()
-    for step in range(1, opts.steps + 1):
+    for step in range(1, plan.total_steps + 1):
         if pos + geo.train_batch > n:
             order, pos, epoch = permutation(), 0, epoch + 1
         batch = order[pos : pos + geo.train_batch]

@@ -13,8 +13,9 @@ One optimizer step, on every data-parallel rank, driven through `ESDataPath`
    update the scores (`observe_training_losses`);
 4. `finish_step()`: the step's record (digest, losses, counts) for metrics.jsonl.
 
-The run stops at the planned step count (`estimate_total_steps`), at `--max-steps`, at a
-budget, or at `--stop-after`.
+The run's shape (batch geometry, planned steps, burn-in, scoring micro-batch) is its
+`RunPlan` (`es_llm/sampling/plan.py`), built once in `setup`. The run stops at the planned
+step count, at `--max-steps`, at a budget, or at `--stop-after`.
 """
 
 from __future__ import annotations
@@ -35,14 +36,17 @@ from es_llm.drivers.deepspeed import checkpoint as ckpt
 from es_llm.drivers.deepspeed.dsconfig import deepspeed_config, es_config_for_run, load_ds_config
 from es_llm.drivers.deepspeed.export import export_model
 from es_llm.drivers.deepspeed.metrics import MetricsWriter, plot_loss_curves, write_json_atomic
+from es_llm.drivers.deepspeed.seam import es_data_path
 from es_llm.drivers.deepspeed.stopping import RunStopped, StopRequest
-from es_llm.drivers.losses import training_losses
-from es_llm.drivers.scoring import ModelScorer, Scorer, scoring_losses
+from es_llm.drivers.losses import weighted_step_loss
+from es_llm.drivers.scoring import scoring_losses
+from es_llm.drivers.steplog import step_record
 from es_llm.errors import InputError
 from es_llm.model import count_parameters, load_model, resolve_model, tokenizer_for
 from es_llm.sampling.config import EvolvedSamplingConfig
-from es_llm.sampling.datapath import ESDataPath, StepAssignment
-from es_llm.sampling.geometry import BatchGeometry, resolve_geometry
+from es_llm.sampling.datapath import StepAssignment
+from es_llm.sampling.geometry import BatchGeometry
+from es_llm.sampling.plan import RunPlan, plan_geometry
 from es_llm.sampling.timing import TIMERS
 
 __all__ = ["TIMERS", "ESRun", "TrainOptions", "TrainingError", "train"]
@@ -111,9 +115,7 @@ class ESRun:
         )
         self.method = self.es.method
         dist.ensure_launcher_env()
-        self.geo: BatchGeometry = resolve_geometry(
-            ds_config, int(os.environ["WORLD_SIZE"]), self.es.effective_selection_ratio
-        )
+        plan_geometry(ds_config, self.es, int(os.environ["WORLD_SIZE"]))  # fails before init
         timeout = dist.collective_timeout()
         deepspeed.init_distributed(
             dist_backend=None, verbose=False, **({"timeout": timeout} if timeout else {})
@@ -130,15 +132,16 @@ class ESRun:
             corpus = self._load_corpus(progress=False)
         self.corpus = corpus
         self.device = dist.accelerator_device()
-        self.data = ESDataPath(
+        self.plan = RunPlan.build(
+            ds_config,
             self.es,
-            self.geo,
-            corpus.train,
-            seed=self.es.resolved_seed(opts.seed),
+            dp_size=self.world,
+            num_samples=len(corpus.train),
             epochs=opts.epochs,
+            seed=opts.seed,
             max_steps=opts.max_steps,
-            device=self.device,
         )
+        self.geo: BatchGeometry = self.plan.geo
         vlo, vhi = shard_range(len(corpus.val), self.rank, self.world)
         self.val_shard = corpus.val.select(range(vlo, vhi)).with_format(
             "numpy", columns=[c for c in ("input_ids", "labels") if c in corpus.val.column_names]
@@ -151,17 +154,12 @@ class ESRun:
             eod_id=corpus.eod_id,
         )
         self.num_params = count_parameters(model)
-        self.ds_config = deepspeed_config(ds_config, self.geo, self.data.total_steps)
+        self.ds_config = deepspeed_config(ds_config, self.geo, self.plan.total_steps)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=self.ds_config
         )
-        self.scoring_mbs = self.es.scoring_micro_batch_size or 2 * self.geo.micro
-        scorer: Scorer = ModelScorer(
-            lambda: self.engine.module,
-            micro_batch=self.scoring_mbs,
-            ignore_index=self.es.ignore_index,
-        )
-        self.data.scorer = self.wrap_scorer(scorer) if self.wrap_scorer is not None else scorer
+        self.scoring_mbs = self.plan.scoring_micro_batch
+        self.data = es_data_path(self.engine, corpus.train, self.plan, wrap_scorer=self.wrap_scorer)
         self.out = Path(opts.out)
         if opts.resume:
             self._resume()
@@ -239,10 +237,12 @@ class ESRun:
         micro = self.geo.micro
         for i in range(0, a.tokens.size(0), micro):
             mb = a.tokens[i : i + micro]
+            labels = a.labels[i : i + micro] if a.labels is not None else None
             with timers.span("train_fwd_bwd_s"):
                 out = self.engine(input_ids=mb)
-                per_sample, _ = training_losses(out.logits, mb, self.es.ignore_index)
-                loss = (per_sample * a.loss_weights[i : i + micro]).mean()
+                loss, per_sample = weighted_step_loss(
+                    out.logits, mb, a.loss_weights[i : i + micro], self.es.ignore_index, labels
+                )
                 self.engine.backward(loss)
             with timers.span("optimizer_s"):
                 self.engine.step()
@@ -400,20 +400,11 @@ class ESRun:
         lr = self.engine.get_lr()[0] if self.engine.lr_scheduler is not None else None
         self.metrics.write(
             {
-                "type": "step",
-                "step": rec["step"],
-                "epoch": rec["epoch"],
-                "phase": rec["phase"].name.lower(),
-                "train_loss": rec["train_loss"],
+                **step_record(rec),
                 "lr": lr,
-                "scored": rec["scored"],
-                "selected": rec["selected"],
-                "invalid": rec["invalid"],
-                "meta_loss": rec.get("meta_loss"),
                 "wall_clock_s": self.train_clock,
                 "cpu_time_s": self.train_cpu,
                 "step_s": step_s,
-                "selection_digest": rec["digest"],
             }
         )
 

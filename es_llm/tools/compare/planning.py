@@ -1,8 +1,8 @@
 """Which runs a comparison makes, how long each is, and uniform-matched's budget.
 
-Run lengths come from the core's one step estimator (`core.schedule.estimate_total_steps`,
-which counts burn-in steps at B and pruned epochs at their expected kept share), so compare
-spaces evaluations on the schedule the training loop will actually follow.
+Run lengths come from the run's `RunPlan` (`es_llm.sampling.plan`, the one the training loop
+builds: burn-in steps at B, pruned epochs at their expected kept share), so compare spaces
+evaluations on the schedule the training loop will actually follow.
 """
 
 from __future__ import annotations
@@ -64,24 +64,16 @@ def planned_steps(
     epochs: int,
     max_steps: int | None,
 ) -> int:
-    """Optimizer steps the run of `variant` will take (the training loop's own estimate)."""
-    from es_llm.data.sharding import shard_range
+    """Optimizer steps the run of `variant` will take (the training loop's own plan)."""
     from es_llm.drivers.deepspeed.dsconfig import es_config_for_run, load_ds_config
-    from es_llm.sampling.geometry import resolve_geometry
-    from es_llm.sampling.schedule import estimate_total_steps
+    from es_llm.sampling.plan import RunPlan
 
     ds = load_ds_config(config)
     es = es_config_for_run(ds, variant.method, {**es_overrides, **variant.overrides})
-    geo = resolve_geometry(ds, world, es.effective_selection_ratio)
-    shards = [shard_range(n_train, r, world) for r in range(world)]
-    return estimate_total_steps(
-        es,
-        min_local=min(hi - lo for lo, hi in shards),
-        train_per_rank=geo.train_per_rank,
-        meta_per_rank=geo.meta_per_rank,
-        epochs=epochs,
-        max_steps=max_steps,
+    plan = RunPlan.build(
+        ds, es, dp_size=world, num_samples=n_train, epochs=epochs, max_steps=max_steps
     )
+    return plan.total_steps
 
 
 def plan_runs(

@@ -1,0 +1,106 @@
+"""ES in your own DeepSpeed loop: one factory, then the data path's four calls.
+
+::
+
+    plan = RunPlan.build(ds_config, dp_size=dist.world_size(), num_samples=len(train),
+                         epochs=1, seed=0)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      config=engine_config(ds_config, plan))
+    data = es_data_path(engine, train, plan)           # or pass ds_config instead of plan
+    while (draw := data.next_step()) is not None:
+        a = data.assign(draw)
+        for i in range(0, a.ids.numel(), plan.geo.micro):
+            mb = a.tokens[i : i + plan.geo.micro]
+            loss, per_sample = weighted_step_loss(engine(input_ids=mb).logits, mb,
+                                                  a.loss_weights[i : i + plan.geo.micro], -100)
+            engine.backward(loss)
+            engine.step()
+            data.observe_training_losses(a, a.ids[i : i + plan.geo.micro], per_sample)
+        record = data.finish_step(a)
+
+`examples/deepspeed_loop.py` is this as a runnable script; `es-llm train` is the same loop
+with evaluation, checkpoints and metrics around it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from es_llm import dist
+from es_llm.drivers.deepspeed.dsconfig import deepspeed_config
+from es_llm.drivers.scoring import ModelScorer, Scorer
+from es_llm.errors import InputError
+from es_llm.sampling.datapath import ESDataPath
+from es_llm.sampling.plan import RunPlan
+
+__all__ = ["engine_config", "es_data_path"]
+
+
+def engine_config(ds_config: dict[str, Any], plan: RunPlan) -> dict[str, Any]:
+    """The dict for `deepspeed.initialize`: no ES section, the plan's batch fields, and the
+    LR scheduler's "auto" step counts filled from the planned steps."""
+    return deepspeed_config(ds_config, plan.geo, plan.total_steps)
+
+
+def es_data_path(
+    engine: Any,
+    train_dataset: Any,
+    plan: RunPlan | dict[str, Any],
+    *,
+    epochs: int = 1,
+    seed: int = 0,
+    max_steps: int | None = None,
+    group: Any = None,
+    scorer: Scorer | None = None,
+    wrap_scorer: Callable[[Scorer], Scorer] | None = None,
+) -> ESDataPath:
+    """The ES data path of a DeepSpeed `engine` over `train_dataset` (`input_ids`, optional
+    `labels`; the row index is the global sample id).
+
+    `plan` is the run's `RunPlan`, or the DeepSpeed config dict with its `evolved_sampling`
+    section, planned here with `epochs`, `seed` and `max_steps`. `group` is the data-parallel
+    process group (default: every rank). The default scorer is the engine's model, no-grad,
+    in chunks of the plan's scoring micro-batch; `scorer` replaces it, `wrap_scorer(default)`
+    wraps it.
+    """
+    comm = dist.Communicator(group)
+    if not isinstance(plan, RunPlan):
+        plan = RunPlan.build(
+            plan,
+            dp_size=comm.size,
+            num_samples=len(train_dataset),
+            epochs=epochs,
+            seed=seed,
+            max_steps=max_steps,
+        )
+    geo = plan.geo
+    micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    if (micro, gas) != (geo.micro, geo.grad_accum):
+        raise InputError(
+            f"the engine trains micro-batches of {micro} x {gas} accumulation steps, the ES "
+            f"plan {geo.micro} x {geo.grad_accum}: initialise the engine with "
+            f"engine_config(ds_config, plan)"
+        )
+    if scorer is None:
+        scorer = ModelScorer(
+            lambda: engine.module,
+            micro_batch=plan.scoring_micro_batch,
+            ignore_index=plan.es.ignore_index,
+        )
+    if wrap_scorer is not None:
+        scorer = wrap_scorer(scorer)
+
+    def event() -> Any:
+        from deepspeed.accelerator import get_accelerator
+
+        return get_accelerator().Event(enable_timing=True)
+
+    return ESDataPath(
+        plan,
+        train_dataset,
+        comm=comm,
+        device=dist.accelerator_device(),
+        scorer=scorer,
+        timer_event=event,
+    )
