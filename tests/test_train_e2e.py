@@ -83,6 +83,11 @@ def test_single_rank_es_run_leaves_metrics_summary_and_plot(tmp_path, es_cache, 
     reloaded = reload_val_loss(out / "model", es_cache, TINY_RUN_ARGS)
     assert reloaded == pytest.approx(summary["final_val_loss"], rel=1e-5)
     _continue_from_export(out / "model", tmp_path, es_cache, cfg)
+    # the public seam: examples/deepspeed_loop.py, a user's own loop around the same data
+    # path, selects exactly what `es-llm train` selects on the same config and data
+    example = _run_example(cfg, es_cache, ["--epochs", "1", "--steps", "8"])
+    assert [r["digest"] for r in example] == [r["selection_digest"] for r in steps]
+    assert [r["train_loss"] for r in example] == [r["train_loss"] for r in steps]
 
 
 def _continue_from_export(model: Path, tmp_path: Path, cache: Path, cfg: Path) -> None:
@@ -104,6 +109,26 @@ def _continue_from_export(model: Path, tmp_path: Path, cache: Path, cfg: Path) -
     assert reload_val_loss(out / "model", cache, args) == pytest.approx(
         summary["final_val_loss"], rel=1e-5
     )
+
+
+def _run_example(cfg: Path, cache: Path, extra: list[str]) -> list[dict]:
+    """Run examples/deepspeed_loop.py on the tiny run's data; its per-step JSON lines."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    data = ["--seq-len", "32", "--vocab-size", "512", "--max-train-samples", "256"]
+    assert all(a in TINY_RUN_ARGS for a in data)  # the data of `es-llm train ... TINY_RUN_ARGS`
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "deepspeed_loop.py"), "--config", str(cfg),
+         *data, *extra],
+        cwd=REPO, env={**os.environ, "ES_LLM_CACHE": str(cache)}, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    _ok(proc)
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
 @pytest.mark.multiproc
