@@ -104,6 +104,13 @@ def accelerator_device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
+def accelerator_event() -> Any:
+    """A timing event of DeepSpeed's accelerator (for `StepTimers` on a GPU)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().Event(enable_timing=True)
+
+
 def device() -> torch.device:
     """The device the process group's collectives need: CPU for gloo, else the accelerator's.
 

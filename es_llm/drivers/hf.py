@@ -212,7 +212,14 @@ class ESTrainerMixin:
             micro_batch=plan.scoring_micro_batch,
             ignore_index=es.ignore_index,
         )
-        self.es_data = ESDataPath(plan, ds, comm=comm, device=self.args.device, scorer=scorer)
+        self.es_data = ESDataPath(
+            plan,
+            ds,
+            comm=comm,
+            device=self.args.device,
+            scorer=scorer,
+            timer_event=dist.accelerator_event,
+        )
         # Trainer epochs only count steps: make their total the planned count
         per_trainer_epoch = math.ceil(plan.total_steps / epochs)
         return _ESStream(self.es_data, length=per_trainer_epoch * geo.grad_accum)

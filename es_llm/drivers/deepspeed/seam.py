@@ -91,16 +91,11 @@ def es_data_path(
     if wrap_scorer is not None:
         scorer = wrap_scorer(scorer)
 
-    def event() -> Any:
-        from deepspeed.accelerator import get_accelerator
-
-        return get_accelerator().Event(enable_timing=True)
-
     return ESDataPath(
         plan,
         train_dataset,
         comm=comm,
         device=dist.accelerator_device(),
         scorer=scorer,
-        timer_event=event,
+        timer_event=dist.accelerator_event,
     )
