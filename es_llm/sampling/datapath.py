@@ -230,10 +230,6 @@ class ESDataPath:
         )
 
     # ------------------------------------------------------------------ data
-    def read_tokens(self, global_ids: torch.Tensor) -> torch.Tensor:
-        """int64 [n, T] token ids of `global_ids` (host) from the memory-mapped training set."""
-        return self.stream.read(global_ids).tokens
-
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cpu":
             return t
