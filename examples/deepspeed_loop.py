@@ -19,7 +19,7 @@ from es_llm.data import load_corpus
 from es_llm.drivers.deepspeed.dsconfig import load_ds_config
 from es_llm.drivers.deepspeed.seam import engine_config, es_data_path
 from es_llm.drivers.losses import weighted_step_loss
-from es_llm.model import build_model, load_model_preset
+from es_llm.model import load_model, resolve_model
 from es_llm.sampling.plan import RunPlan
 
 p = argparse.ArgumentParser()
@@ -45,8 +45,11 @@ corpus = load_corpus(
     max_val_samples=1,
     progress=False,
 )
-model = build_model(
-    load_model_preset(args.model), vocab_size=corpus.vocab_size, seq_len=corpus.seq_len
+model = load_model(  # a preset with random weights, or a local Hugging Face model directory
+    resolve_model(args.model),
+    vocab_size=corpus.vocab_size,
+    seq_len=corpus.seq_len,
+    eod_id=corpus.eod_id,
 )
 
 # the run's shape (batch geometry, planned steps, burn-in) sizes the engine and its LR schedule
