@@ -15,7 +15,6 @@ from typing import Any
 from es_llm.errors import InputError
 from es_llm.sampling.config import EvolvedSamplingConfig, es_config_from_ds_config
 from es_llm.sampling.geometry import BatchGeometry, resolve_geometry
-from es_llm.sampling.schedule import estimate_total_steps, resolve_burn_in_steps
 
 __all__ = ["DataPathError", "RunPlan", "plan_geometry"]
 
@@ -72,6 +71,10 @@ class RunPlan:
     ) -> RunPlan:
         """Plan a run. `es` defaults to the config's `evolved_sampling` section (uniform
         when it has none); `seed` is the run's seed (the section's own seed wins)."""
+        # here, not at the top: the pre-flight check imports this module and must not load
+        # torch (the schedule's pruning import does) before the run starts
+        from es_llm.sampling.schedule import estimate_total_steps, resolve_burn_in_steps
+
         if es is None:
             es = es_config_from_ds_config(ds_config) or EvolvedSamplingConfig(method="uniform")
         if epochs < 1:
