@@ -208,7 +208,8 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     t = t.contiguous()
     _count(t, world_size() - 1)
     out = torch.empty((world_size() * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
-    dist.all_gather_into_tensor(out, t)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # new name
+    gather(out, t)
     return out
 
 
