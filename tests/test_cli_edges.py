@@ -85,12 +85,21 @@ BAD_INPUT = {
     "unknown model": (lambda t: ["--model", "gpt9"], "model 'gpt9' is neither a preset"),
     "not a model directory": (lambda t: ["--model", str(_folder(t))], "has no config.json"),
     "tiny text file": (lambda t: ["--data", str(_small_text(t))], "needs at least 2000"),
+    "executable as text": (lambda t: ["--data", str(_binary_text(t))], "x.txt is not text"),
 }
 
 
 def _folder(tmp_path):
     path = tmp_path / "not_a_model"
     path.mkdir()
+    return path
+
+
+def _binary_text(tmp_path):
+    import shutil
+
+    path = tmp_path / "x.txt"
+    shutil.copyfile("/bin/ls", path)
     return path
 
 
