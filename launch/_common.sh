@@ -14,10 +14,13 @@ fi
 
 # Quiet by default: DeepSpeed's launcher logs, at INFO level, its command line and every
 # variable it sets for the ranks. Unless ES_LLM_VERBOSE is set (es-llm --verbose sets it for
-# the ranks) or --verbose is among the arguments, ask the launcher itself for warnings and
-# above (its --log_level flag; DeepSpeed releases without the flag keep their output).
+# the ranks) or --verbose is among the arguments, ask the launcher itself for LEVEL and above
+# (its --log_level flag; DeepSpeed releases without the flag keep their output).
+# `quiet_launcher LEVEL "$@"`: LEVEL is "warning", or "error" on one node, where the
+# launcher's only warning is that there is no hostfile (there is none by design).
 quiet_launcher() {
-  local arg
+  local arg level=$1
+  shift
   if [[ -n "${ES_LLM_VERBOSE:-}" && "${ES_LLM_VERBOSE}" != "0" ]]; then
     return 0
   fi
@@ -32,7 +35,7 @@ spec = importlib.util.find_spec("deepspeed")
 runner = os.path.join(os.path.dirname(spec.origin), "launcher", "runner.py")
 sys.exit(0 if "\"--log_level\"" in open(runner).read() else 1)
 ' 2>/dev/null; then
-    DS+=(--log_level warning)
+    DS+=(--log_level "$level")
   fi
 }
 

@@ -17,7 +17,7 @@ fi
 HOSTFILE=$1
 shift
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"  # PYTHON, DS, quiet_launcher, ...
-quiet_launcher "$@"
+quiet_launcher warning "$@"
 one_thread_per_rank_on_cpu
 # shellcheck disable=SC2086
 exec "${DS[@]}" --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" \

@@ -19,6 +19,6 @@ if [[ -n "${MASTER_ADDR:-}" ]]; then
   ARGS+=(--master_addr "$MASTER_ADDR")
 fi
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"  # PYTHON, DS, quiet_launcher, ...
-quiet_launcher "$@"
+quiet_launcher warning "$@"
 # shellcheck disable=SC2086
 exec "${DS[@]}" "${ARGS[@]}" ${DS_LAUNCHER_ARGS:-} --module es_llm.cli train "$@"

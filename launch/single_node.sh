@@ -11,7 +11,7 @@ fi
 N=$1
 shift
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"  # PYTHON, DS, quiet_launcher, ...
-quiet_launcher "$@"
+quiet_launcher error "$@"
 one_thread_per_rank_on_cpu
 # shellcheck disable=SC2086
 exec "${DS[@]}" ${DS_LAUNCHER_ARGS:-} --num_gpus "$N" --master_port "${MASTER_PORT:-29500}" \

@@ -428,8 +428,12 @@ class ESRun:
             if data.step in eval_at and not stop:
                 self._record_eval("interval", epoch)
                 bar.unpause()
-            if (opts.save_every and (stop or data.step % opts.save_every == 0)) or (
-                signalled and opts.save_on_stop
+            # a signal saves by --save-on-stop (the default) alone; other stops by --save-every
+            periodic = opts.save_every and data.step % opts.save_every == 0
+            if (
+                periodic
+                or (signalled and opts.save_on_stop)
+                or (opts.save_every and stop and not signalled)
             ):
                 self._save()
         finished = not stop  # every planned epoch ran
