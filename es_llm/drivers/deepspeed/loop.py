@@ -447,7 +447,7 @@ class ESRun:
             bar.total = max(data.step, bar.n)  # pruned epochs: the true count, known only now
         bar.refresh()  # stopped: the bar keeps the planned total ("6/102")
         bar.close()
-        if opts.save_every and self._last_saved_step != data.step:
+        if opts.save_every and self._last_saved_step != data.step and not signalled:
             self._save()  # the finished state: resuming it runs no more steps
         summary = self._finish(stopped=signalled)
         if signalled:
