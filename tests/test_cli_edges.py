@@ -192,6 +192,23 @@ def test_known_harmless_deepspeed_lines_are_filtered():
     assert f.filter(record("gradient overflow, skipping step"))
 
 
+def test_deepspeeds_deprecated_collective_names_do_not_warn(monkeypatch):
+    import warnings
+
+    from es_llm.quiet import quiet_deepspeed
+
+    monkeypatch.delenv("ES_LLM_VERBOSE", raising=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_deepspeed()
+        for name in ("all_gather_into_tensor", "reduce_scatter_tensor", "all_gather_object"):
+            message = f"`torch.distributed.{name}` is deprecated. Use x"
+            warnings.warn(message, FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == [
+        "`torch.distributed.all_gather_object` is deprecated. Use x"
+    ]
+
+
 def test_op_build_notice_looks_in_torchs_extension_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
