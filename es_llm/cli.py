@@ -31,7 +31,25 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         "--eval-every",
         type=positive_int,
         default=None,
-        help="also evaluate on the validation split every N steps (default: each epoch end)",
+        help="evaluate the fixed validation subset every N steps (default: at --eval-points "
+        "steps spread over the run); the start, each epoch end and the end are evaluated too, "
+        "the end on the whole validation split",
+    )
+    p.add_argument(
+        "--eval-points",
+        type=positive_int,
+        default=10,
+        help="without --eval-every: evaluate the fixed validation subset at about this many "
+        "steps spread evenly over the planned run (default: %(default)s)",
+    )
+    p.add_argument(
+        "--eval-subset",
+        type=positive_int,
+        default=256,
+        metavar="N",
+        help="the fixed validation subset: the first N validation sequences, evaluated during "
+        "the run and at a signalled stop; the whole split is evaluated at the end "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--save-every",
@@ -40,6 +58,13 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         help="save a checkpoint (DeepSpeed's files + the ES state of every rank) to "
         "OUT/checkpoints/global_step<N>/ every N steps, at a stop and at the end "
         "(default: no checkpoints)",
+    )
+    p.add_argument(
+        "--no-save-on-stop",
+        dest="save_on_stop",
+        action="store_false",
+        help="on SIGINT/SIGTERM, stop without writing a checkpoint (by default the run writes "
+        "one at the step it stopped at, so --resume continues from there)",
     )
     p.add_argument(
         "--resume",
@@ -142,25 +167,38 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from es_llm.base_models import resolve_model_arg
-    from es_llm.ds_ops import announce_deepspeed_op_build
+    from es_llm.ds_ops import announce_deepspeed_op_build, quiet_cached_op
     from es_llm.preflight import check_train_inputs, prepare_out_dir
 
     resolve_model_arg(args)  # --model base:...: the cached pre-trained base (built once)
     check_train_inputs(args)  # every input problem, before any engine or process group
+    _check_monitors(args.config)
     prepare_out_dir(args)
     from es_llm.drivers.deepspeed.loop import train
+    from es_llm.quiet import verbose_requested
 
     opts = options_from_args(args)
     announce_deepspeed_op_build()
-    summary = train(opts)
+    with quiet_cached_op(verbose=verbose_requested()):
+        summary = train(opts)
     if int(os.environ.get("RANK", "0")) == 0:
         keys = ("method", "world_size", "steps", "epochs", "bp_samples", "scored_samples")
         print(json.dumps({k: summary[k] for k in keys}))
+        of = summary.get("final_val") or {}
+        what = f" ({of['set']} validation set, {of['sequences']} sequences)" if of else ""
         print(
-            f"final validation loss {summary['final_val_loss']:.4f} after "
+            f"final validation loss {summary['final_val_loss']:.4f}{what} after "
             f"{summary['wall_clock_s']:.1f}s of training; results in {opts.out}/"
         )
     return 0
+
+
+def _check_monitors(config: str) -> None:
+    """A monitor section (tensorboard, wandb, ...) whose package is missing fails here."""
+    from es_llm.drivers.deepspeed.dsconfig import load_ds_config
+    from es_llm.drivers.deepspeed.monitor import check_monitor_packages
+
+    check_monitor_packages(load_ds_config(config))
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

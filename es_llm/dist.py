@@ -220,7 +220,8 @@ def all_gather_cat(t: torch.Tensor, group: Any = None) -> torch.Tensor:
     size = _group_size(group)
     _count(t, size - 1)
     out = torch.empty((size * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
-    dist.all_gather_into_tensor(out, t, group=group)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # new name
+    gather(out, t, group=group)
     return out
 
 

@@ -1,16 +1,22 @@
-"""Say so before DeepSpeed compiles its CPU communication op, which takes a minute or two.
+"""Say so before DeepSpeed compiles its CPU communication op, which takes a minute or two,
+and say nothing when it comes from the cache.
 
 On a CPU accelerator, ``deepspeed.init_distributed`` builds the shared-memory op
 ``deepspeed_shm_comm`` with torch's C++ extension loader the first time it runs on a machine
-and caches it in torch's extension folder; meanwhile nothing is printed. GPU runs (NCCL) do
-not build it.
+and caches it in torch's extension folder; meanwhile nothing is printed. Every later start
+loads it from the cache and still prints "DeepSpeed ... deepspeed_shm_comm_op built
+successfully" on stdout, once per rank: `quiet_cached_op` drops that one line when nothing was
+built (unless --verbose). GPU runs (NCCL) do not build it.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TextIO
 
 SHM_OP = "deepspeed_shm_comm"
 
@@ -60,3 +66,54 @@ def announce_deepspeed_op_build() -> bool:
         flush=True,
     )
     return True
+
+
+def _built_line(line: str) -> bool:
+    return line.startswith("DeepSpeed ") and line.rstrip().endswith(
+        f"{SHM_OP}_op built successfully"
+    )
+
+
+class LineFilter:
+    """A text stream that passes every line to ``stream`` except those ``drop`` matches.
+
+    Whole lines are judged (print writes a line's text and its end separately); ``flush``
+    passes on a pending partial line, so nothing is held back.
+    """
+
+    def __init__(self, stream: TextIO, drop: Callable[[str], bool]) -> None:
+        self._stream = stream
+        self._drop = drop
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        *lines, self._pending = (self._pending + text).split("\n")
+        for line in lines:
+            if not self._drop(line):
+                self._stream.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            self._stream.write(self._pending)
+            self._pending = ""
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, ...
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def quiet_cached_op(verbose: bool = False) -> Iterator[None]:
+    """Within the block, drop DeepSpeed's "...shm_comm_op built successfully" stdout line when
+    the op is already cached (nothing is built); with ``verbose`` or a real build, keep it."""
+    if verbose or shm_op_build_pending():
+        yield
+        return
+    real = sys.stdout
+    sys.stdout = LineFilter(real, _built_line)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stdout = real

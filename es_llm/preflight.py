@@ -74,7 +74,10 @@ def _check_data(data: str | None) -> None:
 
     if data is None or data in STDLIB_NAMES or not looks_like_path(data):
         return  # the standard library, or a dataset name resolved when the corpus is built
+    from es_llm.data.sources import local_files, sniff_local_files
+
     local_source(data)  # lists the files: a missing path or no data files fail here
+    sniff_local_files(local_files(Path(data).expanduser()))  # a binary file fails here
     path = Path(data).expanduser()
     if path.is_file() and path.suffix.lower() == ".txt" and path.stat().st_size <= SMALL_TEXT:
         from es_llm.data.sources import read_local_file

@@ -1,14 +1,19 @@
-"""Known-harmless DeepSpeed log lines, filtered unless the user asks for everything.
+"""Known-harmless DeepSpeed log lines and warnings, filtered unless the user asks for everything.
 
 DeepSpeed logs through one ``logging`` logger named "DeepSpeed"; a filter on it drops the
-records listed here and nothing else. ``es-llm --verbose`` (or ES_LLM_VERBOSE=1, which the
-command line sets so that launched ranks inherit it) leaves every line in place.
+records listed here and nothing else. DeepSpeed's ZeRO stages still call torch.distributed's
+collectives by their former names (all_gather_into_tensor, reduce_scatter_tensor), which
+torch now marks deprecated with a FutureWarning on every rank; es-llm's own collectives use
+the current names (`es_llm.dist`), so those two warnings say nothing a user can act on and are
+ignored too. ``es-llm --verbose`` (or ES_LLM_VERBOSE=1, which the command line sets so that
+launched ranks inherit it) leaves every line in place.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 VERBOSE_ENV = "ES_LLM_VERBOSE"
 
@@ -18,6 +23,13 @@ KNOWN_HARMLESS = (
     "Setting accelerator to CPU",
     # DeepSpeed reads the learning rate for its own logging before the first step.
     "Attempting to get learning rate from scheduler before it has started",
+)
+
+
+# torch's deprecation notices for the collectives DeepSpeed calls by their former names
+KNOWN_HARMLESS_WARNINGS = (
+    r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+    r"`torch\.distributed\.reduce_scatter_tensor` is deprecated",
 )
 
 
@@ -42,3 +54,5 @@ def quiet_deepspeed(verbose: bool = False) -> None:
     ds_logger = logging.getLogger("DeepSpeed")
     if not any(isinstance(f, KnownHarmlessFilter) for f in ds_logger.filters):
         ds_logger.addFilter(KnownHarmlessFilter())
+    for message in KNOWN_HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)

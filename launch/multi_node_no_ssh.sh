@@ -16,7 +16,8 @@ fi
 : "${MASTER_ADDR:?set MASTER_ADDR to node 0's address}"
 HOSTFILE=$1
 shift
-source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"  # PYTHON, DS, one_thread_per_rank_on_cpu
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"  # PYTHON, DS, quiet_launcher, ...
+quiet_launcher warning "$@"
 one_thread_per_rank_on_cpu
 # shellcheck disable=SC2086
 exec "${DS[@]}" --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" \

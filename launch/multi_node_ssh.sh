@@ -18,6 +18,7 @@ ARGS=(--hostfile "$HOSTFILE" --launcher "${LAUNCHER:-pdsh}" --master_port "${MAS
 if [[ -n "${MASTER_ADDR:-}" ]]; then
   ARGS+=(--master_addr "$MASTER_ADDR")
 fi
-source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"  # PYTHON, DS, one_thread_per_rank_on_cpu
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"  # PYTHON, DS, quiet_launcher, ...
+quiet_launcher warning "$@"
 # shellcheck disable=SC2086
 exec "${DS[@]}" "${ARGS[@]}" ${DS_LAUNCHER_ARGS:-} --module es_llm.cli train "$@"

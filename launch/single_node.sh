@@ -10,7 +10,8 @@ if [[ $# -lt 1 ]]; then
 fi
 N=$1
 shift
-source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"  # PYTHON, DS, one_thread_per_rank_on_cpu
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"  # PYTHON, DS, quiet_launcher, ...
+quiet_launcher error "$@"
 one_thread_per_rank_on_cpu
 # shellcheck disable=SC2086
 exec "${DS[@]}" ${DS_LAUNCHER_ARGS:-} --num_gpus "$N" --master_port "${MASTER_PORT:-29500}" \

@@ -1,7 +1,10 @@
-"""Ctrl-C / SIGTERM is a clean stop: the step in flight finishes, a checkpoint is written
-(with --save-every), summary.json says where the run stopped, the plot is drawn, and the
-process exits 130 (143) with one line that says how to resume. Real processes, 1 and 2 ranks;
-the signal is sent once the run has logged a step (observed, not timed)."""
+"""Ctrl-C / SIGTERM is a clean stop: the step in flight finishes, a checkpoint of that step is
+written (by default, without --save-every), the fixed validation subset is evaluated,
+summary.json says where the run stopped and what its final loss is, the plot is drawn, the
+progress bar ends at the step it stopped at out of the planned total, and the process exits
+130 (143) with one line that says how to resume; the resumed run says where it resumed. Real
+processes, 1 and 2 ranks; the signal is sent once the run has logged a step (observed, not
+timed)."""
 
 from __future__ import annotations
 
@@ -24,11 +27,13 @@ ARGS = [a for a in TINY_RUN_ARGS]
 ARGS[ARGS.index("--max-train-samples") + 1] = "2048"  # long enough not to finish first
 
 
-def _start(cfg: Path, out: Path, cache: Path, log: Path, ranks: int) -> subprocess.Popen:
+def _start(cfg: Path, out: Path, cache: Path, log: Path, ranks: int,
+           progress: bool = False) -> subprocess.Popen:  # fmt: skip
     env = {**os.environ, "ES_LLM_CACHE": str(cache), "PYTHONUNBUFFERED": "1",
            "OMP_NUM_THREADS": "1"}  # fmt: skip
-    args = ["train", "--config", str(cfg), "--out", str(out), "--epochs", "3",
-            "--save-every", "100000", *ARGS]  # fmt: skip
+    run_args = [a for a in ARGS if a != "--no-progress"] if progress else ARGS
+    # no --save-every: a stop writes its checkpoint by default
+    args = ["train", "--config", str(cfg), "--out", str(out), "--epochs", "3", *run_args]
     if ranks == 1:
         cmd = [sys.executable, "-m", "es_llm.cli", *args]
     else:
@@ -80,6 +85,11 @@ def _check_stopped_run(out: Path, log_text: str, signame: str, world: int) -> in
     root = out / "checkpoints"
     tag = find_complete_tag(root)
     assert tag == f"global_step{step}"
+    assert stopped["checkpoint"] == str(root / tag)
+    # the final loss is of the trained model: the fixed subset evaluated at the stop
+    assert summary["final_val"]["step"] == step and summary["final_val"]["where"] == "signal"
+    last_eval = [r for r in logged if r["type"] == "eval"][-1]
+    assert last_eval["step"] == step and summary["final_val_loss"] == last_eval["val_loss"]
     assert read_marker(root / tag)["world_size"] == world
     line = f"stopped by {signame} after step {step} of {summary['planned_steps']}"
     assert line in log_text, log_text[-3000:]
@@ -91,7 +101,7 @@ def test_sigint_one_rank_stops_cleanly_and_resumes(
     tmp_path: Path, es_cache: Path, tiny_ds_config
 ) -> None:
     cfg, out, log = tiny_ds_config(), tmp_path / "run", tmp_path / "run.log"
-    proc = _start(cfg, out, es_cache, log, ranks=1)
+    proc = _start(cfg, out, es_cache, log, ranks=1, progress=True)
     _wait_for_steps(proc, out, log, 2)
     os.killpg(proc.pid, signal.SIGINT)
     rc = _wait(proc, log)
@@ -99,6 +109,10 @@ def test_sigint_one_rank_stops_cleanly_and_resumes(
     assert rc == 130, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
     step = _check_stopped_run(out, text, "SIGINT", world=1)
+    planned = json.loads((out / "summary.json").read_text())["planned_steps"]
+    # the bar ends where the run stopped, out of the planned total (not "6/6 100%")
+    assert f"| {step}/{planned} [" in text, text[-3000:]
+    assert f"| {step}/{step} [" not in text, text[-3000:]
 
     # the line's advice works: the same command with --resume continues from that step
     env = {**os.environ, "ES_LLM_CACHE": str(es_cache), "OMP_NUM_THREADS": "1"}
@@ -108,6 +122,10 @@ def test_sigint_one_rank_stops_cleanly_and_resumes(
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (
+        f"es-llm: resumed from {out}/checkpoints/global_step{step} at step {step} of "
+        f"{planned}, epoch 1 of 3"
+    ) in resumed.stderr, resumed.stderr[-3000:]
     steps = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps if r["type"] == "step"][-2:] == [step, step + 1]
 

@@ -85,12 +85,21 @@ BAD_INPUT = {
     "unknown model": (lambda t: ["--model", "gpt9"], "model 'gpt9' is neither a preset"),
     "not a model directory": (lambda t: ["--model", str(_folder(t))], "has no config.json"),
     "tiny text file": (lambda t: ["--data", str(_small_text(t))], "needs at least 2000"),
+    "executable as text": (lambda t: ["--data", str(_binary_text(t))], "x.txt is not text"),
 }
 
 
 def _folder(tmp_path):
     path = tmp_path / "not_a_model"
     path.mkdir()
+    return path
+
+
+def _binary_text(tmp_path):
+    import shutil
+
+    path = tmp_path / "x.txt"
+    shutil.copyfile("/bin/ls", path)
     return path
 
 
@@ -181,6 +190,23 @@ def test_known_harmless_deepspeed_lines_are_filtered():
         record("Attempting to get learning rate from scheduler before it has started")
     )
     assert f.filter(record("gradient overflow, skipping step"))
+
+
+def test_deepspeeds_deprecated_collective_names_do_not_warn(monkeypatch):
+    import warnings
+
+    from es_llm.quiet import quiet_deepspeed
+
+    monkeypatch.delenv("ES_LLM_VERBOSE", raising=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_deepspeed()
+        for name in ("all_gather_into_tensor", "reduce_scatter_tensor", "all_gather_object"):
+            message = f"`torch.distributed.{name}` is deprecated. Use x"
+            warnings.warn(message, FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == [
+        "`torch.distributed.all_gather_object` is deprecated. Use x"
+    ]
 
 
 def test_op_build_notice_looks_in_torchs_extension_dir(tmp_path, monkeypatch):

@@ -129,3 +129,88 @@ def test_a_whole_play_builds_a_corpus_with_both_splits(tmp_path):
     assert stats["split_rule"] == "hash"
     assert 0.02 < stats["val_documents"] / stats["documents"] < 0.09
     assert len(corpus.train) > 10 * len(corpus.val) > 0
+
+
+# --- what is not text is refused, a few bad bytes are counted -------------------------------
+def _binary_copy(tmp_path):
+    import shutil
+
+    path = tmp_path / "x.txt"
+    shutil.copyfile("/bin/ls", path)
+    return path
+
+
+def test_an_executable_named_txt_is_refused_naming_the_file(tmp_path):
+    from es_llm.data.sources import NotTextError, sniff_local_files
+
+    path = _binary_copy(tmp_path)
+    with pytest.raises(NotTextError, match=f"{path} is not text: it holds a NUL"):
+        local_source(str(path)).load()
+    with pytest.raises(NotTextError, match=str(path)):  # the preflight check, on its head only
+        sniff_local_files([("x.txt", path)])
+
+
+def test_a_nul_byte_in_a_text_file_is_refused(tmp_path):
+    from es_llm.data.sources import NotTextError
+
+    path = tmp_path / "nul.txt"
+    path.write_bytes(make_play(5_000).encode() + b"\x00" + make_play(5_000, seed=1).encode())
+    with pytest.raises(NotTextError, match="nul.txt is not text"):
+        local_source(str(path)).load()
+
+
+def test_a_mostly_latin1_file_is_refused_with_the_count(tmp_path):
+    from es_llm.data.sources import NotTextError
+
+    path = tmp_path / "latin.txt"
+    para = "L'été à Noël, ça déçoit: où est la forêt? Très gênée, élève bientôt. "
+    path.write_bytes(("\n\n".join([para * 4] * 30)).encode("latin-1"))
+    with pytest.raises(NotTextError, match=r"latin.txt is not UTF-8 text: \d+ of its \d+"):
+        local_source(str(path)).load()
+
+
+def test_a_bad_file_in_a_folder_is_refused_naming_it(tmp_path):
+    from es_llm.data.sources import NotTextError
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text(make_play(3_000))
+    _binary_copy(folder)
+    with pytest.raises(NotTextError, match="x.txt is not text"):
+        local_source(str(folder)).load()
+
+
+def test_a_nul_inside_a_jsonl_text_field_is_refused(tmp_path):
+    import json
+
+    from es_llm.data.sources import NotTextError
+
+    path = tmp_path / "d.jsonl"
+    rows = [{"text": make_play(500, seed=i)} for i in range(3)] + [{"text": "a\u0000b"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(NotTextError, match="d.jsonl: the text of record 3 is not text"):
+        local_source(str(path)).load()
+
+
+def test_a_nul_inside_a_parquet_text_column_is_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from es_llm.data.sources import NotTextError
+
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": [make_play(500), "ok\u0000"]}), path)
+    with pytest.raises(NotTextError, match="d.parquet: the text of record 1"):
+        local_source(str(path)).load()
+
+
+def test_two_bad_bytes_still_train_and_are_counted(tmp_path):
+    path = tmp_path / "input.txt"
+    text = make_play(60_000, seed=5).encode()
+    path.write_bytes(text[:1000] + b"\xff" + text[1000:30000] + b"\xc3(" + text[30000:])
+    src = local_source(str(path))
+    docs = src.load()
+    assert src.read_stats["replaced_characters"] == 2
+    assert sum(d.text.count("\ufffd") for d in docs) == 2
+    corpus = load_corpus(str(path), seq_len=32, vocab_size=300, cache_dir=tmp_path, progress=False)
+    assert corpus.stats["replaced_characters"] == 2

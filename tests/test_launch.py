@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, free_port
 from hf_models import reload_val_loss
+from test_train_e2e import assert_quiet
 
 from es_llm.drivers.deepspeed.metrics import read_jsonl
 
@@ -52,15 +53,18 @@ def _steps(out: Path) -> list[dict]:
 
 
 def _single_node(out: Path, cache: Path, config: Path) -> list[dict]:
+    env = _env(cache, MASTER_PORT=str(free_port()))
+    env.pop("DS_ACCELERATOR", None)  # as on a user's machine: the script names the CPU itself
     proc = subprocess.run(
         ["bash", "launch/single_node.sh", "2", "--config", str(config), "--out", str(out), *RUN],
         cwd=REPO,
-        env=_env(cache, MASTER_PORT=str(free_port())),
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
     _check(proc)
+    assert_quiet(proc)  # the 2-rank command: no launcher INFO, no warning of any rank
     return _steps(out)
 
 
@@ -92,7 +96,14 @@ def test_two_nodes_without_ssh_select_as_one_node(tmp_path, es_cache, zero0_two_
             text=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=_env(es_cache, NODE_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+            # verbose: the launcher's INFO lines say which ranks each node started
+            env=_env(
+                es_cache,
+                NODE_RANK=str(r),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+                ES_LLM_VERBOSE="1",
+            ),  # fmt: skip
         )
         for r in (0, 1)
     ]

@@ -49,11 +49,25 @@ def test_deepspeed_variable_names_the_launcher(tmp_path: Path) -> None:
     stand_in.write_text('#!/bin/sh\necho "launcher:$*"\n')
     stand_in.chmod(0o755)
     env = {**os.environ, "DEEPSPEED": f"{stand_in} --extra", "MASTER_PORT": "29999"}
+    env.pop("ES_LLM_VERBOSE", None)
     proc = subprocess.run(
         ["bash", "launch/single_node.sh", "2", "--max-steps", "3"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+    # quiet by default: the launcher's own --log_level, where this DeepSpeed has the flag
+    import deepspeed.launcher.runner as runner
+
+    quiet = " --log_level error" if "--log_level" in Path(runner.__file__).read_text() else ""
     assert proc.stdout.strip() == (
-        "launcher:--extra --num_gpus 2 --master_port 29999 --module es_llm.cli train --max-steps 3"
+        f"launcher:--extra{quiet} --num_gpus 2 --master_port 29999 --module "
+        "es_llm.cli train --max-steps 3"
+    )
+    verbose = subprocess.run(
+        ["bash", "launch/single_node.sh", "2", "--verbose", "--max-steps", "3"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert verbose.stdout.strip() == (
+        "launcher:--extra --num_gpus 2 --master_port 29999 --module es_llm.cli train --verbose "
+        "--max-steps 3"
     )

@@ -79,3 +79,40 @@ def test_a_run_without_evaluations_still_plots(tmp_path):
     png = tmp_path / "p.png"
     plot_loss_curves(metrics, png, "one step")
     assert _has_colour(mpimg.imread(png), VAL_COLOR) == 0
+
+
+def test_the_curve_is_the_fixed_subset_and_the_whole_split_is_marked(tmp_path):
+    from PIL import Image
+
+    from es_llm.drivers.deepspeed.metrics import curve_points, plot_title
+
+    evals = [
+        {"type": "eval", "step": s, "epoch": 0, "set": "subset", "sequences": 256,
+         "val_loss": 6 - s / 10, "val_subset_loss": 6 - s / 10, "subset_sequences": 256,
+         "wall_clock_s": float(s)}
+        for s in range(0, 40, 4)
+    ]  # fmt: skip
+    evals.append({"type": "eval", "step": 40, "epoch": 0, "set": "full", "sequences": 1511,
+                  "val_loss": 2.05, "val_subset_loss": 2.0, "subset_sequences": 256,
+                  "wall_clock_s": 40.0})  # fmt: skip
+    points = curve_points(evals)
+    assert [p["step"] for p in points] == list(range(0, 44, 4))
+    assert points[-1]["curve_loss"] == 2.0  # the subset's loss, not the whole split's
+    old = [{"type": "eval", "step": 5, "val_loss": 3.0}]  # a run from before the subset
+    assert curve_points(old)[0]["curve_loss"] == 3.0
+
+    steps = [{"type": "step", "step": s, "epoch": 0, "train_loss": 6 - s / 9,
+              "wall_clock_s": float(s)} for s in range(1, 41)]  # fmt: skip
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in steps + evals))
+    title = plot_title("eswp", "gpt2-tiny", None, train=8192, val=1511, seq_len=128, world=2)
+    assert title == ("es-llm eswp · model gpt2-tiny · data stdlib · 8192 train / 1511 "
+                     "validation sequences of 128 tokens · 2 ranks")  # fmt: skip
+    png = tmp_path / "loss_curve.png"
+    plot_loss_curves(metrics, png, title)
+    assert Image.open(png).text["Title"] == title  # what ran travels with the picture
+    assert _has_colour(mpimg.imread(png), VAL_COLOR) > 50
+    long = plot_title("es", "m", "/data/" + "x" * 80 + "/corpus.jsonl", train=1, val=1,
+                      seq_len=8, world=1)  # fmt: skip
+    assert "…" in long and long.endswith("/corpus.jsonl · 1 train / 1 validation sequences "
+                                         "of 8 tokens · 1 rank")  # fmt: skip

@@ -47,3 +47,16 @@ def test_second_signal_after_grace_aborts_at_once() -> None:
     assert "not aborted" not in proc.stdout
     assert "aborting without saving" in proc.stderr
     assert "stopping after the current step" in proc.stderr
+
+
+def test_a_stop_saves_by_default_and_the_flag_opts_out() -> None:
+    from es_llm.cli import build_parser
+    from es_llm.cliargs import options_from_args
+
+    parser = build_parser(["train"])
+    assert options_from_args(parser.parse_args(["train"])).save_on_stop is True
+    opts = options_from_args(parser.parse_args(["train", "--no-save-on-stop"]))
+    assert opts.save_on_stop is False
+    opts = options_from_args(parser.parse_args(["train", "--eval-points", "4",
+                                                "--eval-subset", "64"]))  # fmt: skip
+    assert (opts.eval_points, opts.eval_subset, opts.eval_every) == (4, 64, None)

@@ -43,10 +43,33 @@ def _steps(out: Path) -> list[dict]:
     return [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "step"]
 
 
+# What a default (not --verbose) run must not print: warnings of Python, DeepSpeed or its
+# launcher, and DeepSpeed's notice for an op it loaded from the cache.
+NOISE = ("Warning", "WARNING", "warnings.warn", "[INFO]", "built successfully")
+
+
+def assert_quiet(proc, *, launcher_logs: bool = False) -> None:
+    """No noise line in the output; `launcher_logs`: the deepspeed launcher was started
+    directly (not through launch/*.sh, which quiet it), so its own log lines are allowed."""
+    lines = (proc.stdout + proc.stderr).splitlines()
+    if launcher_logs:
+        lines = [ln for ln in lines if "[runner.py:" not in ln and "[launch.py:" not in ln]
+    noisy = [ln for ln in lines if any(n in ln for n in NOISE)]
+    assert not noisy, "\n".join(noisy)
+
+
+def _csv(path: Path) -> list[list[str]]:
+    import csv
+
+    with path.open() as fh:
+        return list(csv.reader(fh))
+
+
 @pytest.mark.multiproc
 def test_single_rank_es_run_leaves_metrics_summary_and_plot(tmp_path, es_cache, tiny_ds_config):
     out = tmp_path / "run"
-    cfg = tiny_ds_config(evolved_sampling={"burn_in_steps": 2})
+    # DeepSpeed's own CSV monitor on (no output_path: es-llm routes it to OUT/monitor/)
+    cfg = tiny_ds_config(evolved_sampling={"burn_in_steps": 2}, csv_monitor={"enabled": True})
     proc = run_cli(
         [
             "train",
@@ -79,6 +102,32 @@ def test_single_rank_es_run_leaves_metrics_summary_and_plot(tmp_path, es_cache, 
     assert summary["final_val_loss"] < summary["val_history"][0]["val_loss"]
     assert (out / "loss_curve.png").stat().st_size > 1000
     assert "final validation loss" in proc.stdout
+    assert_quiet(proc)
+    # validation: the start, about ten points (here every step of 8), the end on the whole split
+    evals = [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "eval"]
+    assert [r["step"] for r in evals] == list(range(9))
+    assert evals[-1]["set"] == "full" and evals[-1]["where"] == "stop"  # --max-steps
+    assert summary["final_val"] == {"step": 8, "where": "stop", "set": "full", "sequences": 32}
+    assert summary["data_replacements"] is not None
+    from PIL import Image
+
+    title = Image.open(out / "loss_curve.png").text["Title"]
+    assert title.startswith("es-llm es · model gpt2-tiny · data stdlib · 256 train / 32 ")
+    # the CSV monitor got every step and evaluation, ES's counts and timers included
+    csv_dir = out / "monitor" / "es-llm"
+    selected = _csv(csv_dir / "Train_ES_selected.csv")
+    assert selected[0] == ["step", "selected"]
+    assert [(int(s), float(v)) for s, v in selected[1:]] == [(r["step"], 8.0) for r in steps]
+    scored = _csv(csv_dir / "Train_ES_scored.csv")
+    assert [float(v) for _, v in scored[1:]] == [float(r["scored"]) for r in steps]
+    select_s = _csv(csv_dir / "Train_ES_select_s.csv")
+    assert len(select_s) == 9 and sum(float(v) for _, v in select_s[1:]) > 0
+    losses = _csv(csv_dir / "Train_ES_train_loss.csv")
+    assert [float(v) for _, v in losses[1:]] == pytest.approx([r["train_loss"] for r in steps])
+    val = _csv(csv_dir / "Eval_val_loss.csv")
+    assert [int(s) for s, _ in val[1:]] == list(range(9))
+    assert float(val[-1][1]) == pytest.approx(summary["final_val_loss"])
+    assert (csv_dir / "Train_Samples_lr.csv").is_file()  # DeepSpeed's own events, same place
     # OUT/model: transformers reloads the weights the final validation loss was measured with
     reloaded = reload_val_loss(out / "model", es_cache, TINY_RUN_ARGS)
     assert reloaded == pytest.approx(summary["final_val_loss"], rel=1e-5)
@@ -168,6 +217,7 @@ def test_two_ranks_through_the_deepspeed_launcher(tmp_path, es_cache, tiny_ds_co
         ranks=2,
     )
     _ok(proc)
+    assert_quiet(proc, launcher_logs=True)  # no rank warns (the launcher: see test_launch.py)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["batch"]["gradient_accumulation_steps"] == 1  # 8 = 4 x 1 x 2 ranks

@@ -374,6 +374,12 @@ def _build(
         "val_document_keys_sha1": hashlib.sha1(
             "\n".join(docs[i].key for i in val_idx).encode()
         ).hexdigest(),
+        # undecodable bytes read as U+FFFD (sources.py), over the data and the validation data
+        "replaced_characters": sum(
+            part.read_stats.get("replaced_characters", 0)
+            for part in (src, val_src)
+            if part is not None
+        ),
         "build_seconds": round(time.perf_counter() - t0, 3),
     }
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))

@@ -12,7 +12,7 @@ import hashlib
 import os
 import sysconfig
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from es_llm.errors import InputError
@@ -43,6 +43,8 @@ class Source:
     load: Callable[[], list[Document]]
     # component names when documents are keyed "<component>/..." (data recipes); else one
     components: tuple[str, ...] | None = None
+    # what `load` observed while reading, e.g. {"replaced_characters": n} (sources.py)
+    read_stats: dict = field(default_factory=dict)
 
 
 def stable_hash(text: str) -> int:

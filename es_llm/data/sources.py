@@ -8,6 +8,7 @@ train/validation split hashes it.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import re
@@ -27,6 +28,67 @@ from es_llm.errors import InputError
 
 STDLIB_NAMES = ("stdlib",)
 LOCAL_EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet")
+REPLACED_KEY = "replaced_characters"  # Source.read_stats key: bytes decoded as U+FFFD
+
+
+# ----------------------------------------------------------------------------- text or not
+# A file is read as UTF-8; an undecodable byte becomes U+FFFD and is counted. A file (or a
+# text field) is refused as "not text" when it holds a NUL character, or when more than
+# MAX_REPLACED_SHARE of its characters had to be replaced (and more than MAX_REPLACED_FEW):
+# that is a binary file or text in another encoding, and training on it would train on
+# U+FFFD. A few bad bytes in a real text file are replaced, counted and reported instead.
+MAX_REPLACED_SHARE = 0.01
+MAX_REPLACED_FEW = 16
+SNIFF_BYTES = 1 << 16  # what the preflight check reads of each file
+_UTF8_REPLACEMENT = "\ufffd".encode()
+
+
+class NotTextError(InputError):
+    """A data file (or a text field in it) is binary or not UTF-8; the message names it."""
+
+
+def _refuse_if_not_text(text: str, replaced: int, where: str) -> None:
+    nul = text.find("\x00")
+    if nul != -1:
+        raise NotTextError(
+            f"{where} is not text: it holds a NUL character (at character {nul}); "
+            "a binary file? give text files only"
+        )
+    if replaced > MAX_REPLACED_FEW and replaced > MAX_REPLACED_SHARE * max(len(text), 1):
+        raise NotTextError(
+            f"{where} is not UTF-8 text: {replaced} of its {len(text)} characters are "
+            f"undecodable bytes (more than {MAX_REPLACED_SHARE:.0%}); a binary file, or text "
+            "in another encoding (convert it, e.g. iconv -f latin1 -t utf-8)"
+        )
+
+
+def decode_text(raw: bytes, where: str, *, final: bool = True) -> tuple[str, int]:
+    """``raw`` as UTF-8 text and the number of undecodable bytes replaced by U+FFFD; refuses
+    (NotTextError) what is not text. ``final=False``: ``raw`` is a file's head, whose last
+    character may be cut."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text = decoder.decode(raw, final=final)
+    replaced = text.count("\ufffd") - raw.count(_UTF8_REPLACEMENT)
+    _refuse_if_not_text(text, replaced, where)
+    return text, replaced
+
+
+def check_texts(texts: list, where: str) -> None:
+    """Refuse NUL characters in the (already decoded) text fields of one file."""
+    for n, t in enumerate(texts):
+        if isinstance(t, str) and "\x00" in t:
+            _refuse_if_not_text(t, 0, f"{where}: the text of record {n}")
+
+
+def sniff_local_files(files: list[tuple[str, Path]]) -> None:
+    """Read the head of each text-format file and refuse binaries and other encodings before
+    any engine starts (parquet is binary by design: its text is checked when read)."""
+    for _, path in files:
+        if path.suffix.lower() == ".parquet":
+            continue
+        with path.open("rb") as fh:
+            head = fh.read(SNIFF_BYTES)
+        decode_text(head, str(path), final=len(head) < SNIFF_BYTES)
 
 
 # ----------------------------------------------------------------------------- stdlib
@@ -40,10 +102,20 @@ def stdlib_source(max_documents: int | None = None) -> Source:
         "files": [stat_entry(p, rel) for rel, p in files],
     }
 
-    def load() -> list[Document]:
-        return [Document(rel, p.read_bytes().decode("utf-8", errors="replace")) for rel, p in files]
+    src = Source("stdlib", fingerprint, lambda: [])
 
-    return Source("stdlib", fingerprint, load)
+    def load() -> list[Document]:
+        docs, replaced = [], 0
+        for rel, p in files:
+            raw = p.read_bytes()
+            text = raw.decode("utf-8", errors="replace")
+            replaced += text.count("\ufffd") - raw.count(_UTF8_REPLACEMENT)
+            docs.append(Document(rel, text))
+        src.read_stats[REPLACED_KEY] = replaced
+        return docs
+
+    src.load = load
+    return src
 
 
 # ----------------------------------------------------------------------------- local files
@@ -93,8 +165,14 @@ def _texts_from_records(records: Iterable, path: Path, what: str) -> list[str]:
     return texts
 
 
-def _read_json(path: Path) -> list[str]:
-    raw = path.read_text(encoding="utf-8", errors="replace")
+def _read_json(path: Path) -> tuple[list[str], int]:
+    raw, replaced = decode_text(path.read_bytes(), str(path))
+    texts = _json_texts(raw, path)
+    check_texts(texts, str(path))
+    return texts, replaced
+
+
+def _json_texts(raw: str, path: Path) -> list[str]:
     if path.suffix.lower() == ".json":
         try:
             obj = json.loads(raw)
@@ -122,7 +200,9 @@ def _read_parquet(path: Path) -> list[str]:
         raise InputError(
             f"{path}: no 'text' column; available columns: {', '.join(schema.names) or '(none)'}"
         )
-    return pq.read_table(path, columns=["text"]).column("text").to_pylist()
+    texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+    check_texts(texts, str(path))
+    return texts
 
 
 # A single .txt file given as --data is cut into documents before the train/validation split
@@ -191,15 +271,21 @@ def split_text_file(text: str, where: str) -> list[str]:
 
 def read_local_file(path: Path, *, split_text: bool = False) -> list[str]:
     """The texts of one file: .jsonl/.json/.parquet give one per record; a .txt file is one
-    document, or with ``split_text`` (a single file given as the data) cut by split_text_file."""
+    document, or with ``split_text`` (a single file given as the data) cut by split_text_file.
+    A file that is not text is refused (NotTextError)."""
+    return read_local_file_counted(path, split_text=split_text)[0]
+
+
+def read_local_file_counted(path: Path, *, split_text: bool = False) -> tuple[list[str], int]:
+    """`read_local_file` and the number of undecodable bytes it replaced by U+FFFD."""
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        text = path.read_bytes().decode("utf-8", errors="replace")
-        return split_text_file(text, str(path)) if split_text else [text]
+        text, replaced = decode_text(path.read_bytes(), str(path))
+        return (split_text_file(text, str(path)) if split_text else [text]), replaced
     if suffix in (".jsonl", ".json"):
         return _read_json(path)
     if suffix == ".parquet":
-        return _read_parquet(path)
+        return _read_parquet(path), 0
     raise InputError(f"unsupported data file {path}")
 
 
@@ -230,13 +316,20 @@ def local_source(data: str) -> Source:
     if split_text:
         fingerprint["text_split"] = TEXT_SPLIT_RULE
 
+    src = Source(path.name or str(path), fingerprint, lambda: [])
+
     def load() -> list[Document]:
         docs: list[Document] = []
+        replaced = 0
         for rel, p in files:
-            docs.extend(_keep_texts(read_local_file(p, split_text=split_text), rel, str(p)))
+            texts, n = read_local_file_counted(p, split_text=split_text)
+            replaced += n
+            docs.extend(_keep_texts(texts, rel, str(p)))
+        src.read_stats[REPLACED_KEY] = replaced
         return docs
 
-    return Source(path.name or str(path), fingerprint, load)
+    src.load = load
+    return src
 
 
 # ----------------------------------------------------------------------------- hub

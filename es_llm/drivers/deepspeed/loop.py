@@ -15,12 +15,16 @@ One optimizer step, on every data-parallel rank, driven through `ESDataPath`
 
 The run's shape (batch geometry, planned steps, burn-in, scoring micro-batch) is its
 `RunPlan` (`es_llm/sampling/plan.py`), built once in `setup`. The run stops at the planned
-step count, at `--max-steps`, at a budget, or at `--stop-after`.
+step count, at `--max-steps`, at a budget, at `--stop-after`, or at SIGINT/SIGTERM (a
+checkpoint of the step it stopped at is written unless `--no-save-on-stop`). Evaluation
+follows `validation.py`: a fixed validation subset about ten times over the run, the whole
+split at the end.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +37,16 @@ from es_llm import dist
 from es_llm.data import load_corpus
 from es_llm.data.sharding import shard_range
 from es_llm.drivers.deepspeed import checkpoint as ckpt
+from es_llm.drivers.deepspeed import validation
 from es_llm.drivers.deepspeed.dsconfig import deepspeed_config, es_config_for_run, load_ds_config
 from es_llm.drivers.deepspeed.export import export_model
-from es_llm.drivers.deepspeed.metrics import MetricsWriter, plot_loss_curves, write_json_atomic
+from es_llm.drivers.deepspeed.metrics import (
+    MetricsWriter,
+    plot_loss_curves,
+    plot_title,
+    write_json_atomic,
+)
+from es_llm.drivers.deepspeed.monitor import MonitorHooks, route_output
 from es_llm.drivers.deepspeed.seam import es_data_path
 from es_llm.drivers.deepspeed.stopping import RunStopped, StopRequest
 from es_llm.drivers.losses import weighted_step_loss
@@ -72,13 +83,16 @@ class TrainOptions:
     vocab_size: int = 4096
     max_train_samples: int | None = None
     max_val_samples: int | None = None
-    eval_every: int | None = None
+    eval_every: int | None = None  # evaluate the validation subset every N steps
+    eval_points: int = validation.DEFAULT_POINTS  # else at about this many spread steps
+    eval_subset: int = validation.DEFAULT_SUBSET  # sequences in the fixed validation subset
     progress: bool = True
     max_wall_clock_s: float | None = None
     save_every: int | None = None  # checkpoint every N steps (and at a stop / the end)
     resume: bool = False  # continue the run in `out` from its newest complete checkpoint
     stop_after: int | None = None  # stop after step N without changing the planned schedule
     max_cpu_time_s: float | None = None  # the same budget in process CPU time (shared machines)
+    save_on_stop: bool = True  # SIGINT/SIGTERM writes a checkpoint of the step it stopped at
 
 
 class TrainingError(InputError):
@@ -102,6 +116,8 @@ class ESRun:
         self.resumed_from: Path | None = None
         self._last_saved_step: int | None = None
         self.stop = StopRequest()  # `train()` installs the signal handlers
+        self._val_shards: dict[int, tuple[Any, int]] = {}  # rows evaluated -> this rank's shard
+        self._timer_totals: dict[str, float] = {}  # ES timers at the previous step's record
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -154,13 +170,16 @@ class ESRun:
             eod_id=corpus.eod_id,
         )
         self.num_params = count_parameters(model)
-        self.ds_config = deepspeed_config(ds_config, self.geo, self.plan.total_steps)
+        self.ds_config = route_output(
+            deepspeed_config(ds_config, self.geo, self.plan.total_steps), Path(opts.out)
+        )
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=self.ds_config
         )
         self.scoring_mbs = self.plan.scoring_micro_batch
         self.data = es_data_path(self.engine, corpus.train, self.plan, wrap_scorer=self.wrap_scorer)
         self.out = Path(opts.out)
+        self.monitor = MonitorHooks(self.engine, self.is_main)
         if opts.resume:
             self._resume()
         if self.is_main:
@@ -214,14 +233,15 @@ class ESRun:
         self.eval_clock = float(state["eval_clock"])
         self.train_cpu = float(state["train_cpu"])
 
-    def _save(self) -> None:
-        ckpt.save_checkpoint(
+    def _save(self) -> Path:
+        tag_dir = ckpt.save_checkpoint(
             self.engine,
             ckpt.checkpoint_root(self.out),
             step=self.data.step,
             state=ckpt.rank_state(self.state_dict()),
         )
         self._last_saved_step = self.data.step
+        return tag_dir
 
     def _resume(self) -> None:
         tag_dir, state = ckpt.load_checkpoint(self.engine, self.out)
@@ -249,19 +269,35 @@ class ESRun:
             self.data.observe_training_losses(a, a.ids[i : i + micro], per_sample)
 
     # ------------------------------------------------------------------ eval
-    def evaluate(self, where: str = "eval") -> float:
+    def _val_rows(self, n_rows: int) -> tuple[Any, int]:
+        """This rank's shard of the first `n_rows` validation sequences, and its global start."""
+        cache = self._val_shards
+        if n_rows not in cache:
+            lo, hi = shard_range(n_rows, self.rank, self.world)
+            rows = self.corpus.val.select(range(lo, hi))
+            columns = [c for c in ("input_ids", "labels") if c in rows.column_names]
+            cache[n_rows] = (rows.with_format("numpy", columns=columns), lo)
+        return cache[n_rows]
+
+    def evaluate(self, where: str = "eval", *, full: bool = False) -> tuple[float, float]:
+        """(loss on what was evaluated, loss on the fixed subset): the whole validation split
+        when `full` (its first rows are the subset), else the subset only."""
         from tqdm.auto import tqdm
 
         t0 = time.perf_counter()
         module = self.engine.module
         was_training = module.training
         module.eval()
-        acc = torch.zeros(2, dtype=torch.float64, device=self.device)
-        n = len(self.val_shard)
-        starts = range(0, n, self.scoring_mbs)
+        n_total = len(self.corpus.val)
+        n_sub = validation.subset_size(n_total, self.opts.eval_subset) if n_total else 0
+        rows, lo = self._val_rows(n_total if full else n_sub)
+        in_subset = max(0, min(len(rows), n_sub - lo))  # this shard's rows that are the subset
+        # (sum, count) over everything evaluated, then over the subset rows
+        acc = torch.zeros(4, dtype=torch.float64, device=self.device)
+        n = len(rows)
         bar = tqdm(
-            starts,
-            desc=f"validation ({where}, {len(self.corpus.val)} sequences)",
+            range(0, n, self.scoring_mbs),
+            desc=f"validation ({where}, {n_total if full else n_sub} sequences)",
             unit="batch",
             leave=False,
             disable=not (self.is_main and self.opts.progress),
@@ -269,30 +305,44 @@ class ESRun:
         )
         with torch.no_grad():
             for i in bar:
-                batch = self.val_shard[i : min(n, i + self.scoring_mbs)]
+                j = min(n, i + self.scoring_mbs)
+                batch = rows[i:j]
                 tokens = torch.from_numpy(np.asarray(batch["input_ids"], dtype=np.int64))
-                tokens = tokens.to(self.device)
                 labels = None
-                if "labels" in batch:
+                if "labels" in batch:  # instruction data: the loss over completion tokens
                     labels = torch.from_numpy(np.asarray(batch["labels"], dtype=np.int64))
                     labels = labels.to(self.device)
                 s, c = scoring_losses(
-                    module, tokens, ignore_index=self.es.ignore_index, labels=labels
+                    module,
+                    tokens.to(self.device),
+                    ignore_index=self.es.ignore_index,
+                    labels=labels,
                 )
-                acc += torch.stack([s.double().sum(), c.double().sum()])
+                k = max(0, min(j, in_subset) - i)  # leading rows of this batch in the subset
+                acc += torch.stack(
+                    [s.double().sum(), c.double().sum(), s[:k].double().sum(), c[:k].double().sum()]
+                )
         module.train(was_training)
-        total, count = dist.all_reduce_sum(acc.tolist())
+        total, count, sub_total, sub_count = dist.all_reduce_sum(acc.tolist())
         self.eval_clock += time.perf_counter() - t0
-        return total / count if count > 0 else float("nan")
+        loss = total / count if count > 0 else float("nan")
+        return loss, (sub_total / sub_count if sub_count > 0 else float("nan"))
 
-    def _record_eval(self, where: str, epoch: int) -> float:
-        val = self.evaluate(where)
+    def _record_eval(self, where: str, epoch: int, *, full: bool = False) -> float:
+        n_total = len(self.corpus.val)
+        n_sub = validation.subset_size(n_total, self.opts.eval_subset) if n_total else 0
+        full = full or n_sub == n_total  # a subset that is the whole split is the full set
+        val, sub = self.evaluate(where, full=full)
         rec = {
             "type": "eval",
             "step": self.data.step,
             "epoch": epoch,
             "where": where,
+            "set": "full" if full else "subset",
+            "sequences": n_total if full else n_sub,
             "val_loss": val,
+            "val_subset_loss": sub,
+            "subset_sequences": n_sub,
             "wall_clock_s": self.train_clock,
             "cpu_time_s": self.train_cpu,
             "bp_samples": self.data.totals["bp_samples"],
@@ -300,6 +350,7 @@ class ESRun:
         self.val_history.append(rec)
         if self.is_main:
             self.metrics.write(rec)
+        self.monitor.evaluation(rec)
         return val
 
     def _should_stop(self) -> bool:
@@ -319,6 +370,17 @@ class ESRun:
         data.stop_requested = lambda: self.stop.requested
         if self.resumed_from is None:
             self._record_eval("start", data.epoch)
+        elif self.is_main:
+            print(
+                f"es-llm: resumed from {self.resumed_from} at step {data.step} of "
+                f"{data.total_steps}, epoch {data.epoch + 1} of {opts.epochs}",
+                file=sys.stderr,
+                flush=True,
+            )
+        self._timer_totals = dict(data.timers.totals)  # per-step timer shares: see _log_step
+        eval_at = validation.eval_steps(
+            data.total_steps, points=opts.eval_points, every=opts.eval_every
+        )
         # created after the start-up evaluation: the bar counts optimizer steps only
         bar = tqdm(
             total=data.total_steps,
@@ -338,10 +400,11 @@ class ESRun:
             draw = data.next_step()
             if draw is None:
                 break
-            if draw.epoch != epoch:  # the previous epoch is over: evaluate it
+            if draw.epoch != epoch:  # the previous epoch is over: evaluate it (once a step)
                 self.train_clock += time.perf_counter() - t0
                 self.train_cpu += time.process_time() - c0
-                self._record_eval("epoch_end", epoch)
+                if not self.val_history or self.val_history[-1]["step"] != data.step:
+                    self._record_eval("epoch_end", epoch)
                 bar.unpause()  # the evaluation is not step time
                 epoch = draw.epoch
                 t0, c0 = time.perf_counter(), time.process_time()
@@ -363,25 +426,40 @@ class ESRun:
             # a signal on any rank: every rank saw the same agreed flag in this step
             signalled = bool(rec.get("stop_requested"))
             stop = signalled or self._should_stop()
-            if opts.eval_every and data.step % opts.eval_every == 0 and not signalled:
+            if data.step in eval_at and not stop:
                 self._record_eval("interval", epoch)
                 bar.unpause()
-            if opts.save_every and (stop or data.step % opts.save_every == 0):
+            # a signal saves by --save-on-stop (the default) alone; other stops by --save-every
+            periodic = opts.save_every and data.step % opts.save_every == 0
+            if (
+                periodic
+                or (signalled and opts.save_on_stop)
+                or (opts.save_every and stop and not signalled)
+            ):
                 self._save()
-        # a signal stops without the final evaluation: the launcher gives the ranks only
-        # seconds, and the last validation loss is in the history already
-        if not signalled and (trained or self.resumed_from is None):
-            self._record_eval("stop" if stop else "epoch_end", epoch)
-        bar.total = max(data.step, bar.n)  # pruned epochs: the true count, known only now
-        bar.refresh()
+        finished = not stop  # every planned epoch ran
+        if signalled:
+            # the launcher gives the ranks seconds: the checkpoint is written already, and
+            # the evaluation is the fixed subset only
+            self._record_eval("signal", epoch)
+        elif trained or self.resumed_from is None:
+            self._record_eval("stop" if stop else "end", epoch, full=True)
+        if finished:
+            bar.total = max(data.step, bar.n)  # pruned epochs: the true count, known only now
+        bar.refresh()  # stopped: the bar keeps the planned total ("6/102")
         bar.close()
-        if opts.save_every and self._last_saved_step != data.step:
+        if opts.save_every and self._last_saved_step != data.step and not signalled:
             self._save()  # the finished state: resuming it runs no more steps
-        final = self.val_history[-1]["val_loss"] if self.val_history else float("nan")
-        summary = self._finish(final, stopped=signalled)
+        summary = self._finish(stopped=signalled)
         if signalled:
             raise RunStopped(self._stop_message(), self.stop.exit_code)
         return summary
+
+    def _checkpoint_saved(self) -> Path | None:
+        """The checkpoint of the step the run ended at, when one was written."""
+        if self._last_saved_step != self.data.step:
+            return None
+        return ckpt.checkpoint_root(self.out) / ckpt.tag_for_step(self.data.step)
 
     def _stop_message(self) -> str:
         name = self.stop.signal_name or "a signal on another rank"
@@ -389,29 +467,49 @@ class ESRun:
             f"stopped by {name} after step {self.data.step} of {self.data.total_steps}; "
             f"summary and plot in {self.out}/"
         )
-        if self.opts.save_every:
-            tag = ckpt.checkpoint_root(self.out) / ckpt.tag_for_step(self.data.step)
+        tag = self._checkpoint_saved()
+        if tag is not None:
             return f"{head}; checkpoint {tag}; to continue, run the same command with --resume {self.out}"
-        return f"{head}; no checkpoint was written (run with --save-every N to be able to resume)"
+        return f"{head}; no checkpoint was written (--no-save-on-stop)"
 
     def _log_step(self, rec: dict[str, Any], step_s: float) -> None:
+        # the ES timers' totals so far (device spans count once resolved at a later host
+        # sync: reading them never waits for the device); the step's share is the difference
+        totals = dict(self.data.timers.totals)
+        before, self._timer_totals = self._timer_totals, totals
         if not self.is_main:
             return
         lr = self.engine.get_lr()[0] if self.engine.lr_scheduler is not None else None
-        self.metrics.write(
-            {
-                **step_record(rec),
-                "lr": lr,
-                "wall_clock_s": self.train_clock,
-                "cpu_time_s": self.train_cpu,
-                "step_s": step_s,
-            }
-        )
+        record = {
+            **step_record(rec),
+            "lr": lr,
+            "wall_clock_s": self.train_clock,
+            "cpu_time_s": self.train_cpu,
+            "step_s": step_s,
+            **{k: v - before.get(k, 0.0) for k, v in totals.items()},
+        }
+        self.metrics.write(record)
+        self.monitor.step(record)
 
-    def _finish(self, final_val: float, *, stopped: bool = False) -> dict[str, Any]:
+    def _final_validation(self) -> tuple[float, dict[str, Any] | None]:
+        """The summary's final validation loss and what it is: the last evaluation (the whole
+        split at the end, the fixed subset at a signalled stop), with its step and set."""
+        if not self.val_history:
+            return float("nan"), None
+        last = self.val_history[-1]
+        return last["val_loss"], {
+            "step": last["step"],
+            "where": last["where"],
+            "set": last["set"],
+            "sequences": last["sequences"],
+        }
+
+    def _finish(self, *, stopped: bool = False) -> dict[str, Any]:
         data = self.data
         timers = data.timers.state_dict()
         steps = max(1, data.step)
+        final_val, final_of = self._final_validation()
+        checkpoint = self._checkpoint_saved()
         summary: dict[str, Any] = {
             "method": self.method,
             "world_size": self.world,
@@ -426,8 +524,20 @@ class ESRun:
             "invalid_samples": data.totals["invalid_samples"],
             "pruned_sample_epochs": data.totals["pruned"],
             "final_val_loss": final_val,
+            "final_val": final_of,
             "val_history": [
-                {k: r[k] for k in ("step", "epoch", "val_loss", "wall_clock_s", "cpu_time_s")}
+                {
+                    k: r.get(k)
+                    for k in (
+                        "step",
+                        "epoch",
+                        "val_loss",
+                        "set",
+                        "val_subset_loss",
+                        "wall_clock_s",
+                        "cpu_time_s",
+                    )
+                }
                 for r in self.val_history
             ],
             "time_breakdown_s": timers,
@@ -438,7 +548,12 @@ class ESRun:
             "collective_bytes_received_per_step": dist.traffic["bytes_received"] / steps,
             "train_samples": data.num_samples,
             "val_samples": len(self.corpus.val),
+            "val_subset_samples": validation.subset_size(
+                max(1, len(self.corpus.val)), self.opts.eval_subset
+            ),
             "data_composition": self.corpus.composition,
+            # undecodable input bytes read as U+FFFD (None: a corpus cached before counting)
+            "data_replacements": self.corpus.stats.get("replaced_characters"),
             "seq_len": self.corpus.seq_len,
             "vocab_size": self.corpus.vocab_size,
             "model": self.opts.model,
@@ -456,7 +571,7 @@ class ESRun:
                 {
                     "signal": self.stop.signal_name,
                     "step": data.step,
-                    "checkpoint": bool(self.opts.save_every),
+                    "checkpoint": None if checkpoint is None else str(checkpoint),
                 }
                 if stopped
                 else None
@@ -467,7 +582,7 @@ class ESRun:
             self.metrics.close()
             write_json_atomic(self.out / "summary.json", summary)
             plot_loss_curves(
-                self.out / "metrics.jsonl", self.out / "loss_curve.png", f"es-llm {self.method}"
+                self.out / "metrics.jsonl", self.out / "loss_curve.png", self._plot_title()
             )
         export_model(self.engine, self.out, self._export_tokenizer)
         return summary
@@ -481,6 +596,17 @@ class ESRun:
             self.corpus.tokenizer_path,
             self.corpus.eod_id,
             model_max_length=getattr(self.engine.module.config, "max_position_embeddings", None),
+        )
+
+    def _plot_title(self) -> str:
+        return plot_title(
+            self.method,
+            self.opts.model,
+            self.opts.data,
+            train=len(self.corpus.train),
+            val=len(self.corpus.val),
+            seq_len=self.corpus.seq_len,
+            world=self.world,
         )
 
 

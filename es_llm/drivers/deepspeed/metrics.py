@@ -102,18 +102,66 @@ def _mark_epochs(ax: Any, marks: list[tuple[float, int]]) -> None:
         )
 
 
+def curve_points(evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The evaluations of the validation curve: every one on the fixed subset (its loss is
+    `val_subset_loss`; records without it, from older runs, count with `val_loss`), one per
+    step (a later record at the same step replaces an earlier one)."""
+    by_step: dict[Any, dict[str, Any]] = {}
+    for r in evals:
+        loss = r.get("val_subset_loss", r.get("val_loss"))
+        if loss is not None:
+            by_step[r["step"]] = {**r, "curve_loss": loss}
+    return list(by_step.values())
+
+
 def _plot_validation(ax: Any, evals: list[dict[str, Any]], x_key: str) -> None:
-    """The validation curve (one marker per evaluation) against `x_key` of the eval records."""
-    if evals:
+    """The validation curve (one marker per evaluation, on the fixed subset) against `x_key`
+    of the eval records, and each evaluation of the whole split as a larger marker."""
+    points = curve_points(evals)
+    if points:
+        size = points[-1].get("subset_sequences")
+        if size is None:  # an older run: every evaluation was the whole split
+            what = "whole split"
+        elif all(r.get("set") == "full" for r in points):  # the subset is the whole split
+            what = f"whole split, {size} sequences"
+        else:
+            what = f"fixed subset of {size} sequences"
         ax.plot(
-            [r[x_key] for r in evals],
-            [r["val_loss"] for r in evals],
+            [r[x_key] for r in points],
+            [r["curve_loss"] for r in points],
             "o-",
             color=VAL_COLOR,
             ms=5,
             lw=1.8,
-            label="validation loss",
+            label=f"validation loss ({what})",
         )
+    whole = [r for r in evals if r.get("set") == "full" and r.get("val_subset_loss") is not None]
+    whole = [r for r in whole if r.get("sequences") != r.get("subset_sequences")]
+    if whole:
+        ax.plot(
+            [r[x_key] for r in whole],
+            [r["val_loss"] for r in whole],
+            "D",
+            color=VAL_COLOR,
+            mfc="white",
+            ms=8,
+            mew=1.8,
+            label=f"validation loss (whole split, {whole[-1]['sequences']} sequences)",
+        )
+
+
+def plot_title(
+    method: str, model: str, data: str | None, *, train: int, val: int, seq_len: int, world: int
+) -> str:
+    """What ran, for the plot's title: method, model, data, sizes, ranks."""
+    ranks = f"{world} rank{'s' if world != 1 else ''}"
+    data = data or "stdlib"
+    if len(data) > 48:  # a long path: its end says the most
+        data = "…" + data[-47:]
+    return (
+        f"es-llm {method} · model {model} · data {data} · {train} train / {val} "
+        f"validation sequences of {seq_len} tokens · {ranks}"
+    )
 
 
 def plot_loss_curves(metrics_path: Path, out_png: Path, title: str) -> None:
@@ -158,5 +206,5 @@ def plot_loss_curves(metrics_path: Path, out_png: Path, title: str) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
+    fig.savefig(out_png, dpi=110, metadata={"Title": title})
     plt.close(fig)
