@@ -36,7 +36,9 @@ from es_llm.sampling.methods.lp import LPOptions
 from es_llm.sampling.methods.trim import TrimOptions
 from es_llm.sampling.selector import select_step
 
-BUILT_IN = ("es", "eswp", "prune", "uniform", "loss", "ema", "topk", "lp", "trim")
+BUILT_IN = (
+    "es", "eswp", "prune", "uniform", "loss", "ema", "topk", "lp", "trim", "excess", "excess_prune",
+)  # fmt: skip
 
 
 # --- registry contents ---
@@ -85,7 +87,7 @@ def test_traits(name, scoring, plain_update, prunes, deterministic):
 
 def test_options_are_declared_by_the_methods_that_read_them():
     assert option_owners(LPOptions) == ("lp",)
-    assert option_owners(PruningOptions) == ("eswp", "prune")
+    assert option_owners(PruningOptions) == ("eswp", "prune", "excess_prune")
     assert option_owners(TrimOptions) == tuple(m.name for m in registered() if m.scoring_forward)
     assert list(LPOptions.model_fields) == ["lp_floor"]
     assert list(PruningOptions.model_fields) == ["prune_ratio", "delta", "rescale"]

@@ -8,6 +8,7 @@ Plackett-Luce), in one sort, and with counter-based noise every rank gets the sa
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 
 import torch
 
@@ -47,19 +48,25 @@ def es_weights(
 
 
 def score_update(
-    method: str, prev_scores: torch.Tensor, losses: torch.Tensor, beta2: float
+    method: str,
+    prev_scores: torch.Tensor,
+    losses: torch.Tensor,
+    beta2: float,
+    state: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """A sample's new score after a visit with loss ``losses``, by the method's own rule.
 
     lp keeps the last loss (its weight is the progress since that visit); every other method
     keeps the beta2 EMA. The one rule for scoring steps and for the free scoring of plain
     steps (burn-in, anneal, prune), so an lp run with burn-in starts selecting from real
-    last losses instead of from EMAs that no later loss can fall below.
+    last losses instead of from EMAs that no later loss can fall below. ``state``: the
+    method's per-sample columns for the same samples (`SamplingMethod.state`).
     """
     m = get_method(method)
     cfg = _loose_config(method, beta2=beta2)
     s = torch.as_tensor(prev_scores).to(torch.float32)
-    return m.score_update(cfg, Visit(scores=s, losses=torch.as_tensor(losses).to(torch.float32)))
+    lo = torch.as_tensor(losses).to(torch.float32)
+    return m.score_update(cfg, Visit(scores=s, losses=lo, state=state or {}))
 
 
 def method_weights(
