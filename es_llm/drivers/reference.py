@@ -1,0 +1,456 @@
+"""The reference model of method excess: trained once on a clean set, then one no-grad pass.
+
+Why: ES on the excess loss ``l - l_ref`` (es_llm.sampling.methods.excess) needs, for every
+training sample, the loss of a small model trained on clean text (RHO-LOSS). This module
+
+1. picks the reference documents: the clean source minus every document that could leak into
+   the run's validation set (its split group is a validation group under the corpus split
+   rule, or its exact text is a validation document's text), counted;
+2. trains the reference with the project's own loop (`ESRun`, method uniform) over the same
+   process group, on those documents tokenized with the run's tokenizer, so its loss is
+   measured on the very token rows being selected; or loads a pretrained Hugging Face
+   model directory instead;
+3. caches the trained model under ``CACHE/reference/``, keyed by what determines it (the
+   reference source, what was excluded, the preset, the tokenizer, the DeepSpeed config,
+   seq_len, seed and budget), so a second run reuses it;
+4. runs one no-grad pass of it over this rank's training shard with the fused per-sample
+   loss (`es_llm.drivers.scoring.scoring_losses`): ``l_ref`` as fp32, 4 bytes a sample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from es_llm import dist
+from es_llm.data.documents import Document, is_val_group
+from es_llm.data.sources import resolve_source
+from es_llm.errors import InputError
+from es_llm.model import DEFAULT_MODEL_PRESET, build_model, count_parameters, load_model_preset
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from es_llm.data.corpus import Corpus
+    from es_llm.drivers.deepspeed.loop import TrainOptions
+
+__all__ = [
+    "DEFAULT_REFERENCE_MODEL",
+    "Reference",
+    "ReferenceError",
+    "ReferenceSpec",
+    "disjoint_reference_documents",
+    "is_pretrained_dir",
+    "prepare_reference",
+    "reference_cache_key",
+    "reference_losses",
+    "validation_documents",
+]
+
+FORMAT_VERSION = 1  # bump when what a cache entry holds, or how it is trained, changes
+DEFAULT_REFERENCE_MODEL = DEFAULT_MODEL_PRESET  # the smallest shipped preset
+DEFAULT_REFERENCE_EPOCHS = 1
+
+
+class ReferenceError(InputError):
+    """The reference cannot be built from what was given; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ReferenceSpec:
+    """What the user asked for: a clean source and a preset, or a pretrained model directory."""
+
+    data: str | None = None  # --reference-data (any form --data takes)
+    model: str = DEFAULT_REFERENCE_MODEL  # --reference-model: a preset, or an HF model dir
+    steps: int | None = None  # --reference-steps
+    epochs: int | None = None  # --reference-epochs (default 1 when neither is given)
+
+    @property
+    def pretrained(self) -> bool:
+        return is_pretrained_dir(self.model)
+
+    def budget(self) -> dict[str, int | None]:
+        epochs = self.epochs
+        if epochs is None:
+            epochs = DEFAULT_REFERENCE_EPOCHS if self.steps is None else 1_000_000
+        return {"epochs": epochs, "steps": self.steps}
+
+    def check(self) -> None:
+        """A pretrained directory, or a clean source to train on: one of the two."""
+        if self.pretrained:
+            if self.data is not None:
+                raise ReferenceError(
+                    f"--reference-model {self.model!r} is a pretrained model directory: it is "
+                    "not trained, so --reference-data has no use; give one of the two"
+                )
+            if self.steps is not None or self.epochs is not None:
+                raise ReferenceError(
+                    "--reference-steps/--reference-epochs train a preset reference; "
+                    f"{self.model!r} is a pretrained model directory"
+                )
+        elif self.data is None:
+            raise ReferenceError(
+                "this method selects by the excess loss over a reference model: give a clean "
+                "reference source with --reference-data (any form --data takes), or a "
+                "pretrained Hugging Face model directory with --reference-model"
+            )
+
+
+@dataclass
+class Reference:
+    """A reference model ready for the pass, and what `summary.json` reports about it."""
+
+    model: nn.Module
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def is_pretrained_dir(model: str) -> bool:
+    """Whether `model` names a Hugging Face model directory (it holds a config.json)."""
+    p = Path(model).expanduser()
+    return p.is_dir() and (p / "config.json").is_file()
+
+
+# ----------------------------------------------------------------------------- documents
+def _split_key(doc: Document) -> str:
+    return doc.group or doc.key
+
+
+def _text_hash(text: str) -> bytes:
+    return hashlib.sha1(text.encode("utf-8", "replace")).digest()
+
+
+def validation_documents(
+    data: str | None, val_data: str | None, corpus_stats: dict[str, Any]
+) -> list[Document]:
+    """The run's validation documents, found by the rule its corpus was split with.
+
+    With ``val_data``: that source's validation-group documents. Otherwise ``data``'s: the
+    validation-group documents, or the trailing ``val_documents`` under the tail fallback.
+    """
+    if val_data is not None:
+        return [d for d in resolve_source(val_data).load() if is_val_group(_split_key(d))]
+    docs = resolve_source(data).load()
+    if corpus_stats.get("split_rule") == "tail":
+        n = int(corpus_stats["val_documents"])
+        return docs[len(docs) - n :]
+    return [d for d in docs if is_val_group(_split_key(d))]
+
+
+def disjoint_reference_documents(
+    reference: list[Document], validation: list[Document]
+) -> tuple[list[Document], dict[str, int]]:
+    """The reference documents that cannot leak into validation, and how many were dropped.
+
+    A document is dropped when its split group (or key) is a validation group under the
+    corpus split rule (the same source split the same way puts it on the validation side),
+    or when its exact text is the text of a validation document (any source).
+    """
+    val_texts = {_text_hash(d.text) for d in validation}
+    kept: list[Document] = []
+    counts = {"documents": len(reference), "dropped_val_group": 0, "dropped_val_text": 0}
+    for d in reference:
+        if is_val_group(_split_key(d)):
+            counts["dropped_val_group"] += 1
+        elif _text_hash(d.text) in val_texts:
+            counts["dropped_val_text"] += 1
+        else:
+            kept.append(d)
+    counts["kept"] = len(kept)
+    return kept, counts
+
+
+def _write_jsonl_atomic(docs: list[Document], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for d in docs:
+                f.write(json.dumps({"text": d.text}, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ----------------------------------------------------------------------------- cache key
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def reference_cache_key(
+    *,
+    reference_fingerprint: dict[str, Any],
+    excluded_fingerprint: dict[str, Any],
+    preset: dict[str, Any],
+    tokenizer_sha256: str,
+    seq_len: int,
+    seed: int,
+    budget: dict[str, int | None],
+    ds_config: dict[str, Any],
+) -> str:
+    """16 hex digits naming a trained reference: equal inputs, equal model, the same entry."""
+    return _digest(
+        {
+            "v": FORMAT_VERSION,
+            "reference": reference_fingerprint,
+            "excluded": excluded_fingerprint,
+            "preset": preset,
+            "tokenizer": tokenizer_sha256,
+            "seq_len": seq_len,
+            "seed": seed,
+            "budget": budget,
+            "ds_config": ds_config,
+        }
+    )[:16]
+
+
+def _file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def reference_ds_config(ds_config: dict[str, Any]) -> dict[str, Any]:
+    """The run's DeepSpeed config for the reference: uniform, and whole parameters on every
+    rank (ZeRO-3 becomes 2), so the trained module can be saved and scored as it is."""
+    out = copy.deepcopy(ds_config)
+    out.pop("evolved_sampling", None)
+    zero = out.get("zero_optimization")
+    if isinstance(zero, dict) and int(zero.get("stage", 0)) > 2:
+        zero["stage"] = 2
+    return out
+
+
+# ----------------------------------------------------------------------------- models
+def _load_pretrained(path: str | Path, vocab_size: int) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path))
+    have = model.get_input_embeddings().num_embeddings
+    if have < vocab_size:
+        raise ReferenceError(
+            f"reference model {str(path)!r} has a vocabulary of {have}, smaller than the run "
+            f"tokenizer's {vocab_size}: the reference must use the run's tokenizer (train the "
+            "run with --tokenizer set to the reference's tokenizer)"
+        )
+    return model
+
+
+def _check_size(preset: dict[str, Any], main_preset: dict[str, Any], corpus: Corpus) -> None:
+    """The reference preset must not be larger than the main model (parameter count)."""
+    kw = {"vocab_size": corpus.vocab_size, "seq_len": corpus.seq_len, "device": "meta"}
+    ref_n = count_parameters(build_model(preset, **kw))
+    main_n = count_parameters(build_model(main_preset, **kw))
+    if ref_n > main_n:
+        raise ReferenceError(
+            f"the reference model has {ref_n} parameters, more than the trained model's "
+            f"{main_n}: pick a smaller --reference-model (default {DEFAULT_REFERENCE_MODEL})"
+        )
+
+
+@contextlib.contextmanager
+def _own_rng_and_traffic(device: torch.device) -> Iterator[None]:
+    """Leave the run's RNG streams and collective counters as they were: the main model's
+    initialisation and traffic report do not depend on whether the reference was cached."""
+    saved = dict(dist.traffic)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+    dist.traffic.update(saved)
+
+
+def _train(
+    spec: ReferenceSpec,
+    entry: Path,
+    docs_path: Path,
+    ds_path: Path,
+    opts: TrainOptions,
+    tokenizer: str,
+    seq_len: int,
+) -> dict[str, Any]:
+    """Train the reference with the project's loop on every rank; rank 0 saves it."""
+    from es_llm.drivers.deepspeed.loop import ESRun, TrainOptions
+
+    budget = spec.budget()
+    ref_opts = TrainOptions(
+        out=entry / "run",
+        config=str(ds_path),
+        model=spec.model,
+        data=str(docs_path),
+        tokenizer=tokenizer,
+        cache_dir=opts.cache_dir,
+        method="uniform",
+        epochs=int(budget["epochs"] or 1),
+        max_steps=budget["steps"],
+        seed=opts.seed,
+        seq_len=seq_len,
+        progress=opts.progress,
+    )
+    run = ESRun(ref_opts)
+    run.setup()
+    summary = run.run()
+    if dist.rank() == 0:
+        tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=entry))
+        try:
+            run.engine.module.save_pretrained(str(tmp), safe_serialization=True)
+            shutil.rmtree(entry / "model", ignore_errors=True)
+            os.replace(tmp, entry / "model")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "steps": summary["steps"],
+        "train_sequences": summary["train_samples"],
+        "val_loss": summary["final_val_loss"],
+        "train_wall_clock_s": summary["wall_clock_s"],
+    }
+
+
+def prepare_reference(
+    spec: ReferenceSpec,
+    *,
+    opts: TrainOptions,
+    corpus: Corpus,
+    ds_config: dict[str, Any],
+    device: torch.device,
+) -> Reference:
+    """The reference model on `device` (eval mode, no grad), trained or loaded from the cache.
+
+    A collective: every rank calls it. ``info["train_s"]`` is the wall-clock of training the
+    reference (corpus build, training, its evaluations), also when the entry was cached (the
+    cost of the reference, paid once); ``info["cached"]`` says whether this run reused it.
+    """
+    from es_llm.data.corpus import default_cache_dir
+
+    spec.check()
+    t0 = time.perf_counter()
+    if spec.pretrained:
+        model = _load_pretrained(spec.model, corpus.vocab_size)
+        info: dict[str, Any] = {
+            "model": str(Path(spec.model).expanduser().resolve()),
+            "pretrained": True,
+            "data": None,
+            "cached": False,
+            "train_s": 0.0,
+            "load_s": time.perf_counter() - t0,
+        }
+        return Reference(model.to(device).eval().requires_grad_(False), info)
+
+    preset = load_model_preset(spec.model)
+    _check_size(preset, load_model_preset(opts.model), corpus)
+    if corpus.tokenizer_path is None:
+        raise RuntimeError("the corpus has no tokenizer file for the reference to use")
+    ref_src = resolve_source(spec.data)
+    excluded_src = resolve_source(opts.val_data if opts.val_data is not None else opts.data)
+    excluded = {
+        "source": excluded_src.fingerprint,
+        "split_rule": corpus.stats.get("split_rule"),
+        "val_documents": corpus.stats.get("val_documents"),
+    }
+    key = reference_cache_key(
+        reference_fingerprint=ref_src.fingerprint,
+        excluded_fingerprint=excluded,
+        preset=preset,
+        tokenizer_sha256=_file_sha256(corpus.tokenizer_path),
+        seq_len=corpus.seq_len,
+        seed=opts.seed,
+        budget=spec.budget(),
+        ds_config=reference_ds_config(ds_config),
+    )
+    cache = Path(opts.cache_dir).expanduser() if opts.cache_dir else default_cache_dir()
+    entry = cache / "reference" / f"{ref_src.name}-{key}"
+    meta_path = entry / "meta.json"
+    cached = dist.all_reduce_min_int(int(meta_path.is_file())) == 1
+    if not cached:
+        docs_path, ds_path = entry / "documents.jsonl", entry / "ds_config.json"
+        counts: dict[str, int] = {}
+        if dist.rank() == 0:
+            val_docs = validation_documents(opts.data, opts.val_data, corpus.stats)
+            kept, counts = disjoint_reference_documents(ref_src.load(), val_docs)
+            if kept:
+                _write_jsonl_atomic(kept, docs_path)
+                ds_path.write_text(json.dumps(reference_ds_config(ds_config), indent=2))
+        # every rank learns whether rank 0 found documents to train on (no rank left waiting)
+        if dist.all_reduce_min_int(0 if dist.rank() == 0 and not counts["kept"] else 1) == 0:
+            raise ReferenceError(
+                f"reference data {spec.data!r}: every one of its documents is a validation "
+                "document of this run (same split group or same text); use a separate clean "
+                "source"
+            )
+        with _own_rng_and_traffic(device):
+            trained = _train(
+                spec, entry, docs_path, ds_path, opts, corpus.tokenizer_path, corpus.seq_len
+            )
+        if dist.rank() == 0:
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "key": key,
+                "model": spec.model,
+                "data": spec.data,
+                "budget": spec.budget(),
+                "disjoint": counts,
+                "train_s": time.perf_counter() - t0,
+                **trained,
+            }
+            tmp = meta_path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(meta, indent=2))
+            os.replace(tmp, meta_path)
+        dist.barrier()
+    meta = json.loads(meta_path.read_text())
+    model = _load_pretrained(entry / "model", corpus.vocab_size)
+    info = {
+        "model": spec.model,
+        "pretrained": False,
+        "data": spec.data,
+        "cached": cached,
+        "cache_entry": str(entry),
+        "train_s": float(meta["train_s"]),
+        "steps": meta["steps"],
+        "val_loss": meta["val_loss"],
+        "disjoint": meta["disjoint"],
+    }
+    return Reference(model.to(device).eval().requires_grad_(False), info)
+
+
+# ----------------------------------------------------------------------------- the pass
+def reference_losses(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    lo: int,
+    hi: int,
+    micro_batch: int,
+    device: torch.device,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """fp32 [hi - lo] on `device`: the reference's mean loss of training rows lo..hi-1 (the
+    global ids of this rank's shard), NaN for a row without label tokens. No grad."""
+    from es_llm.drivers.scoring import scoring_losses
+
+    if not 0 <= lo <= hi <= len(dataset):
+        raise ValueError(f"rows [{lo}, {hi}) are outside the dataset of {len(dataset)}")
+    rows = dataset.with_format("numpy", columns=["input_ids"])
+    out = torch.empty(hi - lo, dtype=torch.float32, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(lo, hi, micro_batch):
+            j = min(hi, i + micro_batch)
+            batch = np.asarray(rows[i:j]["input_ids"], dtype=np.int64)
+            tokens = torch.from_numpy(batch).to(device, non_blocking=True)
+            s, c = scoring_losses(model, tokens, ignore_index=ignore_index)
+            loss = s.float() / c.float().clamp(min=1)
+            out[i - lo : j - lo] = torch.where(c > 0, loss, torch.full_like(loss, float("nan")))
+    finally:
+        model.train(was_training)
+    return out

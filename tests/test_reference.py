@@ -1,0 +1,144 @@
+"""The reference model's pieces, in process: which documents it may train on, the cache key of
+a trained reference, the budget and the pass that gives l_ref of every training row."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from es_llm.kernels import per_sample_loss
+
+from es_llm.data.documents import Document, is_val_group
+from es_llm.drivers.reference import (
+    ReferenceError,
+    ReferenceSpec,
+    disjoint_reference_documents,
+    reference_cache_key,
+    reference_ds_config,
+    reference_losses,
+    validation_documents,
+)
+from es_llm.model import build_model, load_model_preset
+
+
+def _val_and_train_keys(n: int = 200) -> tuple[list[str], list[str]]:
+    keys = [f"doc{i}" for i in range(n)]
+    return [k for k in keys if is_val_group(k)], [k for k in keys if not is_val_group(k)]
+
+
+def test_reference_documents_never_include_a_validation_group_or_text():
+    val_keys, train_keys = _val_and_train_keys()
+    assert val_keys and train_keys
+    validation = [Document(k, f"text of {k}") for k in val_keys]
+    reference = [
+        Document(val_keys[0], "another text, but a validation group"),  # dropped: group
+        Document("elsewhere/1", f"text of {val_keys[1]}"),  # dropped: a validation text
+        Document("elsewhere/2", "clean text", group=val_keys[2]),  # dropped: group wins
+        *(Document(k, f"clean {k}") for k in train_keys[:5]),
+    ]
+    kept, counts = disjoint_reference_documents(reference, validation)
+    assert [d.key for d in kept] == train_keys[:5]
+    assert counts == {"documents": 8, "dropped_val_group": 2, "dropped_val_text": 1, "kept": 5}
+
+
+def _jsonl(path, texts):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return str(path)
+
+
+def test_validation_documents_follow_the_corpus_split_rule(tmp_path):
+    data = _jsonl(tmp_path / "train.jsonl", [f"train text {i}" for i in range(60)])
+    val = _jsonl(tmp_path / "val.jsonl", [f"val text {i}" for i in range(60)])
+    by_hash = validation_documents(data, None, {"split_rule": "sha1-mod-20-or-tail"})
+    assert by_hash and all(is_val_group(d.key) for d in by_hash)
+    assert all(d.text.startswith("train") for d in by_hash)
+    tail = validation_documents(data, None, {"split_rule": "tail", "val_documents": 3})
+    assert [d.text for d in tail] == [f"train text {i}" for i in (57, 58, 59)]
+    sep = validation_documents(data, val, {"split_rule": "hash-separate-val-data"})
+    assert sep and all(d.text.startswith("val") and is_val_group(d.key) for d in sep)
+
+
+KEY = dict(
+    reference_fingerprint={"kind": "local", "files": [["a.jsonl", 10, 1]]},
+    excluded_fingerprint={"source": {"kind": "recipe"}, "split_rule": "sha1-mod-20-or-tail"},
+    preset={"family": "gpt2", "n_layer": 4},
+    tokenizer_sha256="ab" * 32,
+    seq_len=64,
+    seed=0,
+    budget={"epochs": 1, "steps": None},
+    ds_config={"optimizer": {"params": {"lr": 0.002}}},
+)
+
+
+def test_the_cache_key_names_exactly_what_determines_the_reference():
+    key = reference_cache_key(**KEY)
+    assert key == reference_cache_key(**json.loads(json.dumps(KEY)))  # a second run: a hit
+    assert len(key) == 16 and int(key, 16) >= 0
+    changed = {
+        "reference_fingerprint": {"kind": "local", "files": [["a.jsonl", 11, 1]]},
+        "excluded_fingerprint": {"source": {"kind": "hub"}, "split_rule": "tail"},
+        "preset": {"family": "gpt2", "n_layer": 2},
+        "tokenizer_sha256": "cd" * 32,
+        "seq_len": 128,
+        "seed": 1,
+        "budget": {"epochs": 1, "steps": 50},
+        "ds_config": {"optimizer": {"params": {"lr": 0.001}}},
+    }
+    keys = {key}
+    for name, value in changed.items():
+        keys.add(reference_cache_key(**{**KEY, name: value}))
+    assert len(keys) == 1 + len(changed)  # every input moves the key
+
+
+def test_the_reference_trains_uniform_on_whole_parameters():
+    ds = {"zero_optimization": {"stage": 3}, "evolved_sampling": {"method": "es"}, "x": 1}
+    out = reference_ds_config(ds)
+    assert out == {"zero_optimization": {"stage": 2}, "x": 1}
+    assert ds["zero_optimization"]["stage"] == 3  # the run's own config is untouched
+    assert reference_ds_config({"zero_optimization": {"stage": 1}})["zero_optimization"] == {
+        "stage": 1
+    }
+
+
+def test_spec_budget_and_input_errors(tmp_path):
+    assert ReferenceSpec(data="x").budget() == {"epochs": 1, "steps": None}
+    assert ReferenceSpec(data="x", epochs=3).budget() == {"epochs": 3, "steps": None}
+    assert ReferenceSpec(data="x", steps=40).budget()["steps"] == 40
+    ReferenceSpec(data="recipe:code=1").check()
+    with pytest.raises(ReferenceError, match="--reference-data"):
+        ReferenceSpec().check()
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    assert ReferenceSpec(model=str(hf)).pretrained
+    ReferenceSpec(model=str(hf)).check()
+    with pytest.raises(ReferenceError, match="pretrained model directory"):
+        ReferenceSpec(data="x", model=str(hf)).check()
+    with pytest.raises(ReferenceError, match="--reference-steps"):
+        ReferenceSpec(model=str(hf), steps=5).check()
+
+
+def test_the_pass_gives_each_rows_mean_loss_over_any_shard():
+    torch.manual_seed(0)
+    vocab, seq = 64, 16
+    model = build_model(load_model_preset("gpt2-tiny"), vocab_size=vocab, seq_len=seq)
+    rows = torch.randint(0, vocab, (11, seq))
+    ds = datasets.Dataset.from_dict({"input_ids": rows.numpy().astype(np.int32)})
+    with torch.no_grad():
+        logits = model(input_ids=rows).logits[:, :-1]
+    s, c = per_sample_loss(logits, rows[:, 1:])
+    want = (s / c).float()
+    full = reference_losses(model, ds, lo=0, hi=11, micro_batch=4, device=torch.device("cpu"))
+    assert full.dtype == torch.float32 and full.shape == (11,)
+    torch.testing.assert_close(full, want, rtol=1e-4, atol=1e-4)
+    # two ranks' shards ([0, 6) and [6, 11)) together are the one-rank pass
+    parts = [
+        reference_losses(model, ds, lo=lo, hi=hi, micro_batch=4, device=torch.device("cpu"))
+        for lo, hi in ((0, 6), (6, 11))
+    ]
+    torch.testing.assert_close(torch.cat(parts), full)
+    with pytest.raises(ValueError, match="outside"):
+        reference_losses(model, ds, lo=5, hi=12, micro_batch=4, device=torch.device("cpu"))
