@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # the training loop imports torch and deepspeed: only when op
     from es_llm.drivers.deepspeed.loop import TrainOptions
 
 __all__ = [
+    "add_reference_arguments",
     "add_run_arguments",
     "options_from_args",
     "parse_key_value",
@@ -165,8 +166,42 @@ def add_run_arguments(p: argparse.ArgumentParser, *, with_method: bool = True) -
         help="override one field of the evolved_sampling section, e.g. --es selection_ratio=0.75 "
         "(repeatable; values are JSON)",
     )
+    add_reference_arguments(p)
     p.add_argument(
         "--no-progress", action="store_true", help="no progress bar (logs stay clean in CI)"
+    )
+
+
+def add_reference_arguments(p: argparse.ArgumentParser) -> None:
+    """The reference model of the methods that select by the excess loss (excess*)."""
+    g = p.add_argument_group(
+        "reference model (methods excess, excess_prune; other methods ignore these flags)"
+    )
+    g.add_argument(
+        "--reference-data",
+        default=None,
+        help="clean source the reference model is trained on (any form --data takes), e.g. "
+        "'recipe:code=1'; its documents in a validation group or with a validation text "
+        "are dropped. The trained reference is cached",
+    )
+    g.add_argument(
+        "--reference-model",
+        default="gpt2-tiny",
+        help="reference model preset, no larger than --model, trained on --reference-data; "
+        "or a pretrained Hugging Face model directory using the run's tokenizer (then no "
+        "--reference-data) (default: %(default)s)",
+    )
+    g.add_argument(
+        "--reference-steps",
+        type=positive_int,
+        default=None,
+        help="train the reference for at most this many optimizer steps",
+    )
+    g.add_argument(
+        "--reference-epochs",
+        type=positive_int,
+        default=None,
+        help="train the reference for this many epochs (default: 1 unless --reference-steps)",
     )
 
 

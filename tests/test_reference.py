@@ -106,7 +106,7 @@ def test_the_reference_trains_uniform_on_whole_parameters():
 def test_spec_budget_and_input_errors(tmp_path):
     assert ReferenceSpec(data="x").budget() == {"epochs": 1, "steps": None}
     assert ReferenceSpec(data="x", epochs=3).budget() == {"epochs": 3, "steps": None}
-    assert ReferenceSpec(data="x", steps=40).budget()["steps"] == 40
+    assert ReferenceSpec(data="x", steps=40).budget() == {"epochs": 40, "steps": 40}
     ReferenceSpec(data="recipe:code=1").check()
     with pytest.raises(ReferenceError, match="--reference-data"):
         ReferenceSpec().check()

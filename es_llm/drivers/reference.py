@@ -39,7 +39,15 @@ from es_llm import dist
 from es_llm.data.documents import Document, is_val_group
 from es_llm.data.sources import resolve_source
 from es_llm.errors import InputError
-from es_llm.model import DEFAULT_MODEL_PRESET, build_model, count_parameters, load_model_preset
+from es_llm.model import (
+    DEFAULT_MODEL_PRESET,
+    ModelSpec,
+    build_model,
+    count_parameters,
+    load_model,
+    load_model_preset,
+    resolve_model,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -84,8 +92,8 @@ class ReferenceSpec:
 
     def budget(self) -> dict[str, int | None]:
         epochs = self.epochs
-        if epochs is None:
-            epochs = DEFAULT_REFERENCE_EPOCHS if self.steps is None else 1_000_000
+        if epochs is None:  # steps alone: as many epochs as steps always holds them
+            epochs = DEFAULT_REFERENCE_EPOCHS if self.steps is None else self.steps
         return {"epochs": epochs, "steps": self.steps}
 
     def check(self) -> None:
@@ -233,30 +241,53 @@ def reference_ds_config(ds_config: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- models
-def _load_pretrained(path: str | Path, vocab_size: int) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(path))
-    have = model.get_input_embeddings().num_embeddings
-    if have < vocab_size:
-        raise ReferenceError(
-            f"reference model {str(path)!r} has a vocabulary of {have}, smaller than the run "
-            f"tokenizer's {vocab_size}: the reference must use the run's tokenizer (train the "
-            "run with --tokenizer set to the reference's tokenizer)"
-        )
-    return model
+def _load_pretrained(path: str | Path, corpus: Corpus) -> nn.Module:
+    """A saved or user-given reference, checked against the run's tokenizer and seq_len."""
+    spec = resolve_model(str(path))
+    return load_model(spec, vocab_size=corpus.vocab_size, seq_len=corpus.seq_len)
 
 
-def _check_size(preset: dict[str, Any], main_preset: dict[str, Any], corpus: Corpus) -> None:
-    """The reference preset must not be larger than the main model (parameter count)."""
-    kw = {"vocab_size": corpus.vocab_size, "seq_len": corpus.seq_len, "device": "meta"}
-    ref_n = count_parameters(build_model(preset, **kw))
-    main_n = count_parameters(build_model(main_preset, **kw))
+def _param_count(spec: ModelSpec, corpus: Corpus) -> int:
+    """Parameters of the model `spec` names at this run's vocabulary, built on no device."""
+    if spec.preset is not None:
+        kw = {"vocab_size": corpus.vocab_size, "seq_len": corpus.seq_len, "device": "meta"}
+        return count_parameters(build_model(spec.preset, **kw))
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(spec.path))
+    return count_parameters(model)
+
+
+def _check_size(reference: str, main: str, corpus: Corpus) -> None:
+    """The reference model must not be larger than the trained model (parameter count)."""
+    ref_n = _param_count(resolve_model(reference), corpus)
+    main_n = _param_count(resolve_model(main), corpus)
     if ref_n > main_n:
         raise ReferenceError(
             f"the reference model has {ref_n} parameters, more than the trained model's "
             f"{main_n}: pick a smaller --reference-model (default {DEFAULT_REFERENCE_MODEL})"
         )
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path, hold: bool) -> Iterator[None]:
+    """An exclusive inter-process lock on `path` when `hold` (rank 0), else nothing."""
+    if not hold:
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): concurrent builds of one entry are not guarded
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -295,6 +326,7 @@ def _train(
         max_steps=budget["steps"],
         seed=opts.seed,
         seq_len=seq_len,
+        max_val_samples=opts.max_val_samples,  # its own held-out rows: as many as the run's
         progress=opts.progress,
     )
     run = ESRun(ref_opts)
@@ -316,6 +348,53 @@ def _train(
     }
 
 
+def _build(
+    spec: ReferenceSpec,
+    entry: Path,
+    key: str,
+    opts: TrainOptions,
+    corpus: Corpus,
+    ds_config: dict[str, Any],
+    ref_src: Any,
+    device: torch.device,
+    t0: float,
+) -> None:
+    """Pick the documents (rank 0), train on every rank, write the entry (rank 0)."""
+    docs_path, ds_path = entry / "documents.jsonl", entry / "ds_config.json"
+    counts: dict[str, int] = {}
+    if dist.rank() == 0:
+        val_docs = validation_documents(opts.data, opts.val_data, corpus.stats)
+        kept, counts = disjoint_reference_documents(ref_src.load(), val_docs)
+        if kept:
+            _write_jsonl_atomic(kept, docs_path)
+            ds_path.write_text(json.dumps(reference_ds_config(ds_config), indent=2))
+    # every rank learns whether rank 0 found documents to train on (no rank left waiting)
+    if dist.all_reduce_min_int(0 if dist.rank() == 0 and not counts["kept"] else 1) == 0:
+        raise ReferenceError(
+            f"reference data {spec.data!r}: every one of its documents is a validation "
+            "document of this run (same split group or same text); use a separate clean "
+            "source"
+        )
+    tokenizer = str(corpus.tokenizer_path)
+    with _own_rng_and_traffic(device):
+        trained = _train(spec, entry, docs_path, ds_path, opts, tokenizer, corpus.seq_len)
+    if dist.rank() == 0:
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "key": key,
+            "model": spec.model,
+            "data": spec.data,
+            "budget": spec.budget(),
+            "disjoint": counts,
+            "train_s": time.perf_counter() - t0,
+            **trained,
+        }
+        tmp = entry / "meta.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, entry / "meta.json")  # last: an entry with meta.json is whole
+    dist.barrier()
+
+
 def prepare_reference(
     spec: ReferenceSpec,
     *,
@@ -335,7 +414,8 @@ def prepare_reference(
     spec.check()
     t0 = time.perf_counter()
     if spec.pretrained:
-        model = _load_pretrained(spec.model, corpus.vocab_size)
+        _check_size(spec.model, opts.model, corpus)
+        model = _load_pretrained(spec.model, corpus)
         info: dict[str, Any] = {
             "model": str(Path(spec.model).expanduser().resolve()),
             "pretrained": True,
@@ -347,7 +427,7 @@ def prepare_reference(
         return Reference(model.to(device).eval().requires_grad_(False), info)
 
     preset = load_model_preset(spec.model)
-    _check_size(preset, load_model_preset(opts.model), corpus)
+    _check_size(spec.model, opts.model, corpus)
     if corpus.tokenizer_path is None:
         raise RuntimeError("the corpus has no tokenizer file for the reference to use")
     ref_src = resolve_source(spec.data)
@@ -370,44 +450,14 @@ def prepare_reference(
     cache = Path(opts.cache_dir).expanduser() if opts.cache_dir else default_cache_dir()
     entry = cache / "reference" / f"{ref_src.name}-{key}"
     meta_path = entry / "meta.json"
-    cached = dist.all_reduce_min_int(int(meta_path.is_file())) == 1
-    if not cached:
-        docs_path, ds_path = entry / "documents.jsonl", entry / "ds_config.json"
-        counts: dict[str, int] = {}
-        if dist.rank() == 0:
-            val_docs = validation_documents(opts.data, opts.val_data, corpus.stats)
-            kept, counts = disjoint_reference_documents(ref_src.load(), val_docs)
-            if kept:
-                _write_jsonl_atomic(kept, docs_path)
-                ds_path.write_text(json.dumps(reference_ds_config(ds_config), indent=2))
-        # every rank learns whether rank 0 found documents to train on (no rank left waiting)
-        if dist.all_reduce_min_int(0 if dist.rank() == 0 and not counts["kept"] else 1) == 0:
-            raise ReferenceError(
-                f"reference data {spec.data!r}: every one of its documents is a validation "
-                "document of this run (same split group or same text); use a separate clean "
-                "source"
-            )
-        with _own_rng_and_traffic(device):
-            trained = _train(
-                spec, entry, docs_path, ds_path, opts, corpus.tokenizer_path, corpus.seq_len
-            )
-        if dist.rank() == 0:
-            meta = {
-                "format_version": FORMAT_VERSION,
-                "key": key,
-                "model": spec.model,
-                "data": spec.data,
-                "budget": spec.budget(),
-                "disjoint": counts,
-                "train_s": time.perf_counter() - t0,
-                **trained,
-            }
-            tmp = meta_path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(meta, indent=2))
-            os.replace(tmp, meta_path)
-        dist.barrier()
+    with _build_lock(cache / "locks" / f"reference-{key}.lock", dist.rank() == 0):
+        # rank 0 holds the entry's lock from here to the end of the build (another run with
+        # the same reference waits, then finds it built); its ranks follow its answer
+        cached = dist.all_reduce_min_int(int(meta_path.is_file())) == 1
+        if not cached:
+            _build(spec, entry, key, opts, corpus, ds_config, ref_src, device, t0)
     meta = json.loads(meta_path.read_text())
-    model = _load_pretrained(entry / "model", corpus.vocab_size)
+    model = _load_pretrained(entry / "model", corpus)
     info = {
         "model": spec.model,
         "pretrained": False,
@@ -454,3 +504,55 @@ def reference_losses(
     finally:
         model.train(was_training)
     return out
+
+
+def spec_from_options(opts: TrainOptions) -> ReferenceSpec:
+    """The reference a run's flags ask for (`--reference-*`)."""
+    return ReferenceSpec(
+        data=opts.reference_data,
+        model=opts.reference_model,
+        steps=opts.reference_steps,
+        epochs=opts.reference_epochs,
+    )
+
+
+def reference_for_run(
+    opts: TrainOptions,
+    corpus: Corpus,
+    ds_config: dict[str, Any],
+    *,
+    lo: int,
+    hi: int,
+    micro_batch: int,
+    device: torch.device,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """(l_ref of this rank's training rows lo..hi-1, fp32 on `device`; the summary's report).
+
+    A collective. The report holds ``train_s`` (training the reference, or 0 for a pretrained
+    one), ``pass_s`` (the slowest rank's pass) and ``cached``; the model is freed after the pass.
+    """
+    spec = spec_from_options(opts)
+    ref = prepare_reference(spec, opts=opts, corpus=corpus, ds_config=ds_config, device=device)
+    dist.barrier()
+    t0 = time.perf_counter()
+    losses = reference_losses(
+        ref.model,
+        corpus.train,
+        lo=lo,
+        hi=hi,
+        micro_batch=micro_batch,
+        device=device,
+        ignore_index=ignore_index,
+    )
+    finite = torch.isfinite(losses)
+    kept = torch.where(finite, losses, torch.zeros_like(losses))
+    stats = torch.stack([kept.double().sum(), finite.double().sum()]).tolist()
+    dist.barrier()
+    pass_s = time.perf_counter() - t0
+    total, count = dist.all_reduce_sum([stats[0], stats[1]])
+    info = dict(ref.info)
+    info["pass_s"] = pass_s
+    info["train_rows_mean_loss"] = total / count if count > 0 else float("nan")
+    del ref
+    return losses, info

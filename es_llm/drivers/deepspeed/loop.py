@@ -50,6 +50,7 @@ from es_llm.drivers.deepspeed.monitor import MonitorHooks, route_output
 from es_llm.drivers.deepspeed.seam import es_data_path
 from es_llm.drivers.deepspeed.stopping import RunStopped, StopRequest
 from es_llm.drivers.losses import weighted_step_loss
+from es_llm.drivers.reference import reference_for_run, spec_from_options
 from es_llm.drivers.scoring import scoring_losses
 from es_llm.drivers.steplog import step_record
 from es_llm.errors import InputError
@@ -57,6 +58,7 @@ from es_llm.model import count_parameters, load_model, resolve_model, tokenizer_
 from es_llm.sampling.config import EvolvedSamplingConfig
 from es_llm.sampling.datapath import StepAssignment
 from es_llm.sampling.geometry import BatchGeometry
+from es_llm.sampling.methods.excess import REF_LOSS
 from es_llm.sampling.plan import RunPlan, plan_geometry
 from es_llm.sampling.timing import TIMERS
 
@@ -93,6 +95,10 @@ class TrainOptions:
     stop_after: int | None = None  # stop after step N without changing the planned schedule
     max_cpu_time_s: float | None = None  # the same budget in process CPU time (shared machines)
     save_on_stop: bool = True  # SIGINT/SIGTERM writes a checkpoint of the step it stopped at
+    reference_data: str | None = None  # clean source of the reference model (methods excess*)
+    reference_model: str = "gpt2-tiny"  # its preset, or a pretrained HF model directory
+    reference_steps: int | None = None
+    reference_epochs: int | None = None
 
 
 class TrainingError(InputError):
@@ -130,6 +136,9 @@ class ESRun:
             ds_config, opts.method, opts.es_overrides
         )
         self.method = self.es.method
+        self.uses_reference = REF_LOSS in self.es.sampling_method.state
+        if self.uses_reference:  # a missing reference fails before any process starts
+            spec_from_options(opts).check()
         dist.ensure_launcher_env()
         plan_geometry(ds_config, self.es, int(os.environ["WORLD_SIZE"]))  # fails before init
         timeout = dist.collective_timeout()
@@ -158,6 +167,20 @@ class ESRun:
             max_steps=opts.max_steps,
         )
         self.geo: BatchGeometry = self.plan.geo
+        ref_loss = None
+        self.reference: dict[str, Any] | None = None
+        if self.uses_reference:  # before the model is built: one of the two at a time
+            lo, hi = shard_range(len(corpus.train), self.rank, self.world)
+            ref_loss, self.reference = reference_for_run(
+                opts,
+                corpus,
+                ds_config,
+                lo=lo,
+                hi=hi,
+                micro_batch=self.plan.scoring_micro_batch,
+                device=self.device,
+                ignore_index=self.es.ignore_index,
+            )
         vlo, vhi = shard_range(len(corpus.val), self.rank, self.world)
         self.val_shard = corpus.val.select(range(vlo, vhi)).with_format(
             "numpy", columns=[c for c in ("input_ids", "labels") if c in corpus.val.column_names]
@@ -178,6 +201,8 @@ class ESRun:
         )
         self.scoring_mbs = self.plan.scoring_micro_batch
         self.data = es_data_path(self.engine, corpus.train, self.plan, wrap_scorer=self.wrap_scorer)
+        if ref_loss is not None:
+            self.data.store.set_column(REF_LOSS, ref_loss)
         self.out = Path(opts.out)
         self.monitor = MonitorHooks(self.engine, self.is_main)
         if opts.resume:
@@ -577,6 +602,7 @@ class ESRun:
                 else None
             ),
             "burn_in_steps": data.burn_in_steps,
+            "reference": self.reference,
         }
         if self.is_main:
             self.metrics.close()
