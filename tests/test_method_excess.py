@@ -173,3 +173,39 @@ def test_traits_and_keys():
         es_config_from_ds_config({"evolved_sampling": {"method": "excess", "excess_floor": -1}})
     # accepted unused by other methods (compare --es passes it to every run), like lp_floor
     assert EvolvedSamplingConfig(method="es", excess_floor=2.0).excess_floor == 2.0
+
+
+# --- the per-sample reference loss in the score store ---
+
+
+def test_the_store_keeps_ref_loss_per_shard_gathers_it_and_restores_it_exactly():
+    from es_llm.sampling.store import ScoreStore
+
+    cfg = EvolvedSamplingConfig(method="excess_prune")
+    store = ScoreStore(cfg, lo=10, hi=16, num_samples=20, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"needs the per-sample state \['ref_loss'\]"):
+        store.column_state(torch.tensor([10]))
+    with pytest.raises(ValueError, match="shard holds 6"):
+        store.set_column(REF_LOSS, torch.zeros(5))
+    with pytest.raises(ValueError, match="reads no per-sample column 'other'"):
+        store.set_column("other", torch.zeros(6))
+    ref = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]) / 3  # not exact in binary: bits matter
+    store.set_column(REF_LOSS, ref)
+    got = store.column_state(torch.tensor([15, 10, 12]))
+    assert torch.equal(got[REF_LOSS], ref[[5, 0, 2]])
+    # plain steps of excess_prune store the last excess l - l_ref of the observed ids
+    store.observe(torch.tensor([11, 14]), torch.tensor([3.0, float("nan")]))
+    scores = store.table.gather(torch.arange(10, 16))
+    assert float(scores[1]) == pytest.approx(3.0 - 2.0 / 3)
+    assert float(scores[4]) == pytest.approx(store.table.s_init)  # a NaN loss keeps the score
+    saved = store.state_dict()
+    fresh = ScoreStore(cfg, lo=10, hi=16, num_samples=20, device=torch.device("cpu"))
+    fresh.set_column(REF_LOSS, torch.zeros(6))  # a recomputed column is replaced by the saved
+    fresh.load_state_dict(saved)
+    assert torch.equal(fresh.columns[REF_LOSS], ref)
+    a, b = fresh.table.raw_scores, store.table.raw_scores
+    assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a[~a.isnan()], b[~b.isnan()])
+    es_store = ScoreStore(EvolvedSamplingConfig(method="es"), lo=10, hi=16, num_samples=20,
+                          device=torch.device("cpu"))  # fmt: skip
+    with pytest.raises(ValueError, match=r"saved per-sample columns \['ref_loss'\]"):
+        es_store.load_state_dict(saved)

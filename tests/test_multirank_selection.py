@@ -16,8 +16,8 @@ from es_llm.data.sharding import shard_range
 from es_llm.dist import Communicator
 from es_llm.sampling.config import EvolvedSamplingConfig
 from es_llm.sampling.global_selection import select_global
-from es_llm.sampling.scores import ScoreTable
 from es_llm.sampling.selector import selection_digest
+from es_llm.sampling.store import ScoreStore
 
 N = 64  # global samples
 META = 16  # global meta-batch
@@ -47,6 +47,11 @@ def _loss_of(ids: torch.Tensor, step: int) -> torch.Tensor:
     return loss
 
 
+def _ref_loss_of(ids: torch.Tensor) -> torch.Tensor:
+    """A synthetic reference loss per sample, above the loss for some and below for others."""
+    return ((ids.double() * 0.23).cos().abs() * 3 + 0.4).float()
+
+
 def _run(rank: int, world: int, port: int, method: str, out: str) -> None:
     if world > 1:
         dist.init_process_group(
@@ -56,7 +61,11 @@ def _run(rank: int, world: int, port: int, method: str, out: str) -> None:
         method=method, selection_ratio=K / META, epsilon=0.25 if method == "es" else 0.0
     )
     lo, hi = shard_range(N, rank, world)
-    table = ScoreTable(hi - lo, offset=lo, s_init=1.0 / N)
+    store = ScoreStore(cfg, lo=lo, hi=hi, num_samples=N, device=torch.device("cpu"))
+    table = store.table
+    assert table.s_init == 1.0 / N
+    if cfg.sampling_method.state:  # excess: each rank holds the reference loss of its shard
+        store.set_column("ref_loss", _ref_loss_of(torch.arange(lo, hi)))
     comm = Communicator()
     assert (comm.rank, comm.size) == (rank, world)
     digests, scores, shares = [], [], []
@@ -79,6 +88,7 @@ def _run(rank: int, world: int, port: int, method: str, out: str) -> None:
             valid=valid,
             prune_weights=torch.ones(per),
             k=K,
+            state=store.column_state(ids),
         )
         # locality-first: each rank trains K/W of the chosen samples, its own ones first; the
         # ranks' shares together are the selection, each chosen sample exactly once
@@ -118,7 +128,7 @@ def _launch(world: int, method: str, tmp_path: Path) -> list:
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("method", ["es", "topk", "loss"])
+@pytest.mark.parametrize("method", ["es", "topk", "loss", "excess"])
 def test_two_ranks_select_exactly_what_one_rank_selects(method: str, tmp_path: Path) -> None:
     one = _launch(1, method, tmp_path)
     two = _launch(2, method, tmp_path)

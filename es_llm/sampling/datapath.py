@@ -285,6 +285,7 @@ class ESDataPath:
                 losses=losses,
                 valid=valid,
                 prune_weights=draw.prune_weights,
+                state=self.store.column_state(draw.ids),
             )
             g, a = gs.gathered, gs.assignment
             meta_ok = torch.isfinite(g.losses) & g.valid

@@ -10,6 +10,7 @@ Every collective runs over the communicator it is given: the data-parallel group
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,10 +54,13 @@ def select_global(
     valid: torch.Tensor,
     prune_weights: torch.Tensor,
     k: int,
+    state: Mapping[str, torch.Tensor] | None = None,
 ) -> GlobalSelection:
     """Gather this rank's scored records, select `k` globally, update the owned scores, assign.
 
-    Every tensor argument must be on `comm.device` (checked by the all-gather).
+    Every tensor argument must be on `comm.device` (checked by the all-gather). `state`: the
+    method's per-sample columns of this rank's samples (`ScoreStore.column_state`), gathered
+    like the records (one all-gather of 4 bytes a sample per column).
     """
     m = ids.numel()
     prev = table.gather(ids.to(table.device)).to(ids.device)
@@ -71,6 +75,7 @@ def select_global(
         prev_scores=g.scores,
         valid=g.valid,
         k=k,
+        state={n: comm.all_gather_cat(v.to(torch.float32)) for n, v in (state or {}).items()},
     )
     positions = sel.positions.to(ids.device)
     r = comm.rank
@@ -104,6 +109,7 @@ class GlobalSelector:
         losses: torch.Tensor,
         valid: torch.Tensor,
         prune_weights: torch.Tensor,
+        state: Mapping[str, torch.Tensor] | None = None,
     ) -> GlobalSelection:
         """`select_global` of this group; the tensors are moved to the communicator's device."""
         dev = self.comm.device
@@ -118,6 +124,7 @@ class GlobalSelector:
             valid=valid.to(dev),
             prune_weights=prune_weights.to(dev),
             k=self.k,
+            state={n: v.to(dev) for n, v in (state or {}).items()},
         )
 
     def plan_epoch(self, table: ScoreTable, *, epoch: int, epochs: int) -> EpochPlan | None:

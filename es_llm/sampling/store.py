@@ -34,21 +34,62 @@ class ScoreStore:
         self.table = ScoreTable(
             hi - lo, offset=lo, s_init=es.resolved_s_init(num_samples), device=device
         )
+        # the method's extra per-sample fp32 columns (`SamplingMethod.state`, e.g. ref_loss),
+        # over the same ids as the scores; filled by whoever computes them (set_column)
+        self.columns: dict[str, torch.Tensor] = {}
+
+    def set_column(self, name: str, values: torch.Tensor) -> None:
+        """Store column `name` of the shard: fp32 [hi - lo], index i for global id lo + i."""
+        if name not in self.es.sampling_method.state:
+            raise ValueError(f"method {self.es.method!r} reads no per-sample column {name!r}")
+        v = torch.as_tensor(values)
+        if v.shape != (self.table.num_samples,):
+            raise ValueError(
+                f"column {name!r} has shape {tuple(v.shape)}, the shard holds "
+                f"{self.table.num_samples} samples"
+            )
+        self.columns[name] = v.to(device=self.table.device, dtype=torch.float32)
+
+    def column_state(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every column at the global `ids` this rank owns (on the ids' device, no sync).
+
+        Raises ValueError naming the columns the method reads that were never set.
+        """
+        missing = [c for c in self.es.sampling_method.state if c not in self.columns]
+        if missing:
+            raise ValueError(f"method {self.es.method!r} needs the per-sample state {missing}")
+        if not self.columns:
+            return {}
+        local = ids.to(self.table.device).to(torch.int64) - self.table.offset
+        return {n: c.index_select(0, local).to(ids.device) for n, c in self.columns.items()}
 
     def observe(self, ids: torch.Tensor, losses: torch.Tensor) -> None:
         """Training losses of a plain step update the scores of `ids` (non-finite: kept)."""
         tdev = self.table.device
         ids_t, losses_t = ids.to(tdev), losses.to(tdev)
-        s_new = score_update(self.es.method, self.table.gather(ids_t), losses_t, self.es.beta2)
+        state = self.column_state(ids_t)
+        s_new = score_update(
+            self.es.method, self.table.gather(ids_t), losses_t, self.es.beta2, state
+        )
         self.table.update(ids_t, s_new, torch.isfinite(losses_t))
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain containers and a CPU tensor (weights_only-safe)."""
+        """Plain containers and CPU tensors (weights_only-safe)."""
         scores = dict(self.table.state_dict())
         scores["scores"] = scores["scores"].detach().to("cpu")
+        scores["columns"] = {n: c.detach().to("cpu").clone() for n, c in self.columns.items()}
         return scores
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Scores and columns exactly as saved (the saved columns replace recomputed ones)."""
         scores = dict(state)
+        columns = scores.pop("columns", {})
+        if sorted(columns) != sorted(self.es.sampling_method.state):
+            raise ValueError(
+                f"the saved per-sample columns {sorted(columns)} are not the method's "
+                f"{sorted(self.es.sampling_method.state)}"
+            )
         scores["scores"] = torch.as_tensor(scores["scores"]).to(self.table.device)
         self.table.load_state_dict(scores)
+        for name, values in columns.items():
+            self.set_column(name, values)
