@@ -114,11 +114,13 @@ def _assert_same_run(ref: Path, resumed: Path, from_step: int) -> None:
     assert sb["final_val_loss"] == pytest.approx(sa["final_val_loss"], abs=1e-5)
 
 
-def _stop_then_resume(tmp_path: Path, cache: Path, cfg: Path, stop: int, **kw) -> tuple[Path, Path]:
+def _stop_then_resume(
+    tmp_path: Path, cache: Path, cfg: Path, stop: int, extra: tuple[str, ...] = (), **kw
+) -> tuple[Path, Path]:
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    p_ref = _start(_args(cfg, ref, "--save-every", "3", **kw), cache, tmp_path / "ref.log")
-    p_cut = _start(_args(cfg, cut, "--save-every", "3", "--stop-after", str(stop), **kw), cache,
-                   tmp_path / "cut.log")  # fmt: skip
+    p_ref = _start(_args(cfg, ref, "--save-every", "3", *extra, **kw), cache, tmp_path / "ref.log")
+    p_cut = _start(_args(cfg, cut, "--save-every", "3", "--stop-after", str(stop), *extra, **kw),
+                   cache, tmp_path / "cut.log")  # fmt: skip
     try:
         _ok(p_ref, tmp_path / "ref.log")
         _ok(p_cut, tmp_path / "cut.log")
@@ -128,19 +130,40 @@ def _stop_then_resume(tmp_path: Path, cache: Path, cfg: Path, stop: int, **kw) -
     assert [r["step"] for r in _steps(cut)][-1] == stop
     assert find_complete_tag(cut / "checkpoints") == f"global_step{stop}"
     # --resume DIR continues in DIR: the --out given here must not matter
-    resume = _args(cfg, tmp_path / "ignored", "--save-every", "3", "--resume", str(cut), **kw)
+    resume = _args(cfg, tmp_path / "ignored", "--save-every", "3", "--resume", str(cut), *extra,
+                   **kw)  # fmt: skip
     _ok(_start(resume, cache, tmp_path / "resume.log"), tmp_path / "resume.log")
     assert not (tmp_path / "ignored").exists()
     return ref, cut
 
 
+def _reference_source(path: Path) -> Path:
+    """A small clean reference set: the first standard-library files, one document each."""
+    from es_llm.data.documents import stdlib_files
+
+    texts = [f.read_text(errors="replace") for _, f in stdlib_files(40)]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
 @pytest.mark.multiproc
-def test_es_stop_and_resume_selects_what_an_uninterrupted_run_selects(
+def test_excess_stop_and_resume_selects_what_an_uninterrupted_run_selects(
     tmp_path, es_cache, tiny_ds_config
 ):
+    # ES on the excess loss: the ES selection plus the reference's per-sample column, which
+    # the checkpoint restores; the three runs share one trained reference (cache, lock)
     cfg = tiny_ds_config(scheduler=SCHEDULER, evolved_sampling={"burn_in_steps": 2})
-    ref, cut = _stop_then_resume(tmp_path, es_cache, cfg, stop=5)
+    refdata = str(_reference_source(tmp_path / "clean.jsonl"))
+    reference = ("--method", "excess", "--reference-data", refdata, "--reference-steps", "4")
+    ref, cut = _stop_then_resume(tmp_path, es_cache, cfg, stop=5, extra=reference)
     _assert_same_run(ref, cut, from_step=5)
+    infos = [json.loads((d / "summary.json").read_text())["reference"] for d in (ref, cut)]
+    assert infos[0]["cache_entry"] == infos[1]["cache_entry"]
+    assert infos[1]["cached"] is True  # the resumed run reused it
+    for info in infos:
+        assert info["steps"] == 4 and info["train_s"] > 0 and info["pass_s"] > 0
+        d = info["disjoint"]
+        assert d["documents"] == 40 == d["kept"] + d["dropped_val_group"] + d["dropped_val_text"]
     kinds = [r["type"] for r in read_jsonl(cut / "metrics.jsonl")]
     assert kinds.count("resume") == 1 and kinds.count("step") == len(_steps(ref))
 
