@@ -142,3 +142,28 @@ def test_the_pass_gives_each_rows_mean_loss_over_any_shard():
     torch.testing.assert_close(torch.cat(parts), full)
     with pytest.raises(ValueError, match="outside"):
         reference_losses(model, ds, lo=5, hi=12, micro_batch=4, device=torch.device("cpu"))
+
+
+def test_compare_charges_the_reference_to_the_method_that_uses_it():
+    from es_llm.tools.compare.metrics import method_record
+
+    hist = [
+        {"step": 0, "epoch": 0, "val_loss": 6.0, "wall_clock_s": 0.0, "cpu_time_s": 0.0},
+        {"step": 8, "epoch": 0, "val_loss": 5.0, "wall_clock_s": 10.0, "cpu_time_s": 9.0},
+    ]
+    summary = {
+        "method": "excess", "wall_clock_s": 10.0, "cpu_time_s": 9.0, "val_history": hist,
+        "time_breakdown_s": {"score_fwd_s": 1.0, "select_s": 0.5, "train_fwd_bwd_s": 6.0,
+                             "optimizer_s": 1.0},
+        "final_val_loss": 5.0, "steps": 8,
+        "epochs": 1, "bp_samples": 64, "scored_samples": 128,
+    }  # fmt: skip
+    plain = method_record(summary, [], 5.0, None)
+    ref = {"train_s": 3.0, "pass_s": 1.0, "train_cpu_s": 2.5, "pass_cpu_s": 0.5}
+    with_ref = method_record({**summary, "reference": ref}, [], 5.0, None)
+    assert plain["reference_s"] is None
+    assert with_ref["reference_s"] == 4.0
+    assert (with_ref["wall_clock_s"], with_ref["cpu_time_s"]) == (14.0, 12.0)
+    # the time to reach a loss includes it too; the breakdown's "other" does not
+    assert with_ref["best_wall_clock_s"] == plain["best_wall_clock_s"] + 4.0
+    assert with_ref["time_breakdown_s"]["other_s"] == plain["time_breakdown_s"]["other_s"]
