@@ -24,7 +24,6 @@ import copy
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -38,6 +37,7 @@ import torch
 from es_llm import dist
 from es_llm.data.documents import Document, is_val_group
 from es_llm.data.sources import resolve_source
+from es_llm.drivers.deepspeed.export import MODEL_DIR
 from es_llm.errors import InputError
 from es_llm.model import (
     DEFAULT_MODEL_PRESET,
@@ -310,7 +310,7 @@ def _train(
     tokenizer: str,
     seq_len: int,
 ) -> dict[str, Any]:
-    """Train the reference with the project's loop on every rank; rank 0 saves it."""
+    """Train the reference with the project's loop on every rank (it exports the model)."""
     from es_llm.drivers.deepspeed.loop import ESRun, TrainOptions
 
     budget = spec.budget()
@@ -331,15 +331,7 @@ def _train(
     )
     run = ESRun(ref_opts)
     run.setup()
-    summary = run.run()
-    if dist.rank() == 0:
-        tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=entry))
-        try:
-            run.engine.module.save_pretrained(str(tmp), safe_serialization=True)
-            shutil.rmtree(entry / "model", ignore_errors=True)
-            os.replace(tmp, entry / "model")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    summary = run.run()  # leaves the trained model in entry/run/model (export_model)
     return {
         "steps": summary["steps"],
         "train_sequences": summary["train_samples"],
@@ -460,7 +452,7 @@ def prepare_reference(
         if not cached:
             _build(spec, entry, key, opts, corpus, ds_config, ref_src, device, t0, c0)
     meta = json.loads(meta_path.read_text())
-    model = _load_pretrained(entry / "model", corpus)
+    model = _load_pretrained(entry / "run" / MODEL_DIR, corpus)
     info = {
         "model": spec.model,
         "pretrained": False,
