@@ -209,3 +209,20 @@ def test_the_store_keeps_ref_loss_per_shard_gathers_it_and_restores_it_exactly()
                           device=torch.device("cpu"))  # fmt: skip
     with pytest.raises(ValueError, match=r"saved per-sample columns \['ref_loss'\]"):
         es_store.load_state_dict(saved)
+
+
+def test_es_trainer_refuses_a_method_whose_reference_loss_it_cannot_build(tmp_path):
+    # ESTrainer has no reference-model pass: a method that reads per-sample state it cannot
+    # fill is one input error at construction, not a traceback at the first selection step.
+    from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+
+    from es_llm.drivers.hf import ESTrainer
+    from es_llm.errors import InputError
+    from es_llm.sampling.config import EvolvedSamplingConfig
+
+    model = GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=16)
+    )
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    with pytest.raises(InputError, match=r"needs the per-sample state \['ref_loss'\]"):
+        ESTrainer(model=model, args=args, es_config=EvolvedSamplingConfig(method="excess"))

@@ -148,6 +148,12 @@ class ESTrainerMixin:
         self.es: EvolvedSamplingConfig | None = es_config
         if self.es is None and ds_config is not None:
             self.es = es_config_from_ds_config(ds_config)
+        if self.es is not None and self.es.sampling_method.state:
+            raise InputError(
+                f"method {self.es.method!r} needs the per-sample state "
+                f"{list(self.es.sampling_method.state)} (a reference model's loss), which "
+                f"ESTrainer does not build: use `es-llm train --method {self.es.method}`"
+            )
         if self.es is not None and ds_config is None:
             raise InputError(
                 "ESTrainer needs TrainingArguments(deepspeed=...): ES runs through DeepSpeed"
