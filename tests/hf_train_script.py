@@ -154,4 +154,13 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        # leave no gloo worker thread running into interpreter teardown: a rank that exits
+        # with its process group alive can abort ("terminate called without an active
+        # exception") after the training itself succeeded
+        import torch.distributed as torch_dist
+
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
