@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 # the targets, on one H100/H200
-# the targets, on one H100
 BOOKKEEPING_MAX = 0.01  # gather + select + score update <= 1% of an ES step
 UNIFORM_VS_PLAIN_MIN = 0.9  # es-llm uniform >= 0.9x the plain loop's tokens/s
 ES_STEP_SLACK = 0.02  # ES step <= (uniform step + scoring forward of B_meta) x 1.02
