@@ -275,3 +275,19 @@ def test_embedded_stdlib_functions_split_by_file(tmp_path):
     assert rep["train"]["completion_tokens"] > 0
     with pytest.raises(InputError, match="unknown embedded instruction set"):
         load("instruct:nope", tmp_path / "cache")
+
+
+def test_records_that_are_not_text_are_refused_with_one_line(tmp_path):
+    from es_llm.data.sources import NotTextError
+
+    # a NUL inside a field (JSON escapes it, so the file itself is clean text)
+    data = write_jsonl(
+        tmp_path / "nul.jsonl", [*pc_records(3), {"prompt": "a", "completion": "b\x00c"}]
+    )
+    with pytest.raises(NotTextError, match=r"nul.jsonl: record 3: its 'completion' is not text"):
+        load(data, tmp_path / "cache")
+    # a binary file under a .jsonl name
+    binary = tmp_path / "ls.jsonl"
+    binary.write_bytes(bytes(range(256)) * 64)
+    with pytest.raises(NotTextError, match="ls.jsonl"):
+        load(str(binary), tmp_path / "cache2")

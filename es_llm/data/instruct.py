@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from es_llm.data.sources import NotTextError, decode_text
 from es_llm.errors import InputError
 
 IGNORE_INDEX = -100
@@ -105,8 +106,24 @@ def record_form(rec: Any, where: str) -> str:
     )
 
 
+def _strings(x: Any) -> Iterable[str]:
+    """Every string inside a record's prompt, completion or messages."""
+    if isinstance(x, str):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _strings(v)
+    elif isinstance(x, list):
+        for v in x:
+            yield from _strings(v)
+
+
 def make_record(rec: dict, key: str, where: str) -> Record:
     form = record_form(rec, where)
+    fields = ("messages",) if form == "conversational" else ("prompt", "completion")
+    for f in fields:
+        if any("\x00" in s for s in _strings(rec[f])):
+            raise NotTextError(f"{where}: its {f!r} is not text: it holds a NUL character")
     group = rec.get("group")
     group = "" if group is None else str(group)
     if form == "conversational":
@@ -127,7 +144,7 @@ def _raw_records(path: Path) -> Iterable[dict]:
             f"{path}: instruction data is read from {', '.join(INSTRUCT_EXTENSIONS)} files, "
             "not this one (packed text and instruction records cannot be mixed)"
         )
-    raw = path.read_text(encoding="utf-8", errors="replace")
+    raw, _ = decode_text(path.read_bytes(), str(path))  # refuses binaries and other encodings
     if suffix == ".json":
         try:
             obj = json.loads(raw)
