@@ -52,11 +52,23 @@ def _ref_loss_of(ids: torch.Tensor) -> torch.Tensor:
     return ((ids.double() * 0.23).cos().abs() * 3 + 0.4).float()
 
 
-def _run(rank: int, world: int, port: int, method: str, out: str) -> None:
+def _run(rank: int, world: int, port: int, methods: list[str], out_dir: str) -> None:
+    """Every method in one process group (a spawn of `world` ranks costs seconds of start-up);
+    rank 0 writes `<method>-w<world>.json` per method."""
     if world > 1:
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
         )
+    for method in methods:
+        gathered = _select_steps(rank, world, method)
+        if rank == 0:
+            (Path(out_dir) / f"{method}-w{world}.json").write_text(json.dumps(gathered))
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _select_steps(rank: int, world: int, method: str) -> list:
     cfg = EvolvedSamplingConfig(
         method=method, selection_ratio=K / META, epsilon=0.25 if method == "es" else 0.0
     )
@@ -101,37 +113,45 @@ def _run(rank: int, world: int, port: int, method: str, out: str) -> None:
         digests.append(selection_digest(gs.selected_ids))
     all_scores = table.gather(torch.arange(lo, hi, dtype=torch.int64))
     scores = all_scores.tolist()
-    if world > 1:
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, (digests, scores, shares))
-        dist.barrier()
-        dist.destroy_process_group()
-    else:
-        gathered = [(digests, scores, shares)]
-    if rank == 0:
-        Path(out).write_text(json.dumps(gathered))
-
-
-def _launch(world: int, method: str, tmp_path: Path) -> list:
-    out = tmp_path / f"{method}-w{world}.json"
     if world == 1:
-        _run(0, 1, 0, method, str(out))
+        return [(digests, scores, shares)]
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, (digests, scores, shares))
+    return gathered
+
+
+METHODS = ["es", "topk", "loss", "excess"]
+
+
+def _launch(world: int, methods: list[str], out_dir: Path) -> None:
+    if world == 1:
+        _run(0, 1, 0, methods, str(out_dir))
     else:
         mp.start_processes(
             _run,
-            args=(world, _free_port(), method, str(out)),
+            args=(world, _free_port(), methods, str(out_dir)),
             nprocs=world,
             start_method="spawn",
             join=True,
         )
-    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def two_rank_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 2-rank runs of every method, from one spawn of 2 processes."""
+    out = tmp_path_factory.mktemp("two-ranks")
+    _launch(2, METHODS, out)
+    return out
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("method", ["es", "topk", "loss", "excess"])
-def test_two_ranks_select_exactly_what_one_rank_selects(method: str, tmp_path: Path) -> None:
-    one = _launch(1, method, tmp_path)
-    two = _launch(2, method, tmp_path)
+@pytest.mark.parametrize("method", METHODS)
+def test_two_ranks_select_exactly_what_one_rank_selects(
+    method: str, tmp_path: Path, two_rank_dir: Path
+) -> None:
+    _launch(1, [method], tmp_path)
+    one = json.loads((tmp_path / f"{method}-w1.json").read_text())
+    two = json.loads((two_rank_dir / f"{method}-w2.json").read_text())
     digests_1, scores_1, _ = one[0]
     (d_r0, s_r0, a_r0), (d_r1, s_r1, a_r1) = two
     # ranks never diverge
