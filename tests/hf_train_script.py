@@ -154,13 +154,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        # leave no gloo worker thread running into interpreter teardown: a rank that exits
-        # with its process group alive can abort ("terminate called without an active
-        # exception") after the training itself succeeded
-        import torch.distributed as torch_dist
+    main()
+    # every rank reaches the end before any tears its gloo group down: a rank that exits with
+    # its group alive, or destroys it while a peer still uses it, can abort at interpreter
+    # exit ("terminate called without an active exception") after the training succeeded
+    from es_llm import dist
 
-        if torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
+    dist.destroy()
