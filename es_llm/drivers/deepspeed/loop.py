@@ -181,10 +181,6 @@ class ESRun:
                 device=self.device,
                 ignore_index=self.es.ignore_index,
             )
-        vlo, vhi = shard_range(len(corpus.val), self.rank, self.world)
-        self.val_shard = corpus.val.select(range(vlo, vhi)).with_format(
-            "numpy", columns=[c for c in ("input_ids", "labels") if c in corpus.val.column_names]
-        )  # labels: instruction data, the loss is over completion tokens
 
         model = load_model(
             resolve_model(opts.model),
