@@ -144,6 +144,35 @@ def test_the_pass_gives_each_rows_mean_loss_over_any_shard():
         reference_losses(model, ds, lo=5, hi=12, micro_batch=4, device=torch.device("cpu"))
 
 
+def test_the_pass_counts_only_label_tokens_of_instruction_rows():
+    torch.manual_seed(1)
+    vocab, seq = 64, 16
+    model = build_model(load_model_preset("gpt2-tiny"), vocab_size=vocab, seq_len=seq)
+    rows = torch.randint(0, vocab, (5, seq))
+    labels = rows.clone()
+    labels[:, :9] = -100  # the prompt: not scored
+    labels[3] = -100  # a row with no completion token: NaN
+    ds = datasets.Dataset.from_dict(
+        {"input_ids": rows.numpy().astype(np.int32), "labels": labels.numpy().astype(np.int32)}
+    )
+    with torch.no_grad():
+        logits = model(input_ids=rows).logits[:, :-1]
+    s, c = per_sample_loss(logits, labels[:, 1:])
+    got = reference_losses(model, ds, lo=0, hi=5, micro_batch=2, device=torch.device("cpu"))
+    assert torch.isnan(got[3]) and torch.isfinite(got[[0, 1, 2, 4]]).all()
+    keep = [0, 1, 2, 4]
+    torch.testing.assert_close(got[keep], (s / c).float()[keep], rtol=1e-4, atol=1e-4)
+    whole = reference_losses(
+        model,
+        ds.remove_columns("labels"),
+        lo=0,
+        hi=5,
+        micro_batch=2,
+        device=torch.device("cpu"),
+    )
+    assert not torch.allclose(whole[keep], got[keep])  # the prompt tokens would change l_ref
+
+
 def test_compare_charges_the_reference_to_the_method_that_uses_it():
     from es_llm.tools.compare.metrics import method_record
 

@@ -480,21 +480,30 @@ def reference_losses(
     ignore_index: int = -100,
 ) -> torch.Tensor:
     """fp32 [hi - lo] on `device`: the reference's mean loss of training rows lo..hi-1 (the
-    global ids of this rank's shard), NaN for a row without label tokens. No grad."""
+    global ids of this rank's shard), NaN for a row without label tokens. No grad.
+
+    Rows with a ``labels`` column (instruction data) are scored on their label tokens only,
+    the tokens the trained model's loss and the selection's ``l`` count."""
     from es_llm.drivers.scoring import scoring_losses
 
     if not 0 <= lo <= hi <= len(dataset):
         raise ValueError(f"rows [{lo}, {hi}) are outside the dataset of {len(dataset)}")
-    rows = dataset.with_format("numpy", columns=["input_ids"])
+    columns = [c for c in ("input_ids", "labels") if c in dataset.column_names]
+    rows = dataset.with_format("numpy", columns=columns)
     out = torch.empty(hi - lo, dtype=torch.float32, device=device)
     was_training = model.training
     model.eval()
     try:
         for i in range(lo, hi, micro_batch):
             j = min(hi, i + micro_batch)
-            batch = np.asarray(rows[i:j]["input_ids"], dtype=np.int64)
+            chunk = rows[i:j]
+            batch = np.asarray(chunk["input_ids"], dtype=np.int64)
             tokens = torch.from_numpy(batch).to(device, non_blocking=True)
-            s, c = scoring_losses(model, tokens, ignore_index=ignore_index)
+            labels = None
+            if "labels" in columns:
+                labels = np.asarray(chunk["labels"], dtype=np.int64)
+                labels = torch.from_numpy(labels).to(device, non_blocking=True)
+            s, c = scoring_losses(model, tokens, ignore_index=ignore_index, labels=labels)
             loss = s.float() / c.float().clamp(min=1)
             out[i - lo : j - lo] = torch.where(c > 0, loss, torch.full_like(loss, float("nan")))
     finally:
