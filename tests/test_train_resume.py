@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -115,7 +116,13 @@ def _assert_same_run(ref: Path, resumed: Path, from_step: int) -> None:
 
 
 def _stop_then_resume(
-    tmp_path: Path, cache: Path, cfg: Path, stop: int, extra: tuple[str, ...] = (), **kw
+    tmp_path: Path,
+    cache: Path,
+    cfg: Path,
+    stop: int,
+    extra: tuple[str, ...] = (),
+    before_resume: Callable[[Path], None] | None = None,
+    **kw,
 ) -> tuple[Path, Path]:
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     p_ref = _start(_args(cfg, ref, "--save-every", "3", *extra, **kw), cache, tmp_path / "ref.log")
@@ -129,6 +136,8 @@ def _stop_then_resume(
         _kill_tree(p_cut)
     assert [r["step"] for r in _steps(cut)][-1] == stop
     assert find_complete_tag(cut / "checkpoints") == f"global_step{stop}"
+    if before_resume is not None:
+        before_resume(cut)
     # --resume DIR continues in DIR: the --out given here must not matter
     resume = _args(cfg, tmp_path / "ignored", "--save-every", "3", "--resume", str(cut), *extra,
                    **kw)  # fmt: skip
@@ -155,11 +164,23 @@ def test_excess_stop_and_resume_selects_what_an_uninterrupted_run_selects(
     cfg = tiny_ds_config(scheduler=SCHEDULER, evolved_sampling={"burn_in_steps": 2})
     refdata = str(_reference_source(tmp_path / "clean.jsonl"))
     reference = ("--method", "excess", "--reference-data", refdata, "--reference-steps", "4")
-    ref, cut = _stop_then_resume(tmp_path, es_cache, cfg, stop=5, extra=reference)
+    entry: list[Path] = []
+
+    def drop_the_cached_reference(cut: Path) -> None:
+        info = json.loads((cut / "summary.json").read_text())["reference"]
+        entry.append(Path(info["cache_entry"]))
+        shutil.rmtree(entry[0])
+
+    ref, cut = _stop_then_resume(
+        tmp_path, es_cache, cfg, stop=5, extra=reference, before_resume=drop_the_cached_reference
+    )
     _assert_same_run(ref, cut, from_step=5)
     infos = [json.loads((d / "summary.json").read_text())["reference"] for d in (ref, cut)]
-    assert infos[0]["cache_entry"] == infos[1]["cache_entry"]
-    assert infos[1]["cached"] is True  # the resumed run reused it
+    assert infos[0]["cache_entry"] == infos[1]["cache_entry"] == str(entry[0])
+    # the resumed run neither trained the reference nor ran its pass again: l_ref and the
+    # report came back from the checkpoint (the selections above equal the uninterrupted run's)
+    assert infos[1]["restored"] is True and "restored" not in infos[0]
+    assert not entry[0].exists()  # with its cache entry gone, a rebuild would have re-made it
     for info in infos:
         assert info["steps"] == 4 and info["train_s"] > 0 and info["pass_s"] > 0
         d = info["disjoint"]

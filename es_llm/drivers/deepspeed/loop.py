@@ -169,7 +169,9 @@ class ESRun:
         self.geo: BatchGeometry = self.plan.geo
         ref_loss = None
         self.reference: dict[str, Any] | None = None
-        if self.uses_reference:  # before the model is built: one of the two at a time
+        # before the model is built: one of the two at a time. A resumed run restores l_ref
+        # and the reference's report from its checkpoint (_resume) and pays neither again.
+        if self.uses_reference and not opts.resume:
             lo, hi = shard_range(len(corpus.train), self.rank, self.world)
             ref_loss, self.reference = reference_for_run(
                 opts,
@@ -239,6 +241,7 @@ class ESRun:
             "train_clock": self.train_clock,
             "eval_clock": self.eval_clock,
             "train_cpu": self.train_cpu,
+            "reference": self.reference,
         }
 
     def load_state_dict(self, state: dict[str, Any], source: str) -> None:
@@ -253,6 +256,9 @@ class ESRun:
         self.train_clock = float(state["train_clock"])
         self.eval_clock = float(state["eval_clock"])
         self.train_cpu = float(state["train_cpu"])
+        if self.uses_reference:  # l_ref itself came back with the data path's score store
+            saved = state.get("reference")
+            self.reference = None if saved is None else {**saved, "restored": True}
 
     def _save(self) -> Path:
         tag_dir = ckpt.save_checkpoint(
