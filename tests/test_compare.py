@@ -7,6 +7,11 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +38,7 @@ from es_llm.tools.compare.planning import (
     planned_steps,
     variants,
 )
+from es_llm.tools.compare.runner import wait_for_child
 
 
 def _hist(points: list[tuple[float, float]]) -> list[dict]:
@@ -209,6 +215,30 @@ def test_metrics_follower_returns_complete_new_records_only(tmp_path):
     assert follow.poll() == []
     path.write_text('{"step": 5}\n')  # rewritten (a new run in the same folder)
     assert follow.poll() == [{"step": 5}]
+
+
+def test_sigterm_to_compare_alone_stops_and_waits_for_its_child():
+    # `kill <compare pid>`: the child run must not train on, orphaned
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    before = signal.getsignal(signal.SIGTERM)
+    polls: list[int] = []
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            wait_for_child(child, lambda: polls.append(1), 0.05)
+    finally:
+        timer.cancel()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert stopped.value.code == 143
+    assert child.returncode == -signal.SIGTERM  # asked to stop, and waited for
+    assert polls and signal.getsignal(signal.SIGTERM) is before
+    # a child that ends by itself: no signal, the handler is put back
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    wait_for_child(done, lambda: None, 0.05)
+    assert done.returncode == 0 and signal.getsignal(signal.SIGTERM) is before
 
 
 def test_eval_and_done_lines():

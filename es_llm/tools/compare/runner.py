@@ -19,9 +19,12 @@ import datetime as _dt
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +34,7 @@ from es_llm.tools.compare.planning import RunSpec
 if TYPE_CHECKING:
     from es_llm.drivers.deepspeed.loop import TrainOptions
 
-__all__ = ["load_avg", "machine_info", "run_one", "worker_main"]
+__all__ = ["load_avg", "machine_info", "run_one", "wait_for_child", "worker_main"]
 
 SPEC_FILE = "run_spec.json"
 WORKER_FILE = "worker.json"
@@ -57,6 +60,32 @@ def _child_command(spec_file: Path, world: int) -> list[str]:
         "--master_port", str(_free_port()), "--module", "es_llm.tools.compare",
         "--worker", str(spec_file),
     ]  # fmt: skip
+
+
+def wait_for_child(proc: subprocess.Popen, on_poll: Callable[[], None], poll_s: float) -> None:
+    """Call `on_poll` every `poll_s` until `proc` exits; never leave it running behind us.
+
+    Ctrl-C reaches the child as well (same process group). A SIGTERM sent to this process
+    alone (`kill`, a job scheduler) would end Python without running `finally`, leaving the
+    child to train on, orphaned: here it raises SystemExit(143) instead, and the child is
+    asked to stop (SIGTERM: its clean stop) and waited for.
+    """
+    in_main = threading.current_thread() is threading.main_thread()
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main else None
+    try:
+        while proc.poll() is None:
+            on_poll()
+            time.sleep(poll_s)
+    finally:
+        if proc.poll() is None:  # interrupted here: do not leave the child training
+            proc.terminate()
+            proc.wait()
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def run_one(
@@ -123,15 +152,12 @@ def run_one(
         proc = subprocess.Popen(
             _child_command(spec_file, world), stdout=fh, stderr=subprocess.STDOUT, env=env
         )
-        try:
-            while proc.poll() is None:
-                loads.sample()
-                follow()
-                time.sleep(poll_s)
-        finally:
-            if proc.poll() is None:  # interrupted here: do not leave the child training
-                proc.terminate()
-                proc.wait()
+
+        def on_poll() -> None:
+            loads.sample()
+            follow()
+
+        wait_for_child(proc, on_poll, poll_s)
     follow()
     if proc.returncode != 0:
         tail = log.read_text(errors="replace").splitlines()[-25:]
