@@ -291,6 +291,17 @@ def test_matched_spec_budgets_uniform_by_the_reference_runs_clock():
     assert (cpu.max_wall_clock_s, cpu.max_cpu_time_s) == (None, 25.0)
 
 
+def test_matched_spec_gives_uniform_the_reference_models_cost_too():
+    # method excess spent its training time plus the reference's training and pass
+    uniform = {"wall_clock_s": 50.0, "cpu_time_s": 100.0, "steps": 100}
+    reference = {"train_s": 12.0, "pass_s": 3.0, "train_cpu_s": 20.0, "pass_cpu_s": 5.0}
+    xs = {"wall_clock_s": 30.0, "cpu_time_s": 25.0, "reference": reference}
+    wall = matched_spec(uniform, xs, clock="wall", epochs=3, requested_eval_every=None)
+    assert (wall.max_wall_clock_s, wall.max_steps) == (45.0, 90)  # 30 + 12 + 3 s
+    cpu = matched_spec(uniform, xs, clock="cpu", epochs=3, requested_eval_every=None)
+    assert (cpu.max_cpu_time_s, cpu.max_steps) == (50.0, 50)  # 25 + 20 + 5 CPU s
+
+
 def test_matched_spec_gives_a_longer_budget_its_steps_and_the_epochs_to_hold_them():
     # the reference took longer than uniform (104.4 s vs 91.6 s for 240 steps in 3 epochs):
     # uniform-matched must train 104.4 s, not stop at uniform's 240 steps

@@ -114,6 +114,16 @@ def target_loss(summary: dict[str, Any], which: str) -> float | None:
     return None if best is None else float(best["val_loss"])
 
 
+def reference_cost(summary: dict[str, Any]) -> tuple[float, float]:
+    """(wall, CPU) seconds of the run's reference model, training plus pass: (0, 0) without
+    one. Part of the run's cost: every time compare reports for the run includes it."""
+    ref = summary.get("reference") or {}
+    return (
+        ref.get("train_s", 0.0) + ref.get("pass_s", 0.0),
+        ref.get("train_cpu_s", 0.0) + ref.get("pass_cpu_s", 0.0),
+    )
+
+
 def method_record(
     summary: dict[str, Any],
     steps: list[dict[str, Any]],
@@ -132,8 +142,7 @@ def method_record(
     wall, cpu = summary["wall_clock_s"], summary["cpu_time_s"]
     hist = summary["val_history"]
     ref = summary.get("reference") or {}  # a method's reference model is part of its cost
-    ref_wall = ref.get("train_s", 0.0) + ref.get("pass_s", 0.0)
-    ref_cpu = ref.get("train_cpu_s", 0.0) + ref.get("pass_cpu_s", 0.0)
+    ref_wall, ref_cpu = reference_cost(summary)
     if ref:
         wall, cpu = wall + ref_wall, cpu + ref_cpu
         hist = [{**h, "wall_clock_s": h["wall_clock_s"] + ref_wall,

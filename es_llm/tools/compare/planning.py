@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from es_llm.errors import InputError
-from es_llm.tools.compare.metrics import MATCHED
+from es_llm.tools.compare.metrics import MATCHED, reference_cost
 
 __all__ = [
     "EVALS_PER_RUN",
@@ -128,9 +128,13 @@ def matched_spec(
 ) -> RunSpec:
     """uniform-matched: uniform given the reference run's training time on `clock` ("wall" or
     "cpu"), from the two runs' summaries; planned for the steps that fit (`matched_steps`),
-    with as many more epochs as those steps need when the budget outlasts uniform's run."""
+    with as many more epochs as those steps need when the budget outlasts uniform's run.
+
+    The reference run's time includes its reference model (training and pass, e.g. method
+    excess): uniform gets all the compute the method spent."""
     key = "cpu_time_s" if clock == "cpu" else "wall_clock_s"
-    budget = float(reference[key])
+    model_wall, model_cpu = reference_cost(reference)
+    budget = float(reference[key]) + (model_cpu if clock == "cpu" else model_wall)
     steps = matched_steps(budget, uniform[key], uniform["steps"])
     need = math.ceil(steps * epochs / uniform["steps"]) if uniform["steps"] >= 1 else epochs
     return RunSpec(
