@@ -169,6 +169,8 @@ def test_excess_stop_and_resume_selects_what_an_uninterrupted_run_selects(
     def drop_the_cached_reference(cut: Path) -> None:
         info = json.loads((cut / "summary.json").read_text())["reference"]
         entry.append(Path(info["cache_entry"]))
+        evals = [r for r in read_jsonl(entry[0] / "run" / "metrics.jsonl") if r["type"] == "eval"]
+        assert {r["where"] for r in evals} <= {"start", "epoch_end", "stop", "end"}  # no curve
         shutil.rmtree(entry[0])
 
     ref, cut = _stop_then_resume(
