@@ -1,0 +1,135 @@
+"""Does the excess loss l - l_ref tell junk from code, and for how long? (docs/regimes.md)
+
+The junk probe's protocol (junk_probe.py: a plain PyTorch loop, uniform order, constant lr)
+on the first ROWS training rows of `recipe:code=1,junk=0.3`, plus one or more reference
+models (Hugging Face directories, e.g. the `run/model` of an `es-llm` reference cache entry
+trained on clean code with this corpus's tokenizer). At a few steps it measures every k-th
+row's mean per-token loss `l` (no grad) and, for each reference, reports per row kind (junk:
+most tokens from junk documents) the mean excess, the share of rows whose excess is above 0
+(what survives method excess's clip at 0), and the junk share of the upper half by excess.
+
+    python docs/results/regimes/excess_probe.py --reference r32=DIR --out excess_probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from es_llm.data import load_corpus
+from es_llm.model import build_model, load_model, load_model_preset, resolve_model
+
+PROBE_STEPS = (0, 8, 16, 32, 48, 64, 96, 128, 160, 192)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=1024, help="training rows used (default 1024)")
+    ap.add_argument("--steps", type=int, default=192, help="optimizer steps (default 192)")
+    ap.add_argument(
+        "--reference",
+        action="append",
+        required=True,
+        metavar="NAME=DIR",
+        help="a reference model directory (repeatable)",
+    )
+    ap.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    corpus = load_corpus(
+        "recipe:code=1,junk=0.3",
+        val_data="recipe:code=1",
+        seq_len=128,
+        vocab_size=4096,
+        max_train_samples=args.rows,
+        max_val_samples=128,
+        progress=False,
+    )
+    entry = Path(corpus.cache_path)
+    names = json.loads((entry / "meta.json").read_text())["components"]
+    row_tokens = np.load(entry / "train_row_tokens.npy")[: args.rows]
+    junk_rows = row_tokens[:, names.index("junk")] / row_tokens.sum(axis=1) > 0.5
+    tokens = torch.from_numpy(np.asarray(corpus.train["input_ids"], dtype=np.int64))
+    probe = torch.arange(0, args.rows, max(1, args.rows // 512))
+    is_junk = junk_rows[probe.numpy()]
+
+    def row_losses(model: torch.nn.Module) -> np.ndarray:
+        was = model.training
+        model.eval()
+        out = []
+        with torch.no_grad():
+            for ids in probe.split(64):
+                x = tokens[ids]
+                logits = model(input_ids=x).logits[:, :-1].float()
+                loss = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+                out.append(loss.mean(dim=1))
+        model.train(was)
+        return torch.cat(out).numpy()
+
+    refs: dict[str, np.ndarray] = {}
+    for item in args.reference:
+        name, _, path = item.partition("=")
+        ref = load_model(resolve_model(path), vocab_size=corpus.vocab_size, seq_len=128)
+        refs[name] = row_losses(ref)
+        print(
+            f"reference {name}: junk l_ref {refs[name][is_junk].mean():.4f}, "
+            f"code l_ref {refs[name][~is_junk].mean():.4f}",
+            flush=True,
+        )
+    model = build_model(load_model_preset("gpt2-tiny"), vocab_size=corpus.vocab_size, seq_len=128)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    half = len(probe) // 2
+    records = []
+
+    def report(step: int) -> None:
+        loss = row_losses(model)
+        rec = {
+            "step": step,
+            "junk_l": round(float(loss[is_junk].mean()), 4),
+            "code_l": round(float(loss[~is_junk].mean()), 4),
+        }
+        for name, l_ref in refs.items():
+            x = loss - l_ref
+            top = np.argsort(-x, kind="stable")[:half]
+            rec[name] = {
+                "junk_excess": round(float(x[is_junk].mean()), 4),
+                "code_excess": round(float(x[~is_junk].mean()), 4),
+                "junk_positive": round(float((x[is_junk] > 0).mean()), 4),
+                "code_positive": round(float((x[~is_junk] > 0).mean()), 4),
+                "junk_share_of_top_half": round(float(is_junk[top].mean()), 4),
+            }
+        records.append(rec)
+        print(json.dumps(rec), flush=True)
+
+    gen = torch.Generator().manual_seed(0)
+    order, pos = torch.randperm(args.rows, generator=gen), 0
+    report(0)
+    for step in range(1, args.steps + 1):
+        if pos + 32 > args.rows:
+            order, pos = torch.randperm(args.rows, generator=gen), 0
+        for ids in order[pos : pos + 32].split(16):
+            x = tokens[ids]
+            (model(input_ids=x, labels=x).loss / 2).backward()
+        pos += 32
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step in PROBE_STEPS or step == args.steps:
+            report(step)
+    summary = {
+        "rows": args.rows,
+        "junk_rows": int(is_junk.sum()),
+        "code_rows": int((~is_junk).sum()),
+        "references": {item.partition("=")[0]: item.partition("=")[2] for item in args.reference},
+        "probes": records,
+    }
+    args.out.write_text(json.dumps(summary, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
