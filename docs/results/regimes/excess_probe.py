@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from probe_loop import junk_rows, train_uniform
 
-from es_llm.data import load_corpus
 from es_llm.model import build_model, load_model, load_model_preset, resolve_model
 
 PROBE_STEPS = (0, 8, 16, 32, 48, 64, 96, 128, 160, 192)
@@ -41,22 +41,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="JSON file to write")
     args = ap.parse_args()
     torch.manual_seed(0)
-    corpus = load_corpus(
-        "recipe:code=1,junk=0.3",
-        val_data="recipe:code=1",
-        seq_len=128,
-        vocab_size=4096,
-        max_train_samples=args.rows,
-        max_val_samples=128,
-        progress=False,
-    )
-    entry = Path(corpus.cache_path)
-    names = json.loads((entry / "meta.json").read_text())["components"]
-    row_tokens = np.load(entry / "train_row_tokens.npy")[: args.rows]
-    junk_rows = row_tokens[:, names.index("junk")] / row_tokens.sum(axis=1) > 0.5
-    tokens = torch.from_numpy(np.asarray(corpus.train["input_ids"], dtype=np.int64))
+    corpus, tokens, junk_rows_mask = junk_rows(args.rows, max_val_samples=128)
     probe = torch.arange(0, args.rows, max(1, args.rows // 512))
-    is_junk = junk_rows[probe.numpy()]
+    is_junk = junk_rows_mask[probe.numpy()]
 
     def row_losses(model: torch.nn.Module) -> np.ndarray:
         was = model.training
@@ -82,7 +69,6 @@ def main() -> None:
             flush=True,
         )
     model = build_model(load_model_preset("gpt2-tiny"), vocab_size=corpus.vocab_size, seq_len=128)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
     half = len(probe) // 2
     records = []
 
@@ -106,21 +92,13 @@ def main() -> None:
         records.append(rec)
         print(json.dumps(rec), flush=True)
 
-    gen = torch.Generator().manual_seed(0)
-    order, pos = torch.randperm(args.rows, generator=gen), 0
     report(0)
-    for step in range(1, args.steps + 1):
-        if pos + 32 > args.rows:
-            order, pos = torch.randperm(args.rows, generator=gen), 0
-        for ids in order[pos : pos + 32].split(16):
-            x = tokens[ids]
-            (model(input_ids=x, labels=x).loss / 2).backward()
-        pos += 32
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+
+    def after_step(step: int) -> None:
         if step in PROBE_STEPS or step == args.steps:
             report(step)
+
+    train_uniform(model, tokens, args.steps, after_step)
     summary = {
         "rows": args.rows,
         "junk_rows": int(is_junk.sum()),
