@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from probe_loop import junk_rows, train_uniform
+from probe_loop import junk_rows, row_losses, train_uniform
 
 from es_llm.model import build_model, load_model, load_model_preset, resolve_model
 
@@ -45,24 +44,11 @@ def main() -> None:
     probe = torch.arange(0, args.rows, max(1, args.rows // 512))
     is_junk = junk_rows_mask[probe.numpy()]
 
-    def row_losses(model: torch.nn.Module) -> np.ndarray:
-        was = model.training
-        model.eval()
-        out = []
-        with torch.no_grad():
-            for ids in probe.split(64):
-                x = tokens[ids]
-                logits = model(input_ids=x).logits[:, :-1].float()
-                loss = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
-                out.append(loss.mean(dim=1))
-        model.train(was)
-        return torch.cat(out).numpy()
-
     refs: dict[str, np.ndarray] = {}
     for item in args.reference:
         name, _, path = item.partition("=")
         ref = load_model(resolve_model(path), vocab_size=corpus.vocab_size, seq_len=128)
-        refs[name] = row_losses(ref)
+        refs[name] = row_losses(ref, tokens, probe)
         print(
             f"reference {name}: junk l_ref {refs[name][is_junk].mean():.4f}, "
             f"code l_ref {refs[name][~is_junk].mean():.4f}",
@@ -73,7 +59,7 @@ def main() -> None:
     records = []
 
     def report(step: int) -> None:
-        loss = row_losses(model)
+        loss = row_losses(model, tokens, probe)
         rec = {
             "step": step,
             "junk_l": round(float(loss[is_junk].mean()), 4),

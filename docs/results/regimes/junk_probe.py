@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from probe_loop import junk_rows, train_uniform
+from probe_loop import junk_rows, row_losses, train_uniform
 
 from es_llm.model import build_model, load_model_preset
 
@@ -38,22 +37,10 @@ def main() -> None:
     probe = torch.arange(0, args.rows, max(1, args.rows // 512))
     is_junk = junk_rows_mask[probe.numpy()]
 
-    def row_losses() -> np.ndarray:
-        model.eval()
-        out = []
-        with torch.no_grad():
-            for ids in probe.split(64):
-                x = tokens[ids]
-                logits = model(input_ids=x).logits[:, :-1].float()
-                loss = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
-                out.append(loss.mean(dim=1))
-        model.train()
-        return torch.cat(out).numpy()
-
     records = []
 
     def report(step: int) -> None:
-        loss = row_losses()
+        loss = row_losses(model, tokens, probe)
         junk, code = loss[is_junk], loss[~is_junk]
         top = np.argsort(-loss, kind="stable")[: int(is_junk.sum())]
         rec = {

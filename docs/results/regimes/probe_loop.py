@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from es_llm.data import load_corpus
 
@@ -59,3 +60,18 @@ def train_uniform(
         opt.step()
         opt.zero_grad(set_to_none=True)
         after_step(step)
+
+
+def row_losses(model: torch.nn.Module, tokens: torch.Tensor, rows: torch.Tensor) -> np.ndarray:
+    """Each of `rows`' mean per-token loss under `model` (no grad, its mode left as it was)."""
+    was = model.training
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for ids in rows.split(64):
+            x = tokens[ids]
+            logits = model(input_ids=x).logits[:, :-1].float()
+            loss = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+            out.append(loss.mean(dim=1))
+    model.train(was)
+    return torch.cat(out).numpy()
