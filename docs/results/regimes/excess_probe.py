@@ -78,13 +78,7 @@ def main() -> None:
         records.append(rec)
         print(json.dumps(rec), flush=True)
 
-    report(0)
-
-    def after_step(step: int) -> None:
-        if step in PROBE_STEPS or step == args.steps:
-            report(step)
-
-    train_uniform(model, tokens, args.steps, after_step)
+    train_uniform(model, tokens, args.steps, report, at=PROBE_STEPS)
     summary = {
         "rows": args.rows,
         "junk_rows": int(is_junk.sum()),

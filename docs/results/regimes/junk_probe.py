@@ -57,13 +57,7 @@ def main() -> None:
         records.append(rec)
         print(json.dumps(rec), flush=True)
 
-    report(0)
-
-    def after_step(step: int) -> None:
-        if step in PROBE_STEPS or step == args.steps:
-            report(step)
-
-    train_uniform(model, tokens, args.steps, after_step)
+    train_uniform(model, tokens, args.steps, report, at=PROBE_STEPS)
     args.out.write_text(json.dumps({"rows": args.rows, "probes": records}, indent=1) + "\n")
 
 

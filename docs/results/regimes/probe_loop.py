@@ -40,11 +40,16 @@ def junk_rows(rows: int, max_val_samples: int) -> tuple[Any, torch.Tensor, np.nd
 
 
 def train_uniform(
-    model: torch.nn.Module, tokens: torch.Tensor, steps: int, after_step: Callable[[int], None]
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    steps: int,
+    report: Callable[[int], None],
+    at: tuple[int, ...],
 ) -> None:
     """`steps` AdamW steps at the cpu_tiny config's lr, betas and weight decay (constant lr,
     clip 1.0), batches of 32 in two micro-batches, uniform order reshuffled each epoch;
-    `after_step(step)` after each."""
+    `report(step)` before the first step, after each step in `at` and after the last."""
+    report(0)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
     rows = tokens.size(0)
     gen = torch.Generator().manual_seed(0)
@@ -59,7 +64,8 @@ def train_uniform(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        after_step(step)
+        if step in at or step == steps:
+            report(step)
 
 
 def row_losses(model: torch.nn.Module, tokens: torch.Tensor, rows: torch.Tensor) -> np.ndarray:
