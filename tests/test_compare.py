@@ -518,6 +518,19 @@ def test_parsers_reject_unknown_methods_and_malformed_variants():
             parse_grid(bad)
 
 
+def test_every_evaluation_of_a_comparison_covers_its_whole_validation_split():
+    # curve points and final loss on the same rows, also above train's 256-sequence subset
+    from es_llm.cli import build_parser
+    from es_llm.drivers.deepspeed import validation
+    from es_llm.tools.compare.cli import base_options
+
+    parse = build_parser().parse_args
+    for given, n_val in ((["--max-val-samples", "1000"], 1000), ([], 128)):
+        opts = base_options(parse(["compare", *given, "--out", "x"]))
+        assert opts.max_val_samples == n_val
+        assert validation.subset_size(n_val, opts.eval_subset) == n_val
+
+
 def test_default_methods_are_known_and_start_with_uniform():
     assert DEFAULT_METHODS[0] == "uniform"
     assert set(DEFAULT_METHODS) <= set(METHODS)

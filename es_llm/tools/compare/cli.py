@@ -11,7 +11,7 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from es_llm.cliargs import (
     add_run_arguments,
@@ -41,6 +41,9 @@ from es_llm.tools.compare.planning import (
     plan_runs,
     variants,
 )
+
+if TYPE_CHECKING:
+    from es_llm.drivers.deepspeed.loop import TrainOptions
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -261,6 +264,19 @@ def run_rounds(
     return rounds, conditions
 
 
+def base_options(args: argparse.Namespace) -> TrainOptions:
+    """Every run's training options before its own changes.
+
+    Every evaluation covers the whole validation split (`--max-val-samples`, default 128):
+    the runs are timed to a loss along their curves and compared by their final loss, so
+    the curve points and the final loss must be losses on the same rows. (`es-llm train`
+    evaluates a 256-sequence subset along the way and the whole split at the end.)
+    """
+    if args.max_val_samples is None:
+        return options_from_args(args)
+    return options_from_args(args, eval_subset=args.max_val_samples)
+
+
 def compare_once(args: argparse.Namespace, out: Path, command: str, corpus: Any) -> dict[str, Any]:
     """All runs at `args.epochs`, `args.repeats` times; writes OUT/compare.{json,md,png} and
     returns compare.json.
@@ -278,7 +294,7 @@ def compare_once(args: argparse.Namespace, out: Path, command: str, corpus: Any)
     out.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
     n_train = len(corpus.train)
-    base = options_from_args(args)  # every run's options: these, changed per run
+    base = base_options(args)  # every run's options: these, changed per run
     specs = plan_runs(
         args.config, runs, base.es_overrides, n_train=n_train, world=args.world_size,
         epochs=args.epochs, max_steps=args.max_steps, requested_eval_every=args.eval_every,
