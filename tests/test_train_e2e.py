@@ -134,7 +134,7 @@ def test_single_rank_es_run_leaves_metrics_summary_and_plot(tmp_path, es_cache, 
     _continue_from_export(out / "model", tmp_path, es_cache, cfg)
     # the public seam: examples/deepspeed_loop.py, a user's own loop around the same data
     # path, selects exactly what `es-llm train` selects on the same config and data
-    example = _run_example(cfg, es_cache, ["--epochs", "1", "--steps", "8"])
+    example = _run_example(cfg, es_cache, ["--epochs", "1", "--steps", "8"], tmp_path / "example")
     assert [r["digest"] for r in example] == [r["selection_digest"] for r in steps]
     assert [r["train_loss"] for r in example] == [r["train_loss"] for r in steps]
 
@@ -160,8 +160,9 @@ def _continue_from_export(model: Path, tmp_path: Path, cache: Path, cfg: Path) -
     )
 
 
-def _run_example(cfg: Path, cache: Path, extra: list[str]) -> list[dict]:
-    """Run examples/deepspeed_loop.py on the tiny run's data; its per-step JSON lines."""
+def _run_example(cfg: Path, cache: Path, extra: list[str], cwd: Path) -> list[dict]:
+    """Run examples/deepspeed_loop.py on the tiny run's data, in `cwd` (a user's own loop
+    leaves DeepSpeed's monitor files in its working directory); its per-step JSON lines."""
     import os
     import subprocess
     import sys
@@ -169,11 +170,12 @@ def _run_example(cfg: Path, cache: Path, extra: list[str]) -> list[dict]:
     from conftest import REPO
 
     data = ["--seq-len", "32", "--vocab-size", "512", "--max-train-samples", "256"]
+    cwd.mkdir(parents=True, exist_ok=True)
     assert all(a in TINY_RUN_ARGS for a in data)  # the data of `es-llm train ... TINY_RUN_ARGS`
     proc = subprocess.run(
         [sys.executable, str(REPO / "examples" / "deepspeed_loop.py"), "--config", str(cfg),
          *data, *extra],
-        cwd=REPO, env={**os.environ, "ES_LLM_CACHE": str(cache)}, capture_output=True,
+        cwd=cwd, env={**os.environ, "ES_LLM_CACHE": str(cache)}, capture_output=True,
         text=True, timeout=600,
     )  # fmt: skip
     _ok(proc)
