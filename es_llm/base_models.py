@@ -123,17 +123,17 @@ def ensure_base_model(
 
     Safe from many ranks at once: one builds (under the entry's lock), the others wait.
     """
-    from es_llm.data.corpus import _digest, _file_lock, default_cache_dir, lock_path
+    from es_llm.data.corpus import cache_digest, default_cache_dir, file_lock, lock_path
 
     spec = parse_base_spec(text)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     key = base_key(spec, config=config, seq_len=seq_len, vocab_size=vocab_size, seed=seed)
-    digest = _digest(key)[:16]
+    digest = cache_digest(key)[:16]
     name = f"{BASE_SOURCE}-{Path(spec.preset).stem}-T{seq_len}-s{spec.steps}-{digest}"
     entry = cache / "base-models" / name
     if (entry / "config.json").is_file():
         return entry
-    with _file_lock(lock_path(cache, f"base-{digest}")):
+    with file_lock(lock_path(cache, f"base-{digest}")):
         if (entry / "config.json").is_file():
             return entry
         if progress:

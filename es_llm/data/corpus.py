@@ -86,12 +86,13 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ES_LLM_CACHE") or Path.home() / ".cache" / "es_llm")
 
 
-def _digest(obj) -> str:
+def cache_digest(obj) -> str:
+    """sha256 of `obj` as canonical JSON: cache entries are named by its first hex digits."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """Exclusive inter-process lock so concurrent ranks build a cache entry only once."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -257,7 +258,7 @@ def _tokenizer_for(
     if tokenizer is not None:
         tok, path, eod = load_tokenizer(tokenizer)
         return tok, eod, path
-    key = _digest(
+    key = cache_digest(
         {"v": FORMAT_VERSION, "source": src.fingerprint, "vocab": vocab_size, "split": SPLIT_RULE}
     )[:16]
     path = cache_dir / "tokenizers" / f"{src.name}-v{vocab_size}-{key}.json"
@@ -473,7 +474,7 @@ def load_corpus(
         }
     else:
         tok_fp = {"trained_bpe": vocab_size}
-    key = _digest(
+    key = cache_digest(
         {
             "v": FORMAT_VERSION,
             "source": src.fingerprint,
@@ -488,7 +489,7 @@ def load_corpus(
     if not (final / "meta.json").is_file():
         # lock files live in one folder; they are kept (deleting a flock file while another
         # process waits on it would let a third one lock a new file and build concurrently)
-        with _file_lock(lock_path(cache, f"{src.name}-{key}")):
+        with file_lock(lock_path(cache, f"{src.name}-{key}")):
             if not (final / "meta.json").is_file():  # another rank may have built it meanwhile
                 _announce_build(src.name, final, progress)
                 tmp = Path(

@@ -329,7 +329,7 @@ def load_instruct_corpus(
         tok_fp["eos"] = eos
     else:
         tok_fp = {"trained_bpe": vocab_size}
-    key = packed._digest(
+    key = packed.cache_digest(
         {
             "v": FORMAT_VERSION,
             "kind": "instruct",
@@ -343,7 +343,7 @@ def load_instruct_corpus(
     final = cache_dir / f"{src.name}-instruct-T{seq_len}-{key}"
     label = repr(data)
     if not (final / "meta.json").is_file():
-        with packed._file_lock(packed.lock_path(cache_dir, f"{src.name}-instruct-{key}")):
+        with packed.file_lock(packed.lock_path(cache_dir, f"{src.name}-instruct-{key}")):
             if not (final / "meta.json").is_file():
                 if progress:
                     print(

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from es_llm import dist
+from es_llm.data.corpus import cache_digest, default_cache_dir, file_lock, lock_path
 from es_llm.data.documents import Document, is_val_group
 from es_llm.data.sources import resolve_source
 from es_llm.drivers.deepspeed.export import MODEL_DIR
@@ -194,8 +195,6 @@ def _write_jsonl_atomic(docs: list[Document], path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- cache key
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def reference_cache_key(
@@ -210,7 +209,7 @@ def reference_cache_key(
     ds_config: dict[str, Any],
 ) -> str:
     """16 hex digits naming a trained reference: equal inputs, equal model, the same entry."""
-    return _digest(
+    return cache_digest(
         {
             "v": FORMAT_VERSION,
             "reference": reference_fingerprint,
@@ -268,26 +267,6 @@ def _check_size(reference: str, main: str, corpus: Corpus) -> None:
             f"the reference model has {ref_n} parameters, more than the trained model's "
             f"{main_n}: pick a smaller --reference-model (default {DEFAULT_REFERENCE_MODEL})"
         )
-
-
-@contextlib.contextmanager
-def _build_lock(path: Path, hold: bool) -> Iterator[None]:
-    """An exclusive inter-process lock on `path` when `hold` (rank 0), else nothing."""
-    if not hold:
-        yield
-        return
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): concurrent builds of one entry are not guarded
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -406,8 +385,6 @@ def prepare_reference(
     reference (corpus build, training, its evaluations), also when the entry was cached (the
     cost of the reference, paid once); ``info["cached"]`` says whether this run reused it.
     """
-    from es_llm.data.corpus import default_cache_dir
-
     spec.check()
     t0, c0 = time.perf_counter(), time.process_time()
     if spec.pretrained:
@@ -448,7 +425,8 @@ def prepare_reference(
     cache = Path(opts.cache_dir).expanduser() if opts.cache_dir else default_cache_dir()
     entry = cache / "reference" / f"{ref_src.name}-{key}"
     meta_path = entry / "meta.json"
-    with _build_lock(cache / "locks" / f"reference-{key}.lock", dist.rank() == 0):
+    lock = file_lock(lock_path(cache, f"reference-{key}"))
+    with lock if dist.rank() == 0 else contextlib.nullcontext():
         # rank 0 holds the entry's lock from here to the end of the build (another run with
         # the same reference waits, then finds it built); its ranks follow its answer
         cached = dist.all_reduce_min_int(int(meta_path.is_file())) == 1
