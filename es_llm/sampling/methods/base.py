@@ -33,6 +33,7 @@ __all__ = [
     "SamplingMethod",
     "UnknownMethodError",
     "Visit",
+    "check_floor",
     "check_range",
     "ema_update",
     "get_method",
@@ -70,6 +71,13 @@ def check_range(
         interval = f"{'(' if lo_open or lo is None else '['}{left}, {right}{')' if hi_open or hi is None else ']'}"
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
     return value
+
+
+def check_floor(name: str, value: float) -> float:
+    """A weight floor (x the meta-batch's mean weight): finite and in [0, inf)."""
+    if isinstance(value, (int, float)) and math.isinf(value):
+        raise ValueError(f"{name} must be finite and in [0, inf), got {value!r}")
+    return check_range(name, value, 0.0, None, False, True)
 
 
 def ema_update(scores: torch.Tensor, losses: torch.Tensor, beta2: float) -> torch.Tensor:

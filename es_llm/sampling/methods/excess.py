@@ -18,12 +18,17 @@ per-sample state column ``ref_loss`` (es_llm.reference fills it once per run).
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import field_validator
 
-from es_llm.sampling.methods.base import Options, SamplingMethod, Visit, check_range, register
+from es_llm.sampling.methods.base import (
+    Options,
+    SamplingMethod,
+    Visit,
+    check_floor,
+    register,
+)
 from es_llm.sampling.methods.trim import TrimOptions
 
 if TYPE_CHECKING:
@@ -49,9 +54,7 @@ class ExcessOptions(Options):
     @field_validator("excess_floor")
     @classmethod
     def _v_excess_floor(cls, v: float) -> float:
-        if math.isinf(v):
-            raise ValueError(f"excess_floor must be finite and in [0, inf), got {v!r}")
-        return check_range("excess_floor", v, 0.0, None, False, True)
+        return check_floor("excess_floor", v)
 
 
 def excess_weights(

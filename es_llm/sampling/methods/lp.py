@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import field_validator
 
-from es_llm.sampling.methods.base import Options, SamplingMethod, Visit, check_range, register
+from es_llm.sampling.methods.base import (
+    Options,
+    SamplingMethod,
+    Visit,
+    check_floor,
+    register,
+)
 from es_llm.sampling.methods.trim import TrimOptions
 
 if TYPE_CHECKING:
@@ -29,9 +34,7 @@ class LPOptions(Options):
     @field_validator("lp_floor")
     @classmethod
     def _v_lp_floor(cls, v: float) -> float:
-        if math.isinf(v):
-            raise ValueError(f"lp_floor must be finite and in [0, inf), got {v!r}")
-        return check_range("lp_floor", v, 0.0, None, False, True)
+        return check_floor("lp_floor", v)
 
 
 @register
