@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from es_llm.sampling.methods.base import SamplingMethod, Visit, register
-from es_llm.sampling.methods.eswp import PruningOptions
+from es_llm.sampling.methods.base import Visit, register
 from es_llm.sampling.methods.excess import REF_LOSS
+from es_llm.sampling.methods.prune import Prune
 
 if TYPE_CHECKING:
     import torch
@@ -25,18 +25,12 @@ __all__ = ["ExcessPrune"]
 
 
 @register
-class ExcessPrune(SamplingMethod):
-    """Trains every drawn sample; its plain-step losses keep the excess the pruning reads."""
+class ExcessPrune(Prune):
+    """prune's uniform batches and epoch plan, with the last observed excess as the score."""
 
     name = "excess_prune"
     order = 10
-    scoring_forward = False
-    prunes_epochs = True
     state = (REF_LOSS,)
-    options = (PruningOptions,)
-
-    def weights(self, cfg: EvolvedSamplingConfig, visit: Visit) -> torch.Tensor:
-        return visit.scores.new_ones(visit.scores.shape)
 
     def score_update(self, cfg: EvolvedSamplingConfig, visit: Visit) -> torch.Tensor:
         """The last observed excess l - l_ref (fp32)."""
