@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
 import pytest
 import torch
+from sampling_law import successive_sampling_inclusion
 
 from es_llm.errors import InputError
 from es_llm.sampling.config import EvolvedSamplingConfig
 from es_llm.sampling.learnability import PROGRESS_TINY, progress_weights, trim_keep
 from es_llm.sampling.policies import method_weights, select_without_replacement
 from es_llm.sampling.selector import select_step
-
-
-def successive_sampling_inclusion(w: list[float], k: int) -> np.ndarray:
-    """Exact inclusion probabilities of k draws without replacement, P ~ w (w = 0: never)."""
-    n = len(w)
-    incl = np.zeros(n)
-    for order in itertools.permutations([i for i in range(n) if w[i] > 0], k):
-        p, left = 1.0, sum(w)
-        for i in order:
-            p *= w[i] / left
-            left -= w[i]
-        incl[list(order)] += p
-    return incl
 
 
 def inclusion_frequencies(cfg: EvolvedSamplingConfig, losses, prev, k: int, steps: int):

@@ -3,13 +3,13 @@ draw, the junk-versus-clean case the excess exists for, the traits and the keys.
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
+from sampling_law import successive_sampling_inclusion
 
 from es_llm.sampling.config import ESConfigError, EvolvedSamplingConfig, es_config_from_ds_config
 from es_llm.sampling.methods import Visit, get_method, option_owners
@@ -19,18 +19,6 @@ from es_llm.sampling.policies import score_update
 from es_llm.sampling.pruning import plan_epoch
 from es_llm.sampling.scores import ScoreTable
 from es_llm.sampling.selector import select_step
-
-
-def successive_sampling_inclusion(w: list[float], k: int) -> np.ndarray:
-    """Exact inclusion probabilities of k draws without replacement, P ~ w."""
-    incl = np.zeros(len(w))
-    for order in itertools.permutations(range(len(w)), k):
-        p, left = 1.0, sum(w)
-        for i in order:
-            p *= w[i] / left
-            left -= w[i]
-        incl[list(order)] += p
-    return incl
 
 
 def _select(cfg, losses, prev, ref, k, step=0, valid=None):
