@@ -82,13 +82,13 @@ def add_run_arguments(p: argparse.ArgumentParser, *, with_method: bool = True) -
     p.add_argument(
         "--config",
         default="cpu_tiny",
-        help="DeepSpeed JSON config (a path, or a name in configs/ds/). Its 'evolved_sampling' "
+        help="DeepSpeed JSON config (a path, or a name in es_llm/configs/ds/). Its 'evolved_sampling' "
         "section configures ES (default: %(default)s)",
     )
     p.add_argument(
         "--model",
         default="gpt2-tiny",
-        help="model preset (a JSON path, or a name in configs/models/), started from random "
+        help="model preset (a JSON path, or a name in es_llm/configs/models/), started from random "
         "weights, or a local Hugging Face model directory (any causal LM "
         "AutoModelForCausalLM loads), started from its weights with its own tokenizer; see "
         "docs/models.md; or 'base:PRESET[,steps=N]': that preset pre-trained once on the "

@@ -1,6 +1,6 @@
 """The model of a run: a preset (random weights) or a local Hugging Face model directory.
 
-A preset is a JSON file in `configs/models/` naming a `family` (gpt2 or llama) and that
+A preset is a JSON file in `es_llm/configs/models/` naming a `family` (gpt2 or llama) and that
 family's `transformers` config fields. `vocab_size` and the context length follow the
 tokenizer and the corpus unless the preset pins them (a GPT-2 124M preset keeps 50257 with the
 GPT-2 tokenizer, for example).
@@ -34,14 +34,14 @@ WEIGHT_FILES = (
 
 
 def configs_dir() -> Path:
-    """The shipped `configs/` folder (installed as the package `es_llm.configs`)."""
+    """The shipped `es_llm/configs/` folder (installed as the package `es_llm.configs`)."""
     import es_llm.configs
 
     return Path(es_llm.configs.__file__).resolve().parent
 
 
 def resolve_preset_path(name_or_path: str, kind: str) -> Path:
-    """A preset is a path to a JSON file, or the stem of a file in configs/<kind>/."""
+    """A preset is a path to a JSON file, or the stem of a file in es_llm/configs/<kind>/."""
     p = Path(name_or_path)
     if p.suffix == ".json" or p.exists():
         if not p.is_file():

@@ -1,4 +1,4 @@
-"""Every shipped file in configs/ parses, validates and builds.
+"""Every shipped file in es_llm/configs/ parses, validates and builds.
 
 DeepSpeed configs: the evolved_sampling section (es_llm.sampling.config), the batch geometry for
 several world sizes, the dict handed to DeepSpeed (no section, no "auto" left) through
@@ -20,8 +20,8 @@ from es_llm.model import build_model, count_parameters, load_model_preset
 from es_llm.sampling.config import SECTION
 from es_llm.sampling.geometry import resolve_geometry
 
-DS_FILES = sorted((REPO / "configs" / "ds").glob("*.json"))
-MODEL_FILES = sorted((REPO / "configs" / "models").glob("*.json"))
+DS_FILES = sorted((REPO / "es_llm" / "configs" / "ds").glob("*.json"))
+MODEL_FILES = sorted((REPO / "es_llm" / "configs" / "models").glob("*.json"))
 
 # preset -> (lower, upper) parameter count with the preset's own vocabulary
 LARGE = {

@@ -20,7 +20,7 @@ from conftest import REPO, StartedCli, free_port, run_cli, write_instruct_jsonl
 
 from es_llm.drivers.deepspeed.metrics import read_jsonl
 
-HF_CONFIG = REPO / "configs" / "ds" / "cpu_test_hf.json"
+HF_CONFIG = REPO / "es_llm" / "configs" / "ds" / "cpu_test_hf.json"
 DATA_ARGS = ["--seq-len", "32", "--vocab-size", "512", "--max-val-samples", "32"]
 THREADS = {"OMP_NUM_THREADS": "1"}  # two ranks on two shared cores
 

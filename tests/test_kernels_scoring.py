@@ -147,7 +147,7 @@ print("RESULT " + json.dumps(out))
 
 @pytest.mark.multiproc
 def test_zero3_engine_scores_like_the_plain_model(tmp_path) -> None:
-    """A single-process ZeRO-3 engine (DeepSpeed on CPU, configs/ds/cpu_test_zero3.json)."""
+    """A single-process ZeRO-3 engine (DeepSpeed on CPU, es_llm/configs/ds/cpu_test_zero3.json)."""
     import json
     import os
     import subprocess
@@ -159,7 +159,7 @@ def test_zero3_engine_scores_like_the_plain_model(tmp_path) -> None:
            "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
     proc = subprocess.run(
-        [sys.executable, "-c", ZERO3_SCRIPT, str(REPO / "configs/ds/cpu_test_zero3.json")],
+        [sys.executable, "-c", ZERO3_SCRIPT, str(REPO / "es_llm/configs/ds/cpu_test_zero3.json")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

@@ -34,8 +34,8 @@ RUN = [
     "6",
     "--no-progress",
 ]
-ZERO0 = REPO / "configs" / "ds" / "cpu_test_zero0.json"
-ZERO3 = REPO / "configs" / "ds" / "cpu_test_zero3.json"
+ZERO0 = REPO / "es_llm" / "configs" / "ds" / "cpu_test_zero0.json"
+ZERO3 = REPO / "es_llm" / "configs" / "ds" / "cpu_test_zero3.json"
 
 
 def _env(cache: Path, **extra: str) -> dict[str, str]:

@@ -28,7 +28,7 @@ from conftest import REPO, free_port
 from es_llm.drivers.deepspeed.checkpoint import MARKER, find_complete_tag, read_marker
 from es_llm.drivers.deepspeed.metrics import read_jsonl
 
-MODEL = str(REPO / "configs" / "models" / "gpt2-tiny.json")
+MODEL = str(REPO / "es_llm" / "configs" / "models" / "gpt2-tiny.json")
 SCHEDULER = {
     "type": "WarmupCosineLR",
     "params": {"total_num_steps": "auto", "warmup_num_steps": "auto", "cos_min_ratio": 0.1},
