@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY_RUN_ARGS, run_cli
 from hf_models import reload_val_loss
 
@@ -58,6 +59,20 @@ def assert_quiet(proc, *, launcher_logs: bool = False) -> None:
     assert not noisy, "\n".join(noisy)
 
 
+def warmup_cosine_lrs(lr: float, total: int, warmup: int, iterations) -> list[float]:
+    """DeepSpeed's WarmupCosineLR (log warmup from 0) at the given iterations, computed by
+    DeepSpeed itself on a one-parameter optimizer."""
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = WarmupCosineLR(opt, total_num_steps=total, warmup_num_steps=warmup)
+    out = []
+    for it in iterations:
+        sched.step(it)
+        out.append(opt.param_groups[0]["lr"])
+    return out
+
+
 def _csv(path: Path) -> list[list[str]]:
     import csv
 
@@ -68,8 +83,14 @@ def _csv(path: Path) -> list[list[str]]:
 @pytest.mark.multiproc
 def test_single_rank_es_run_leaves_metrics_summary_and_plot(tmp_path, es_cache, tiny_ds_config):
     out = tmp_path / "run"
-    # DeepSpeed's own CSV monitor on (no output_path: es-llm routes it to OUT/monitor/)
-    cfg = tiny_ds_config(evolved_sampling={"burn_in_steps": 2}, csv_monitor={"enabled": True})
+    # DeepSpeed's own CSV monitor on (no output_path: es-llm routes it to OUT/monitor/), and a
+    # warmup from learning rate 0
+    sched = {"total_num_steps": "auto", "warmup_num_steps": 4, "warmup_min_ratio": 0.0}
+    cfg = tiny_ds_config(
+        evolved_sampling={"burn_in_steps": 2},
+        csv_monitor={"enabled": True},
+        scheduler={"type": "WarmupCosineLR", "params": sched},
+    )
     proc = run_cli(
         [
             "train",
@@ -93,6 +114,10 @@ def test_single_rank_es_run_leaves_metrics_summary_and_plot(tmp_path, es_cache, 
         assert len(r["selection_digest"]) == 40
     # burn-in trains B uniformly without scoring; then each step scores B_meta = 2B
     assert [r["phase"] for r in steps[:3]] == ["burn_in", "burn_in", "select"]
+    # step k trains at iteration k of the schedule, and logs the rate it trained at: the first
+    # step already learns (DeepSpeed alone trains steps 1 and 2 at iterations -1 and 0, both 0)
+    assert [r["lr"] for r in steps] == pytest.approx(warmup_cosine_lrs(3e-3, 8, 4, range(1, 9)))
+    assert steps[0]["lr"] > 0
     assert steps[0]["scored"] == 0 and steps[2]["scored"] == 16 and steps[2]["selected"] == 8
     summary = json.loads((out / "summary.json").read_text())
     assert summary.keys() >= SUMMARY_KEYS

@@ -435,6 +435,7 @@ class ESRun:
                 bar.unpause()  # the evaluation is not step time
                 epoch = draw.epoch
                 t0, c0 = time.perf_counter(), time.process_time()
+            lr = self._lr()  # the rate this step trains at (the engine steps the schedule)
             a = data.assign(draw)
             trained = True
             self._train(a)
@@ -442,7 +443,7 @@ class ESRun:
             now = time.perf_counter()
             self.train_clock += now - t0
             self.train_cpu += time.process_time() - c0
-            self._log_step(rec, now - t0)
+            self._log_step(rec, now - t0, lr)
             if self.is_main:
                 bar.update(1)
                 bar.set_postfix(
@@ -499,14 +500,19 @@ class ESRun:
             return f"{head}; checkpoint {tag}; to continue, run the same command with --resume {self.out}"
         return f"{head}; no checkpoint was written (--no-save-on-stop)"
 
-    def _log_step(self, rec: dict[str, Any], step_s: float) -> None:
+    def _lr(self) -> float | None:
+        """The optimizer's current learning rate (a host float: no device sync)."""
+        if self.engine.lr_scheduler is None:
+            return None
+        return float(self.engine.get_lr()[0])
+
+    def _log_step(self, rec: dict[str, Any], step_s: float, lr: float | None) -> None:
         # the ES timers' totals so far (device spans count once resolved at a later host
         # sync: reading them never waits for the device); the step's share is the difference
         totals = dict(self.data.timers.totals)
         before, self._timer_totals = self._timer_totals, totals
         if not self.is_main:
             return
-        lr = self.engine.get_lr()[0] if self.engine.lr_scheduler is not None else None
         record = {
             **step_record(rec),
             "lr": lr,

@@ -34,13 +34,29 @@ from es_llm.errors import InputError
 from es_llm.sampling.datapath import ESDataPath
 from es_llm.sampling.plan import RunPlan
 
-__all__ = ["engine_config", "es_data_path"]
+__all__ = ["engine_config", "es_data_path", "start_lr_schedule"]
 
 
 def engine_config(ds_config: dict[str, Any], plan: RunPlan) -> dict[str, Any]:
     """The dict for `deepspeed.initialize`: no ES section, the plan's batch fields, and the
     LR scheduler's "auto" step counts filled from the planned steps."""
     return deepspeed_config(ds_config, plan.geo, plan.total_steps)
+
+
+def start_lr_schedule(engine: Any) -> None:
+    """Make optimizer step k (k = 1, 2, ...) train at iteration k of DeepSpeed's LR schedule.
+
+    DeepSpeed's schedulers are built at iteration -1, whose learning rate is 0, and the engine
+    advances them after each optimizer step, so its first two steps train at iterations -1
+    and 0: both at learning rate 0 under a warmup that starts at 0 (`warmup_min_ratio` 0, the
+    shipped configs). A schedule that has not started is stepped twice here, so the first step
+    already learns. A resumed run loads the schedule's saved state after this, unchanged.
+    """
+    sched = getattr(engine, "lr_scheduler", None)
+    if sched is None or getattr(sched, "last_batch_iteration", None) != -1:
+        return
+    sched.step()
+    sched.step()
 
 
 def es_data_path(
@@ -62,7 +78,8 @@ def es_data_path(
     section, planned here with `epochs`, `seed` and `max_steps`. `group` is the data-parallel
     process group (default: every rank). The default scorer is the engine's model, no-grad,
     in chunks of the plan's scoring micro-batch; `scorer` replaces it, `wrap_scorer(default)`
-    wraps it.
+    wraps it. The engine's LR schedule, if it has not started, starts at iteration 1
+    (`start_lr_schedule`): the first step trains at a non-zero learning rate.
     """
     comm = dist.Communicator(group)
     if not isinstance(plan, RunPlan):
@@ -82,6 +99,7 @@ def es_data_path(
             f"plan {geo.micro} x {geo.grad_accum}: initialise the engine with "
             f"engine_config(ds_config, plan)"
         )
+    start_lr_schedule(engine)
     if scorer is None:
         scorer = ModelScorer(
             lambda: engine.module,
