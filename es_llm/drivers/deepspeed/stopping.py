@@ -10,6 +10,13 @@ Duplicate deliveries count once: Ctrl-C under the `deepspeed` launcher delivers 
 the terminal and, a moment later, SIGTERM from the launcher to every rank. A signal that
 arrives more than `grace_s` after the first one is the user insisting: the process exits at
 once with 128 + signal number, without saving anything.
+
+"At once" holds inside a long torch call too. Python runs a signal handler only between
+bytecodes of the main thread, so a handler would wait for a step that never ends (one
+forward of a model built for a huge --seq-len). The signals are therefore read from
+`signal.set_wakeup_fd`, which the interpreter's C-level handler writes the moment a signal
+arrives, by a watcher thread: torch releases the GIL inside its ops, so the thread runs, sets
+the flag, prints the notice and, on an insisting signal, calls `os._exit`.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ class StopRequest:
     """Records SIGINT/SIGTERM while installed (a context manager); `requested` is the flag.
 
     Install it in the main thread only (Python delivers signals there); elsewhere it is inert
-    and never requests a stop.
+    and never requests a stop. While installed it owns the interpreter's wakeup fd.
     """
 
     def __init__(self, *, grace_s: float = 2.0, announce: bool = True) -> None:
@@ -57,6 +64,10 @@ class StopRequest:
         self._first_at = 0.0
         self._previous: dict[int, object] = {}
         self._installed = False
+        self._lock = threading.Lock()
+        self._pipe: tuple[int, int] | None = None
+        self._old_wakeup = -1
+        self._watcher: threading.Thread | None = None
 
     @property
     def requested(self) -> bool:
@@ -72,35 +83,63 @@ class StopRequest:
 
     def request(self, signum: int = signal.SIGINT) -> None:
         """Ask for a stop as a signal would (for drivers and tests)."""
-        if self.signum is None:
-            self.signum = int(signum)
-            self._first_at = time.monotonic()
+        with self._lock:
+            if self.signum is None:
+                self.signum = int(signum)
+                self._first_at = time.monotonic()
 
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is None:
-            self.request(signum)
+    def _on_signal(self, signum: int) -> None:
+        """One delivery of a handled signal (from the watcher thread)."""
+        with self._lock:
+            first = self.signum is None
+            if first:
+                self.signum = int(signum)
+                self._first_at = time.monotonic()
+            elif time.monotonic() - self._first_at <= self.grace_s:
+                return  # the same stop delivered twice (terminal + launcher)
+        name = signal.Signals(signum).name
+        if first:
             if self.announce:
                 print(
-                    f"\nes-llm: {signal.Signals(signum).name} received: stopping after the "
-                    "current step (send it again to abort at once)",
+                    f"\nes-llm: {name} received: stopping after the current step (send it "
+                    "again to abort at once)",
                     file=sys.stderr,
                     flush=True,
                 )
             return
-        if time.monotonic() - self._first_at <= self.grace_s:
-            return  # the same stop delivered twice (terminal + launcher)
-        print(
-            f"\nes-llm: second {signal.Signals(signum).name}: aborting without saving",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(f"\nes-llm: second {name}: aborting without saving", file=sys.stderr, flush=True)
         os._exit(exit_code_for(signum))
+
+    def _watch(self, fd: int) -> None:
+        while True:
+            try:
+                data = os.read(fd, 64)
+            except OSError:
+                return
+            if not data:  # the write end is closed: uninstalled
+                return
+            for signum in data:
+                if signum in _HANDLED:
+                    self._on_signal(signum)
+
+    @staticmethod
+    def _python_handler(signum: int, frame: FrameType | None) -> None:
+        """Installed so that the C-level handler writes the wakeup fd (and Ctrl-C raises no
+        KeyboardInterrupt); the watcher thread does the work."""
 
     def install(self) -> StopRequest:
         if threading.current_thread() is not threading.main_thread() or self._installed:
             return self
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        self._pipe = (r, w)
+        self._old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        self._watcher = threading.Thread(
+            target=self._watch, args=(r,), name="es-llm-signals", daemon=True
+        )
+        self._watcher.start()
         for sig in _HANDLED:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            self._previous[sig] = signal.signal(sig, self._python_handler)
         self._installed = True
         return self
 
@@ -110,6 +149,13 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous.clear()
+        signal.set_wakeup_fd(self._old_wakeup)
+        assert self._pipe is not None and self._watcher is not None
+        r, w = self._pipe
+        os.close(w)  # the watcher reads what is left, then EOF
+        self._watcher.join(timeout=5)
+        os.close(r)
+        self._pipe, self._watcher = None, None
         self._installed = False
 
     def __enter__(self) -> StopRequest:
