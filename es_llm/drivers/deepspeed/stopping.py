@@ -22,6 +22,7 @@ the flag, prints the notice and, on an insisting signal, calls `os._exit`.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
 import threading
@@ -31,6 +32,7 @@ from types import FrameType, TracebackType
 __all__ = ["RunStopped", "StopRequest", "exit_code_for"]
 
 _HANDLED = (signal.SIGINT, signal.SIGTERM)
+_GATHER_S = 0.05  # signals arriving this close together are one delivery, in number order
 
 
 def exit_code_for(signum: int) -> int:
@@ -118,7 +120,18 @@ class StopRequest:
                 return
             if not data:  # the write end is closed: uninstalled
                 return
-            for signum in data:
+            # Ctrl-C under the launcher: the terminal's SIGINT and the launcher's SIGTERM come
+            # together, in either order when different threads take them. Gather what comes
+            # within a moment and take the lower number first, so such a stop is a SIGINT.
+            deadline = time.monotonic() + _GATHER_S
+            while (left := deadline - time.monotonic()) > 0 and select.select([fd], [], [], left)[
+                0
+            ]:
+                more = os.read(fd, 64)
+                if not more:
+                    break
+                data += more
+            for signum in sorted(data):
                 if signum in _HANDLED:
                     self._on_signal(signum)
 
