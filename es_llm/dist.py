@@ -242,9 +242,9 @@ def lockstep_diverged(
     Every rank all-reduces (max digest, max -digest); the ranks agree iff both equal its own.
     The caller reads the flag at its one host sync of the step and raises there.
 
-    With `flag` (a 0/1 int64 tensor on the same device) the same all-reduce also carries it:
-    returns `(diverged, any rank's flag set)`, e.g. a stop request that every rank must honour
-    at the same step.
+    With `flag` (a non-negative int64 tensor on the same device) the same all-reduce also
+    carries it: returns `(diverged, the largest flag of any rank)`, e.g. a stop request that
+    every rank must honour at the same step.
     """
     check_device("lockstep_diverged", digest)
     d = digest.reshape(1).to(torch.int64)
@@ -257,7 +257,7 @@ def lockstep_diverged(
     diverged = (both[0] != d[0]) | (-both[1] != d[0])
     if flag is None:
         return diverged
-    return diverged, both[2] > 0
+    return diverged, both[2]
 
 
 class Communicator:

@@ -9,8 +9,17 @@ caught. `InputError` is also a `ValueError`, so callers that catch `ValueError` 
 
 from __future__ import annotations
 
-__all__ = ["InputError"]
+__all__ = ["InputError", "NonFiniteError"]
 
 
 class InputError(ValueError):
     """Bad input from the user: the message says what is wrong and what to change."""
+
+
+class NonFiniteError(InputError):
+    """A training or validation loss, or the trained weights, went NaN/inf: the run stops
+    with one line naming the step and the last good checkpoint, and exports no model.
+
+    An `InputError` because the cause is the run's settings or data (a learning rate too high,
+    a corrupt input), not a bug: the traceback would say nothing more.
+    """

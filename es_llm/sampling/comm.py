@@ -38,8 +38,8 @@ class Communicator(Protocol):
     def lockstep_flags(
         self, digest: torch.Tensor, flag: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(did any rank compute another 0-dim int64 `digest`, is any rank's 0/1 `flag` set),
-        both 0-dim bool on the device, without a host sync."""
+        """(did any rank compute another 0-dim int64 `digest`: 0-dim bool, the largest
+        non-negative int64 `flag` of any rank: 0-dim int64), on the device, no host sync."""
         ...
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:

@@ -105,6 +105,13 @@ def _plain_packet(n: int) -> PacketLayout:
     return PacketLayout((("ids", n, "i64"), ("train_loss", 1, "f64"), ("stop", 1, "i64")))
 
 
+# The step flag each rank adds to its step's all-reduce (MAX over ranks): what the step must
+# act on, the largest value winning. A non-finite training loss outranks a stop request.
+FLAG_STOP = 1  # SIGINT/SIGTERM on this rank
+FLAG_NONFINITE = 2  # a training loss of this step is NaN or inf
+FLAG_NONFINITE_BEFORE = 3  # a training loss of the previous step (a SELECT step) was
+
+
 def _masked_mean(x: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     """float64 mean of x where ok (NaN when none), with fixed shapes: no host sync."""
     xd = torch.where(ok, x.to(torch.float64), torch.zeros((), dtype=torch.float64, device=x.device))
@@ -161,6 +168,11 @@ class ESDataPath:
         # Polled once per step; the ranks agree on it inside the step's collectives, so a
         # stop (SIGINT/SIGTERM on any rank) lands on the same step everywhere.
         self.stop_requested: Callable[[], bool] = lambda: False
+        # 1 when a SELECT step's training losses held a NaN/inf on this rank: that step has no
+        # host sync after training, so the next step's all-reduce (or `nonfinite_step()`,
+        # before a checkpoint and at the end) carries it. Device int64 [1]: no host copy.
+        self._nonfinite_pending = torch.zeros(1, dtype=torch.int64, device=comm.device)
+        self._nonfinite_step = 0  # the step of that flag
 
     # ------------------------------------------------------------------ views
     @property
@@ -235,9 +247,37 @@ class ESDataPath:
             return t
         return t.pin_memory().to(self.device, non_blocking=True)
 
-    def _stop_flag(self, device: torch.device) -> torch.Tensor:
-        """This rank's stop request as a 0/1 int64 [1] on `device` (a fill, no host copy)."""
-        return torch.full((1,), int(self.stop_requested()), dtype=torch.int64, device=device)
+    def _stop_flag(self, device: torch.device, nonfinite_now: torch.Tensor | None = None):
+        """This rank's step flag (FLAG_*) as an int64 [1] on `device`, without a host copy:
+        the stop request, the previous SELECT step's non-finite training loss, and (plain
+        steps) this step's `nonfinite_now` (0/1 int64 [1])."""
+        flag = torch.full((1,), int(self.stop_requested()), dtype=torch.int64, device=device)
+        flag = torch.maximum(flag, FLAG_NONFINITE_BEFORE * self._nonfinite_pending.to(device))
+        if nonfinite_now is not None:
+            flag = torch.maximum(flag, FLAG_NONFINITE * nonfinite_now.to(device))
+        return flag
+
+    def _flag_fields(self, flag: int, step: int) -> dict[str, Any]:
+        """The step record's view of the agreed step flag (`step`: this step, 1-based). The
+        flag carried this rank's pending non-finite loss: it is reported now."""
+        self._nonfinite_pending.zero_()
+        bad = {FLAG_NONFINITE_BEFORE: self._nonfinite_step, FLAG_NONFINITE: step}.get(flag)
+        return {"stop_requested": flag == FLAG_STOP, "nonfinite_loss_step": bad}
+
+    def nonfinite_step(self) -> int | None:
+        """The step whose training loss was NaN/inf on some rank and that no step's
+        all-reduce has reported yet (the last SELECT step), or None. Collective, and it
+        syncs the host: call it before a checkpoint and at the end, on every rank."""
+        bad = self.comm.all_reduce_sum([float(self._nonfinite_pending.sum().item())])[0]
+        return self._nonfinite_step if bad > 0 else None
+
+    @staticmethod
+    def _nonfinite(losses: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """0/1 int64 [1] on `device`: is any of the step's training losses NaN/inf?"""
+        if not losses:
+            return torch.zeros(1, dtype=torch.int64, device=device)
+        bad = ~torch.isfinite(torch.cat([x.reshape(-1) for x in losses]))
+        return bad.any().to(torch.int64).reshape(1).to(device)
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
         """The step's one device -> host copy."""
@@ -329,7 +369,7 @@ class ESDataPath:
             "invalid": n_invalid,
             "meta_loss": host["meta_loss"],
             "digest": digest,
-            "stop_requested": bool(host["stop"][0]),
+            **self._flag_fields(int(host["stop"][0]), draw.step + 1),
         }
         return StepAssignment(
             draw=draw,
@@ -376,7 +416,7 @@ class ESDataPath:
             dev = self.comm.device
             losses = torch.cat(a.train_losses) if a.train_losses else torch.zeros(0)
             # one extra row per rank carries its stop request: (flag, 0)
-            flag = self._stop_flag(dev)
+            flag = self._stop_flag(dev, self._nonfinite(a.train_losses, dev))
             mine = torch.cat(
                 [
                     torch.stack([a.ids.to(dev), f32_bits(losses.to(dev))], dim=1),
@@ -403,8 +443,13 @@ class ESDataPath:
                 "selected": n,
                 "invalid": 0,
                 "digest": selection_digest(host["ids"]),
-                "stop_requested": bool(host["stop"][0]),
+                **self._flag_fields(int(host["stop"][0]), a.draw.step + 1),
             }
+        else:  # no host sync after training: the next step's all-reduce carries it
+            self._nonfinite_pending = torch.maximum(
+                self._nonfinite_pending, self._nonfinite(a.train_losses, self.comm.device)
+            )
+            self._nonfinite_step = a.draw.step + 1
         a.record.update(step=a.draw.step + 1, epoch=a.draw.epoch, phase=a.draw.phase)
         self.step += 1
         return a.record

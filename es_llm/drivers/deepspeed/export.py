@@ -21,7 +21,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from es_llm import dist
+from es_llm.errors import NonFiniteError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -53,6 +56,22 @@ def full_state_dict(engine: Any) -> dict[str, Any] | None:
     return engine.module.state_dict() if dist.rank() == 0 else None
 
 
+def check_finite_weights(state: dict[str, Any] | None, final: Path) -> None:
+    """Refuse to export NaN/inf weights (rank 0 holds `state`; every rank calls it and every
+    rank raises, so none waits at a barrier for a directory that is never written)."""
+    bad = [] if state is None else [k for k, v in state.items() if _nonfinite_tensor(v)]
+    if dist.all_reduce_sum([float(len(bad))])[0] > 0:
+        names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        where = f" ({names})" if bad else ""
+        raise NonFiniteError(
+            f"the trained weights hold NaN or inf{where}: no model exported to {final}"
+        )
+
+
+def _nonfinite_tensor(v: Any) -> bool:
+    return torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+
+
 def export_model(engine: Any, out: Path, tokenizer: Callable[[], PreTrainedTokenizerBase]) -> Path:
     """Write ``out/model`` from a DeepSpeed engine; every rank calls it, rank 0 writes.
 
@@ -61,6 +80,7 @@ def export_model(engine: Any, out: Path, tokenizer: Callable[[], PreTrainedToken
     """
     final = Path(out) / MODEL_DIR
     state = full_state_dict(engine)
+    check_finite_weights(state, final)
     if state is not None:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIR}-", dir=final.parent))

@@ -53,7 +53,7 @@ from es_llm.drivers.losses import weighted_step_loss
 from es_llm.drivers.reference import reference_for_run, spec_from_options
 from es_llm.drivers.scoring import scoring_losses
 from es_llm.drivers.steplog import step_record
-from es_llm.errors import InputError
+from es_llm.errors import InputError, NonFiniteError
 from es_llm.model import count_parameters, load_model, resolve_model, tokenizer_for
 from es_llm.sampling.config import EvolvedSamplingConfig
 from es_llm.sampling.datapath import StepAssignment
@@ -121,6 +121,7 @@ class ESRun:
         self.eval_clock = 0.0
         self.resumed_from: Path | None = None
         self._last_saved_step: int | None = None
+        self._saved_steps: list[int] = []  # checkpoints this run wrote or resumed from
         self.stop = StopRequest()  # `train()` installs the signal handlers
         self._val_shards: dict[int, tuple[Any, int]] = {}  # rows evaluated -> this rank's shard
         self._timer_totals: dict[str, float] = {}  # ES timers at the previous step's record
@@ -261,6 +262,8 @@ class ESRun:
             self.reference = None if saved is None else {**saved, "restored": True}
 
     def _save(self) -> Path:
+        # the last SELECT step's training losses are checked here: never checkpoint NaN
+        self._check_training_finite(self.data.nonfinite_step())
         tag_dir = ckpt.save_checkpoint(
             self.engine,
             ckpt.checkpoint_root(self.out),
@@ -268,6 +271,7 @@ class ESRun:
             state=ckpt.rank_state(self.state_dict()),
         )
         self._last_saved_step = self.data.step
+        self._saved_steps.append(self.data.step)
         return tag_dir
 
     def _resume(self) -> None:
@@ -276,6 +280,27 @@ class ESRun:
         ckpt.restore_rng(state)
         self.resumed_from = tag_dir
         self._last_saved_step = self.data.step
+        self._saved_steps.append(self.data.step)
+
+    # ------------------------------------------------------------------ non-finite losses
+    def _nonfinite(self, what: str, step: int) -> NonFiniteError:
+        """The one-line error of a NaN/inf `what` at `step`, naming the last good checkpoint
+        (the newest one written before that step)."""
+        good = [s for s in self._saved_steps if s < step]
+        if good:
+            tag = ckpt.checkpoint_root(self.out) / ckpt.tag_for_step(max(good))
+            last = f"the last good checkpoint is {tag} (--resume {self.out} continues from it)"
+        else:
+            last = "no checkpoint was written before it (--save-every N writes them)"
+        return NonFiniteError(
+            f"the {what} of step {step} is not finite (NaN or inf) on at least one rank: the "
+            f"run is stopped and no model is exported; {last}. A learning rate that is too "
+            f"high, or corrupt input, are the usual causes"
+        )
+
+    def _check_training_finite(self, step: int | None) -> None:
+        if step is not None:
+            raise self._nonfinite("training loss", step)
 
     # ------------------------------------------------------------------ one step
     def _train(self, a: StepAssignment) -> None:
@@ -360,6 +385,8 @@ class ESRun:
         n_sub = validation.subset_size(n_total, self.opts.eval_subset) if n_total else 0
         full = full or n_sub == n_total  # a subset that is the whole split is the full set
         val, sub = self.evaluate(where, full=full)
+        if (n_total and not np.isfinite(val)) or (n_sub and not np.isfinite(sub)):
+            raise self._nonfinite(f"validation loss ({where})", self.data.step)
         rec = {
             "type": "eval",
             "step": self.data.step,
@@ -440,6 +467,7 @@ class ESRun:
             trained = True
             self._train(a)
             rec = data.finish_step(a)
+            self._check_training_finite(rec.get("nonfinite_loss_step"))
             now = time.perf_counter()
             self.train_clock += now - t0
             self.train_cpu += time.process_time() - c0
@@ -466,6 +494,7 @@ class ESRun:
             ):
                 self._save()
         finished = not stop  # every planned epoch ran
+        self._check_training_finite(data.nonfinite_step())  # the last step, if it selected
         if signalled:
             # the launcher gives the ranks seconds: the checkpoint is written already, and
             # the evaluation is the fixed subset only
