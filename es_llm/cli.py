@@ -168,8 +168,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def _cmd_train(args: argparse.Namespace) -> int:
     from es_llm.base_models import resolve_model_arg
     from es_llm.ds_ops import announce_deepspeed_op_build, quiet_cached_op
-    from es_llm.preflight import check_train_inputs, prepare_out_dir
+    from es_llm.preflight import check_not_finished, check_train_inputs, prepare_out_dir
 
+    check_not_finished(args)  # --resume of a finished run: one line, nothing changed
     resolve_model_arg(args)  # --model base:...: the cached pre-trained base (built once)
     check_train_inputs(args)  # every input problem, before any engine or process group
     _check_monitors(args.config)

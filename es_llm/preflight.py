@@ -9,6 +9,7 @@ what to do with it. Nothing here builds a model or reads the corpus.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 from pathlib import Path
@@ -118,3 +119,23 @@ def prepare_out_dir(args: argparse.Namespace) -> None:
             shutil.rmtree(child)
         else:
             child.unlink()
+
+
+def check_not_finished(args: argparse.Namespace) -> None:
+    """`--resume DIR` of a run that finished every planned epoch is refused, before anything
+    in DIR is touched: resuming it would train nothing and rewrite its summary from the last
+    checkpoint (an earlier evaluation, the final one dropped)."""
+    resume = getattr(args, "resume", None)
+    if resume is None:
+        return
+    path = Path(resume) / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # no summary yet (a killed run): the checkpoint decides
+    if isinstance(summary, dict) and summary.get("finished") is True:
+        raise InputError(
+            f"--resume {resume}: that run is finished ({summary.get('steps')} steps, every "
+            f"planned epoch; {path}) and was left unchanged; to train on, start a new run from "
+            f"its model: --model {Path(resume) / 'model'}"
+        )

@@ -218,6 +218,16 @@ def test_eswp_resume_restores_the_epoch_plan_and_replans_the_next_epoch(
     assert epochs[10] == 1 and epochs[11] == 1 and max(epochs.values()) == 2
     _assert_same_run(ref, cut, from_step=10)
     assert json.loads((ref / "summary.json").read_text())["pruned_sample_epochs"] > 0
+    # the uninterrupted run is finished: --resume says so and changes nothing (before, it
+    # rewrote summary.json from the last checkpoint's evaluations, the final one dropped)
+    before = {p.name: p.read_bytes() for p in ref.iterdir() if p.is_file()}
+    assert json.loads(before["summary.json"])["finished"] is True
+    log = tmp_path / "finished.log"
+    rc = _finish(_start(_args(cfg, ref, "--resume", str(ref), epochs=3), es_cache, log), log)
+    text = log.read_text()
+    assert rc == 2, text[-3000:]
+    assert f"--resume {ref}: that run is finished" in text and "Traceback" not in text
+    assert {p.name: p.read_bytes() for p in ref.iterdir() if p.is_file()} == before
 
 
 def _rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process | None:

@@ -507,7 +507,7 @@ class ESRun:
         bar.close()
         if opts.save_every and self._last_saved_step != data.step and not signalled:
             self._save()  # the finished state: resuming it runs no more steps
-        summary = self._finish(stopped=signalled)
+        summary = self._finish(stopped=signalled, finished=finished)
         if signalled:
             raise RunStopped(self._stop_message(), self.stop.exit_code)
         return summary
@@ -566,7 +566,7 @@ class ESRun:
             "sequences": last["sequences"],
         }
 
-    def _finish(self, *, stopped: bool = False) -> dict[str, Any]:
+    def _finish(self, *, stopped: bool = False, finished: bool = False) -> dict[str, Any]:
         data = self.data
         timers = data.timers.state_dict()
         steps = max(1, data.step)
@@ -629,6 +629,8 @@ class ESRun:
             "evolved_sampling": self.es.model_dump(),
             "seed": self.opts.seed,
             "planned_steps": data.total_steps,
+            # every planned epoch ran: `--resume` of this run is refused (nothing is left)
+            "finished": finished,
             "stopped": (
                 {
                     "signal": self.stop.signal_name,
