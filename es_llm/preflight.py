@@ -37,12 +37,12 @@ def check_train_inputs(args: argparse.Namespace) -> None:
     _check_data(args.data)
     _check_tokenizer(model, args)
     if getattr(args, "resume", None) is not None:
-        from es_llm.drivers.deepspeed.checkpoint import checkpoint_root, find_complete_tag
+        from es_llm.drivers.deepspeed.checkpoint import preflight_resume
 
         resume = Path(args.resume)
         if not resume.is_dir():
             raise InputError(f"--resume {resume}: no such run directory")
-        find_complete_tag(checkpoint_root(resume))
+        preflight_resume(resume)  # an intact tag: every file's size and sha256 (see there)
 
 
 def _check_tokenizer(model: ModelSpec, args: argparse.Namespace) -> None:
