@@ -6,8 +6,11 @@ tokenizer and the corpus unless the preset pins them (a GPT-2 124M preset keeps 
 GPT-2 tokenizer, for example).
 
 A directory is a pretrained causal LM (`config.json` + weights, as `save_pretrained` writes
-it): `resolve_model` tells the two apart and checks the directory without loading weights,
-`load_model` builds either one. See docs/models.md.
+it): `resolve_model` tells the two apart and checks the directory without loading weights
+(config, and every safetensors file's header against its size), `load_model` builds either
+one and refuses weights that are not finite. Nothing runs code from a directory: every
+`from_pretrained` passes ``trust_remote_code=False``, and a directory whose config names code
+of its own (``auto_map``) is refused. See docs/models.md.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is imported where a model is built: presets load without it
     import torch
+    from transformers import PreTrainedTokenizerBase
 
 from es_llm.errors import InputError
 
@@ -31,6 +35,10 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+# The files in which a Hugging Face directory can name code of its own (`auto_map`), which
+# `from_pretrained` would import from the directory if trust_remote_code allowed it.
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")
 
 
 def configs_dir() -> Path:
@@ -167,10 +175,11 @@ def _pretrained_spec(path: Path, name: str) -> ModelSpec:
             f"model directory {path} has a config.json but no weights "
             f"({' or '.join(WEIGHT_FILES[::2])})"
         )
+    refuse_remote_code(path, "model directory")
     from transformers import AutoConfig  # the causal-LM mapping below imports torch
 
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(
@@ -183,6 +192,7 @@ def _pretrained_spec(path: Path, name: str) -> ModelSpec:
             f"model directory {path}: model_type {config.model_type!r} is not a causal LM "
             f"that AutoModelForCausalLM loads"
         )
+    check_weight_files(path)
     text = config.get_text_config()
     return ModelSpec(
         name,
@@ -241,10 +251,115 @@ def load_model(
             spec.preset, vocab_size=vocab_size, seq_len=seq_len, device=device, eod_id=eod_id
         )
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.path, dtype=torch.float32, trust_remote_code=False, weights_only=True
+        )
+    except (OSError, ValueError, RuntimeError, EOFError, SafetensorError) as e:
+        raise InputError(
+            f"model directory {spec.path}: its weights do not load ({_line(e)})"
+        ) from e
+    check_finite(model, spec.path)
     return model.to(device)
+
+
+# ----------------------------------------------------------------------------- directory checks
+def _line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def refuse_remote_code(path: Path, what: str) -> None:
+    """InputError if the directory names code of its own (``auto_map``): es-llm never runs it
+    (every ``from_pretrained`` passes ``trust_remote_code=False``), and transformers would
+    otherwise ask on the terminal whether to."""
+    for name in REMOTE_CODE_FILES:
+        try:
+            data = json.loads((Path(path) / name).read_text())
+        except (OSError, ValueError):
+            continue  # absent or unreadable: the checks that read it say so
+        if isinstance(data, dict) and data.get("auto_map"):
+            auto_map = data["auto_map"]
+            names = sorted(auto_map) if isinstance(auto_map, dict) else auto_map
+            raise InputError(
+                f"{what} {path} needs code of its own ({name} has an auto_map: {names}); "
+                f"es-llm never runs code from a model directory (trust_remote_code=False): use "
+                f"a model whose architecture transformers includes"
+            )
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The safetensors files of a model directory (the index's shards, or the single file)."""
+    path = Path(path)
+    index = path / SAFETENSORS_INDEX
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    if not index.is_file():
+        return []
+    weight_map = load_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InputError(f"{index} has no weight_map: the shards it indexes are unknown")
+    return [path / name for name in sorted(set(weight_map.values()))]
+
+
+def check_weight_files(path: Path) -> None:
+    """Every safetensors file of the directory is present and its header parses and fits
+    the file's size (a truncated or overwritten header fails here); no tensor is read."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in safetensors_files(path):
+        if not file.is_file():
+            raise InputError(f"model directory {path}: weight file {file.name} is missing")
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                fh.keys()
+        except (SafetensorError, OSError, ValueError) as e:
+            raise InputError(
+                f"weight file {file} is damaged or truncated: safetensors cannot read it "
+                f"({_line(e)})"
+            ) from e
+
+
+def check_finite(model: torch.nn.Module, path: Path) -> None:
+    """InputError naming the file and tensor if a loaded weight is NaN or infinite (bytes
+    altered inside a weight file still parse, as garbage floats); the file is looked up only
+    then, so a good model is read once."""
+    import torch
+
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            where = _non_finite_tensor(path) or (f"{path}", name)
+            raise InputError(
+                f"weight file {where[0]} holds non-finite values (tensor {where[1]}): the file "
+                f"is damaged; restore it (e.g. save_pretrained again, or fetch it anew)"
+            )
+
+
+def _non_finite_tensor(path: Path) -> tuple[str, str] | None:
+    """(file, tensor) of the first NaN/inf weight in the directory's safetensors files."""
+    import torch
+    from safetensors import safe_open
+
+    for file in safetensors_files(path):
+        with safe_open(str(file), framework="pt") as fh:
+            keys = fh.keys()
+            for key in keys:
+                t = fh.get_tensor(key)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    return str(file), key
+    return None
+
+
+def auto_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained`` of a local directory, never running code from it."""
+    p = Path(path).expanduser()
+    refuse_remote_code(p, "tokenizer directory")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(p, trust_remote_code=False)
 
 
 def tokenizer_for(model: str, tokenizer: str | None) -> str | None:

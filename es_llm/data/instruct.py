@@ -272,9 +272,9 @@ class ChatTemplate:
         p = Path(tokenizer_dir).expanduser()
         if not p.is_dir():
             return  # a bare tokenizer.json carries no chat template
-        from transformers import AutoTokenizer
+        from es_llm.model import auto_tokenizer  # trust_remote_code=False; auto_map refused
 
-        tok = AutoTokenizer.from_pretrained(str(p))
+        tok = auto_tokenizer(p)
         if getattr(tok, "chat_template", None):
             self._tok = tok
 

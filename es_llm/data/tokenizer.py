@@ -127,9 +127,9 @@ def hf_tokenizer(
     documents with, as GPT-2's tokenizer does.
     """
     if spec is not None and (Path(spec).expanduser() / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
+        from es_llm.model import auto_tokenizer  # trust_remote_code=False; auto_map refused
 
-        return AutoTokenizer.from_pretrained(Path(spec).expanduser())
+        return auto_tokenizer(Path(spec).expanduser())
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer.from_file(str(tokenizer_json))

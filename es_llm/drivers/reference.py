@@ -254,7 +254,8 @@ def _param_count(spec: ModelSpec, corpus: Corpus) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(spec.path))
+        config = AutoConfig.from_pretrained(spec.path, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     return count_parameters(model)
 
 
