@@ -190,12 +190,15 @@ def test_excess_stop_and_resume_selects_what_an_uninterrupted_run_selects(
     kinds = [r["type"] for r in read_jsonl(cut / "metrics.jsonl")]
     assert kinds.count("resume") == 1 and kinds.count("step") == len(_steps(ref))
 
-    # a truncated ES state file is an error naming the file, never a fresh start
+    # truncated ES state files in every tag: an error naming the file, never a fresh start
+    # (one damaged tag alone is skipped for an older intact one: test_checkpoint_integrity)
     bad = tmp_path / "bad"
     shutil.copytree(cut, bad)
+    (bad / "summary.json").unlink()  # the copied run had finished: now a run killed mid-way
     tag_dir = bad / "checkpoints" / find_complete_tag(bad / "checkpoints")
     state = tag_dir / "es_state_rank0.pt"
-    state.write_bytes(state.read_bytes()[:100])
+    for each in (bad / "checkpoints").glob("global_step*/es_state_rank0.pt"):
+        each.write_bytes(each.read_bytes()[:100])
     log = tmp_path / "bad.log"
     rc = _finish(_start(_args(cfg, bad, "--resume", str(bad)), es_cache, log), log)
     assert rc == 2, log.read_text()[-3000:]
