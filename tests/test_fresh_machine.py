@@ -19,8 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 # run from the checkout's root, as `python3 -m pytest` and the launcher's ranks are
 FROM_ROOT = """
 import kernels, os, sys
-root = os.getcwd()
-assert not os.path.abspath(kernels.__file__ or '').startswith(root), kernels.__file__
+# the installed package, not the checkout's kernels/ folder (a .venv inside the root is fine)
+folder = os.path.join(os.getcwd(), 'kernels') + os.sep
+assert not os.path.abspath(kernels.__file__ or '').startswith(folder), kernels.__file__
 from transformers import GPT2Config, GPT2LMHeadModel
 model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=32, n_positions=8))
 import torch
