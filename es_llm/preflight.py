@@ -1,9 +1,11 @@
 """Checks of `es-llm train`'s input that run before any engine or process group exists.
 
-A wrong --config, --model, --data, --tokenizer or --resume is reported in a second, not after
-the DeepSpeed engine is up (a model directory that is not a causal LM, a tokenizer whose ids do
-not fit the model included); a non-empty --out is refused unless --resume or --overwrite says
-what to do with it. Nothing here builds a model or reads the corpus.
+A wrong --config, --model, --data, --val-data, --tokenizer or --resume is reported in a second,
+not after the DeepSpeed engine is up (a model directory that is not a causal LM, a tokenizer
+whose ids do not fit the model, a data file that cannot be read, a hub dataset that cannot be
+reached included); an --out or cache directory that cannot be written is refused first, and a
+non-empty --out unless --resume or --overwrite says what to do with it. Nothing here builds a
+model or reads the corpus (a small single text file or set of instruction records excepted).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,13 +24,23 @@ if TYPE_CHECKING:
     from es_llm.model import ModelSpec
 
 SMALL_TEXT = 1 << 20  # a single text file up to this size is split once here, as a check
+SMALL_INSTRUCT = 8 << 20  # instruction files up to this size in all are read here, as a check
+WRITE_CHECK_PREFIX = ".es-llm-write-check-"
 
 
 def check_train_inputs(args: argparse.Namespace) -> None:
-    """Raise InputError for the first problem with the run's configs, data or checkpoint."""
+    """Raise InputError for the first problem with the run's configs, data or checkpoint.
+    With --no-progress, first silences the progress bars of the libraries (every rank runs
+    this, before any of them loads a model or a dataset)."""
     from es_llm.drivers.deepspeed.dsconfig import es_config_for_run, load_ds_config
     from es_llm.model import resolve_model
     from es_llm.sampling.plan import plan_geometry
+
+    if getattr(args, "no_progress", False):
+        from es_llm.quiet import quiet_progress_bars
+
+        quiet_progress_bars()
+    check_output_dirs(args)
 
     ds_config = load_ds_config(args.config)
     es = es_config_for_run(ds_config, getattr(args, "method", None), dict(args.es))
@@ -35,6 +48,7 @@ def check_train_inputs(args: argparse.Namespace) -> None:
     plan_geometry(ds_config, es, int(os.environ.get("WORLD_SIZE", "1")))
     model = resolve_model(args.model)
     _check_data(args.data)
+    _check_data(getattr(args, "val_data", None))
     _check_tokenizer(model, args)
     if getattr(args, "resume", None) is not None:
         from es_llm.drivers.deepspeed.checkpoint import preflight_resume
@@ -71,19 +85,100 @@ def _inside(path: str | Path, folder: str | Path) -> bool:
 
 
 def _check_data(data: str | None) -> None:
-    from es_llm.data.sources import STDLIB_NAMES, local_source, looks_like_path
+    from es_llm.data.sources import (
+        STDLIB_NAMES,
+        check_hub_dataset,
+        local_files_checked,
+        looks_like_path,
+        sniff_local_files,
+    )
 
+    check_hub_dataset(data)  # no network and no cached copy: one line, in a few seconds
     if data is None or data in STDLIB_NAMES or not looks_like_path(data):
-        return  # the standard library, or a dataset name resolved when the corpus is built
-    from es_llm.data.sources import local_files, sniff_local_files
-
-    local_source(data)  # lists the files: a missing path or no data files fail here
-    sniff_local_files(local_files(Path(data).expanduser()))  # a binary file fails here
-    path = Path(data).expanduser()
-    if path.is_file() and path.suffix.lower() == ".txt" and path.stat().st_size <= SMALL_TEXT:
+        return  # the standard library, a recipe, or a hub dataset loaded with the corpus
+    # a missing path, no data files, or a file or folder that cannot be listed fails here
+    path, files, stats = local_files_checked(data)
+    sniff_local_files(files)  # a binary or unreadable file fails here
+    if path.is_file() and path.suffix.lower() == ".txt" and stats[0][1] <= SMALL_TEXT:
         from es_llm.data.sources import read_local_file
 
         read_local_file(path, split_text=True)  # too little text to split fails here
+    _check_instruct(data, sum(size for _, size, _ in stats))
+
+
+def _check_instruct(data: str, size: int) -> None:
+    """Small local instruction data is read here: a bad record (its form, a message role)
+    and a set whose every completion is empty fail before any engine starts."""
+    from es_llm.data.instruct import (
+        InstructDataError,
+        has_completion,
+        is_instruct_data,
+        local_instruct_source,
+    )
+
+    if size > SMALL_INSTRUCT or not is_instruct_data(data):
+        return
+    records = local_instruct_source(data).load()
+    if records and not any(has_completion(r) for r in records):
+        raise InstructDataError(
+            f"data {data!r}: every one of its {len(records)} instruction records has an empty "
+            "completion (no text but white space, or no assistant turn with text), so nothing "
+            "can train; give records with completions"
+        )
+
+
+def check_output_dirs(args: argparse.Namespace) -> None:
+    """--out (or --resume DIR) and the corpus cache can be written: each is created (or
+    exists) and takes a file, tried for real (os.access says yes to root on a read-only
+    mount, and no to nothing else): one line each, before any data is read. What is tried
+    is removed again, so a run that fails later leaves no empty --out behind."""
+    from es_llm.data.sources import CACHE_ENV, default_cache_dir
+
+    resume = getattr(args, "resume", None)
+    if resume is not None:
+        check_writable_dir(Path(resume), f"--resume {resume}", "the run's folder must be writable")
+    elif getattr(args, "out", None) is not None:
+        check_writable_dir(Path(args.out), f"--out {args.out}", "choose a writable --out")
+    hint = f"pass --cache-dir a writable folder (or set ${CACHE_ENV})"
+    if getattr(args, "cache_dir", None):
+        check_writable_dir(Path(args.cache_dir), f"--cache-dir {args.cache_dir}", hint)
+    else:
+        cache = default_cache_dir()
+        env = os.environ.get(CACHE_ENV)
+        what = f"the cache directory ${CACHE_ENV}" if env else "the default cache directory"
+        check_writable_dir(cache, f"{what} {cache}", hint)
+
+
+def check_writable_dir(path: Path, label: str, hint: str) -> None:
+    """``path`` is a folder this process can write, or can be created: a temporary file is
+    created in it, or, where it does not exist yet, a temporary folder (holding a file) in
+    its nearest existing parent, where the run would create it. Both are removed again.
+    Unique names keep ranks that check the same folder at once from meeting."""
+    path = path.expanduser()
+    base = path
+    while not os.path.exists(base) and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        where = "it is a file" if base == path else f"{base} is a file"
+        raise InputError(f"{label}: {where}, not a directory: {hint}")
+    try:
+        if base == path:
+            fd, name = tempfile.mkstemp(prefix=WRITE_CHECK_PREFIX, dir=path)
+            os.close(fd)
+            os.unlink(name)
+        else:
+            folder = tempfile.mkdtemp(prefix=WRITE_CHECK_PREFIX, dir=base)
+            try:
+                fd, name = tempfile.mkstemp(dir=folder)
+                os.close(fd)
+                os.unlink(name)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+    except OSError as e:
+        what = "a file in it" if base == path else f"it in {base}"
+        raise InputError(
+            f"{label} is not writable: cannot create {what} ({e.strerror or e}): {hint}"
+        ) from e
 
 
 def _guarded(out: Path) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 VERBOSE_ENV = "ES_LLM_VERBOSE"
@@ -56,3 +57,31 @@ def quiet_deepspeed(verbose: bool = False) -> None:
         ds_logger.addFilter(KnownHarmlessFilter())
     for message in KNOWN_HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+
+
+# The libraries' own progress bars, which --no-progress turns off too: huggingface_hub's
+# (downloads; transformers' bars, "Loading weights" included, start from its setting) and
+# datasets' (map, save_to_disk, load_dataset). Each reads its variable once, at import.
+PROGRESS_ENV = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
+
+
+def quiet_progress_bars() -> None:
+    """Turn off every progress bar of transformers, huggingface_hub and datasets in this
+    process and in the processes it starts: through the environment for a library not
+    imported yet (so this imports none of them), through its switch for one that is."""
+    for var in PROGRESS_ENV:
+        os.environ[var] = "1"
+    with warnings.catch_warnings():  # a library refuses (and warns) when its variable says "0"
+        warnings.simplefilter("ignore")
+        if "huggingface_hub" in sys.modules:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+        if "datasets" in sys.modules:
+            import datasets
+
+            datasets.disable_progress_bars()
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()

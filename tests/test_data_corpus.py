@@ -13,6 +13,7 @@ import pytest
 from tokenizers import Tokenizer
 
 import es_llm.data.corpus as corpus_mod
+import es_llm.data.sources as sources
 from es_llm.data import load_corpus
 from es_llm.data.documents import stable_hash
 
@@ -211,7 +212,15 @@ def test_hub_errors_name_the_dataset(tmp_path, monkeypatch):
         raise ConnectionError("no internet")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
+    # the hub answers, the load fails: datasets' reason is kept
+    monkeypatch.setattr(sources, "hub_unreachable", lambda: None)
     with pytest.raises(ValueError, match=r"'org/missing'.*not a local path.*no internet"):
+        load_corpus("org/missing", seq_len=T, cache_dir=tmp_path)
+    # the hub does not answer and nothing is cached: why, and what to do
+    monkeypatch.setattr(sources, "hub_unreachable", lambda: "offline mode is set (X)")
+    with pytest.raises(
+        ValueError, match=r"'org/missing'.*offline mode is set \(X\), and the dataset is not in "
+    ):
         load_corpus("org/missing", seq_len=T, cache_dir=tmp_path)
     monkeypatch.setattr(
         datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_dict({"body": ["x"]})

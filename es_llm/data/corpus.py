@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from es_llm.data.documents import VAL_MODULUS, Document, Source, is_val_group
 from es_llm.data.instruct import is_instruct_data
 from es_llm.data.instruct_build import load_instruct_corpus
-from es_llm.data.sources import resolve_source
+from es_llm.data.sources import default_cache_dir, resolve_source
 from es_llm.data.tokenizer import (
     EOD_TOKEN,
     eod_id,
@@ -80,10 +80,6 @@ class Corpus:
     stats: dict = field(default_factory=dict)
     # documents/tokens per component of the rows in use, per split (see _composition)
     composition: dict = field(default_factory=dict)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("ES_LLM_CACHE") or Path.home() / ".cache" / "es_llm")
 
 
 def cache_digest(obj) -> str:

@@ -17,25 +17,33 @@ tokens and are ``IGNORE_INDEX`` on prompt and padding tokens, so the loss covers
 completion only. A record whose completion is cut is counted (``truncated_completions``); a
 record left with no completion token to predict (the prompt fills ``seq_len``, or the
 completion is empty) cannot train, and is counted (``dropped_no_completion_tokens``) and left
-out. The counts are in the corpus's ``composition["instruct"]`` (``summary.json`` of a run).
+out. A completion is empty when it holds no text but white space: a prompt-completion
+record's ``completion`` string, the contents of a conversational prompt-completion record's
+completion messages, or of a conversational record's assistant turns (none at all counts as
+empty); those records are also counted apart (``dropped_empty_completion``), since no
+``seq_len`` would keep them. Message roles are ``system``, ``user`` and ``assistant``;
+another role is an error naming it and the record. The counts are in the corpus's
+``composition["instruct"]`` (``summary.json`` of a run).
 Building and caching the samples is ``es_llm.data.instruct_build``'s.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from es_llm.data.sources import NotTextError, decode_text
+from es_llm.data.sources import NotTextError, decode_text, read_data_bytes, unreadable
 from es_llm.errors import InputError
 
 IGNORE_INDEX = -100
 INSTRUCT_PREFIX = "instruct:"
 FORMS = ("prompt-completion", "conversational", "conversational-prompt-completion")
 INSTRUCT_EXTENSIONS = (".jsonl", ".json", ".parquet")
+ROLES = ("system", "user", "assistant")  # every other role is refused (check_roles)
 
 
 class InstructDataError(InputError):
@@ -106,6 +114,34 @@ def record_form(rec: Any, where: str) -> str:
     )
 
 
+def check_roles(messages: list, where: str, field: str) -> None:
+    """Every message's role is one of ROLES: the split into prompt and completion knows no
+    other, and would silently count a 'tool' or 'bot' turn as prompt."""
+    for k, m in enumerate(messages):
+        role = m.get("role")
+        if role not in ROLES:
+            raise InstructDataError(
+                f"{where}: {field!r} message {k} has role {role!r}; roles are "
+                f"{', '.join(ROLES)} (the assistant turns are the completion)"
+            )
+
+
+def _has_text(x: Any) -> bool:
+    return any(s.strip() for s in _strings(x))
+
+
+def has_completion(rec: Record) -> bool:
+    """Whether the record's completion holds any text but white space (the assistant turns'
+    contents for a conversation; no assistant turn is no completion)."""
+    if rec.form == "prompt-completion":
+        return _has_text(rec.completion)
+    if rec.form == "conversational-prompt-completion":
+        return any(_has_text(m.get("content")) for m in rec.completion)
+    return any(
+        m.get("role") == "assistant" and _has_text(m.get("content")) for m in rec.messages or []
+    )
+
+
 def _strings(x: Any) -> Iterable[str]:
     """Every string inside a record's prompt, completion or messages."""
     if isinstance(x, str):
@@ -124,6 +160,8 @@ def make_record(rec: dict, key: str, where: str) -> Record:
     for f in fields:
         if any("\x00" in s for s in _strings(rec[f])):
             raise NotTextError(f"{where}: its {f!r} is not text: it holds a NUL character")
+        if form != "prompt-completion":
+            check_roles(rec[f], where, f)
     group = rec.get("group")
     group = "" if group is None else str(group)
     if form == "conversational":
@@ -137,6 +175,7 @@ def _raw_records(path: Path) -> Iterable[dict]:
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
+        read_data_bytes(path, 4)  # an unreadable file: one line, not pyarrow's OSError
         yield from pq.read_table(path).to_pylist()
         return
     if suffix not in (".jsonl", ".json"):
@@ -144,7 +183,7 @@ def _raw_records(path: Path) -> Iterable[dict]:
             f"{path}: instruction data is read from {', '.join(INSTRUCT_EXTENSIONS)} files, "
             "not this one (packed text and instruction records cannot be mixed)"
         )
-    raw, _ = decode_text(path.read_bytes(), str(path))  # refuses binaries and other encodings
+    raw, _ = decode_text(read_data_bytes(path), str(path))  # refuses binaries, other encodings
     if suffix == ".json":
         try:
             obj = json.loads(raw)
@@ -165,7 +204,15 @@ def _raw_records(path: Path) -> Iterable[dict]:
 
 
 def first_fields(path: Path) -> set[str] | None:
-    """Field names of the first record of a .jsonl/.json/.parquet file (None: no record)."""
+    """Field names of the first record of a .jsonl/.json/.parquet file (None: no record);
+    an unreadable file is one line naming it."""
+    try:
+        return _first_fields(path)
+    except OSError as e:
+        raise unreadable(path, e) from e
+
+
+def _first_fields(path: Path) -> set[str] | None:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -206,25 +253,17 @@ def is_instruct_data(data: str | None) -> bool:
     from es_llm.data.sources import local_files, looks_like_path
 
     path = Path(data).expanduser()
-    if not looks_like_path(data) or not path.exists():
+    if not looks_like_path(data) or not os.path.exists(path):  # (False where it cannot look)
         return False
     files = [p for _, p in local_files(path) if p.suffix.lower() in INSTRUCT_EXTENSIONS]
     return bool(files) and _looks_instruct(first_fields(files[0]))
 
 
 def local_instruct_source(data: str) -> InstructSource:
-    from es_llm.data.documents import stat_entry
-    from es_llm.data.sources import local_files
+    from es_llm.data.sources import local_files_checked
 
-    path = Path(data).expanduser()
-    if not path.exists():
-        raise InstructDataError(f"data path does not exist: {data}")
-    files = local_files(path)
-    fingerprint = {
-        "kind": "instruct-local",
-        "root": str(path.resolve()),
-        "files": [stat_entry(p, rel) for rel, p in files],
-    }
+    path, files, stats = local_files_checked(data)
+    fingerprint = {"kind": "instruct-local", "root": str(path.resolve()), "files": stats}
 
     def load() -> list[Record]:
         out: list[Record] = []

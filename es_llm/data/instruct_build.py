@@ -30,13 +30,16 @@ from es_llm.data.instruct import (
     InstructDataError,
     InstructSource,
     Record,
+    has_completion,
     is_instruct_data,
     record_text,
     resolve_instruct_source,
     segments,
 )
 
-FORMAT_VERSION = 1  # bump when the build changes what lands on disk
+# bump when the build changes what lands on disk (2: records with an empty completion are left
+# out and counted; version 1 trained them on the end-of-document token alone)
+FORMAT_VERSION = 2
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -46,6 +49,7 @@ class SplitReport:
     samples: int = 0  # kept: one sample each
     truncated_completions: int = 0  # kept, completion cut at seq_len
     dropped_no_completion_tokens: int = 0  # left out: no completion token to predict
+    dropped_empty_completion: int = 0  # of those, the ones whose completion is empty
     prompt_tokens: int = 0  # of the kept samples, after truncation
     completion_tokens: int = 0  # of the kept samples, after truncation (loss tokens)
     dropped_keys: list[str] = field(default_factory=list)
@@ -54,6 +58,33 @@ class SplitReport:
         d = {k: v for k, v in self.__dict__.items() if k != "dropped_keys"}
         d["dropped_examples"] = self.dropped_keys[:5]
         return d
+
+
+def drop_empty(report: SplitReport, key: str) -> None:
+    """Count a record whose completion is empty (instruct.has_completion) as left out: the
+    end-of-document token alone is no completion to learn."""
+    report.records += 1
+    report.dropped_no_completion_tokens += 1
+    report.dropped_empty_completion += 1
+    report.dropped_keys.append(key)
+
+
+def _nothing_kept(rep: SplitReport, split: str, seq_len: int, data_label: str) -> str:
+    """Why no record of a split is left (every one dropped), and what to change."""
+    empty, short = rep.dropped_empty_completion, rep.dropped_no_completion_tokens
+    short -= empty
+    if not short:
+        return (
+            f"data {data_label}: every one of the {rep.records} {split} records has an empty "
+            "completion (no text but white space, or no assistant turn with text), so nothing "
+            "can train; give records with completions"
+        )
+    return (
+        f"data {data_label}: none of the {rep.records} {split} records keeps a completion "
+        f"token: {short} have none within seq_len={seq_len}"
+        + (f" and {empty} have an empty completion" if empty else "")
+        + "; use a larger --seq-len"
+    )
 
 
 def encode_record(
@@ -216,6 +247,9 @@ def build(
     for split, recs in (("train", train), ("val", val)):
         rows = []
         for r in recs:
+            if not has_completion(r):
+                drop_empty(reports[split], r.key)
+                continue
             ids, mask = encode_record(
                 segments(r, chat), encode, eod, add_eod=r.form == "prompt-completion"
             )
@@ -223,12 +257,7 @@ def build(
             if row is not None:
                 rows.append(row)
         if not rows:
-            rep = reports[split]
-            raise InstructDataError(
-                f"data {data_label}: none of the {rep.records} {split} records keeps a "
-                f"completion token within seq_len={seq_len} "
-                f"({rep.dropped_no_completion_tokens} dropped); use a larger --seq-len"
-            )
+            raise InstructDataError(_nothing_kept(reports[split], split, seq_len, data_label))
         to_dataset(rows, seq_len).save_to_disk(str(out_dir / split))
     shutil.copyfile(tok_path, out_dir / "tokenizer.json")
     tr, va = reports["train"], reports["val"]
@@ -251,6 +280,7 @@ def build(
             "dropped_no_completion_tokens": (
                 tr.dropped_no_completion_tokens + va.dropped_no_completion_tokens
             ),
+            "dropped_empty_completion": tr.dropped_empty_completion + va.dropped_empty_completion,
             "train": tr.as_dict(),
             "val": va.as_dict(),
         },
@@ -267,11 +297,14 @@ def _warn(meta: dict) -> None:
     if os.environ.get("RANK", "0") != "0":
         return
     if rep["dropped_no_completion_tokens"] or rep["truncated_completions"]:
+        empty = rep["dropped_empty_completion"]
+        short = rep["dropped_no_completion_tokens"] - empty
         print(
             f"es-llm: instruction data {meta['data']}: {rep['records']} records, "
-            f"{rep['dropped_no_completion_tokens']} left out (no completion token within "
-            f"seq_len={meta['seq_len']}), {rep['truncated_completions']} with the completion "
-            "cut; counts in summary.json (data_composition.instruct)",
+            f"{rep['dropped_no_completion_tokens']} left out ({empty} with an empty "
+            f"completion, {short} with no completion token within seq_len={meta['seq_len']}), "
+            f"{rep['truncated_completions']} with the completion cut; counts in summary.json "
+            "(data_composition.instruct)",
             file=sys.stderr,
             flush=True,
         )

@@ -9,11 +9,13 @@ train/validation split hashes it.
 from __future__ import annotations
 
 import codecs
+import functools
 import json
 import os
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from es_llm.data.documents import (
@@ -29,6 +31,35 @@ from es_llm.errors import InputError
 STDLIB_NAMES = ("stdlib",)
 LOCAL_EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet")
 REPLACED_KEY = "replaced_characters"  # Source.read_stats key: bytes decoded as U+FFFD
+CACHE_ENV = "ES_LLM_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """The corpus cache without --cache-dir: $ES_LLM_CACHE, else ~/.cache/es_llm. Here, not in
+    corpus.py, so that the preflight checks can name it without importing ``datasets``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "es_llm")
+
+
+# ----------------------------------------------------------------------------- readable
+class UnreadableDataError(InputError):
+    """A data file or folder exists but cannot be read (permissions, a broken mount)."""
+
+
+def unreadable(path: str | os.PathLike, error: OSError) -> UnreadableDataError:
+    """The one-line error for an OSError met while listing or reading data at ``path``."""
+    where = error.filename if error.filename is not None else path
+    why = error.strerror or str(error)
+    return UnreadableDataError(f"cannot read data {where}: {why}")
+
+
+def read_data_bytes(path: Path, limit: int | None = None) -> bytes:
+    """The bytes of a data file (the first ``limit`` of them); an OSError becomes one line
+    naming the file (UnreadableDataError) instead of a traceback."""
+    try:
+        with path.open("rb") as fh:
+            return fh.read() if limit is None else fh.read(limit)
+    except OSError as e:
+        raise unreadable(path, e) from e
 
 
 # ----------------------------------------------------------------------------- text or not
@@ -85,9 +116,9 @@ def sniff_local_files(files: list[tuple[str, Path]]) -> None:
     any engine starts (parquet is binary by design: its text is checked when read)."""
     for _, path in files:
         if path.suffix.lower() == ".parquet":
+            read_data_bytes(path, 4)  # readable at all (its magic number)
             continue
-        with path.open("rb") as fh:
-            head = fh.read(SNIFF_BYTES)
+        head = read_data_bytes(path, SNIFF_BYTES)
         decode_text(head, str(path), final=len(head) < SNIFF_BYTES)
 
 
@@ -130,15 +161,25 @@ def looks_like_path(data: str) -> bool:
 
 
 def local_files(path: Path) -> list[tuple[str, Path]]:
-    """Supported files under ``path`` (or ``path`` itself), keyed by path relative to it."""
-    if path.is_file():
+    """Supported files under ``path`` (or ``path`` itself), keyed by path relative to it.
+    A folder that cannot be listed is an UnreadableDataError naming it (os.walk would skip it
+    without a word)."""
+    try:
+        is_file = path.is_file()
+    except OSError as e:
+        raise unreadable(path, e) from e
+    if is_file:
         if not path.name.lower().endswith(LOCAL_EXTENSIONS):
             raise InputError(
                 f"unsupported data file {path}: expected one of {', '.join(LOCAL_EXTENSIONS)}"
             )
         return [(path.name, path)]
     out = []
-    for dirpath, dirnames, filenames in os.walk(path):
+
+    def refuse(e: OSError) -> None:
+        raise unreadable(path, e) from e
+
+    for dirpath, dirnames, filenames in os.walk(path, onerror=refuse):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for fn in filenames:
             if fn.lower().endswith(LOCAL_EXTENSIONS) and not fn.startswith("."):
@@ -166,7 +207,7 @@ def _texts_from_records(records: Iterable, path: Path, what: str) -> list[str]:
 
 
 def _read_json(path: Path) -> tuple[list[str], int]:
-    raw, replaced = decode_text(path.read_bytes(), str(path))
+    raw, replaced = decode_text(read_data_bytes(path), str(path))
     texts = _json_texts(raw, path)
     check_texts(texts, str(path))
     return texts, replaced
@@ -195,6 +236,7 @@ def _json_texts(raw: str, path: Path) -> list[str]:
 def _read_parquet(path: Path) -> list[str]:
     import pyarrow.parquet as pq
 
+    read_data_bytes(path, 4)  # an unreadable file: one line, not pyarrow's OSError
     schema = pq.read_schema(path)
     if "text" not in schema.names:
         raise InputError(
@@ -280,7 +322,7 @@ def read_local_file_counted(path: Path, *, split_text: bool = False) -> tuple[li
     """`read_local_file` and the number of undecodable bytes it replaced by U+FFFD."""
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        text, replaced = decode_text(path.read_bytes(), str(path))
+        text, replaced = decode_text(read_data_bytes(path), str(path))
         return (split_text_file(text, str(path)) if split_text else [text]), replaced
     if suffix in (".jsonl", ".json"):
         return _read_json(path)
@@ -302,17 +344,28 @@ def _keep_texts(texts: Iterable, key_prefix: str, where: str) -> list[Document]:
     return docs
 
 
-def local_source(data: str) -> Source:
+def local_files_checked(data: str) -> tuple[Path, list[tuple[str, Path]], list[list]]:
+    """(path, its data files, their stat entries) of a local ``data`` argument: a missing
+    path, no data files, or a path that cannot be listed or stat-ed is one line."""
     path = Path(data).expanduser()
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as e:  # a parent folder without search permission
+        raise unreadable(path, e) from e
+    if not exists:
         raise InputError(f"data path does not exist: {data}")
     files = local_files(path)
+    try:
+        stats = [stat_entry(p, rel) for rel, p in files]
+    except OSError as e:
+        raise unreadable(path, e) from e
+    return path, files, stats
+
+
+def local_source(data: str) -> Source:
+    path, files, stats = local_files_checked(data)
     split_text = path.is_file() and path.suffix.lower() == ".txt"
-    fingerprint = {
-        "kind": "local",
-        "root": str(path.resolve()),
-        "files": [stat_entry(p, rel) for rel, p in files],
-    }
+    fingerprint = {"kind": "local", "root": str(path.resolve()), "files": stats}
     if split_text:
         fingerprint["text_split"] = TEXT_SPLIT_RULE
 
@@ -333,18 +386,122 @@ def local_source(data: str) -> Source:
 
 
 # ----------------------------------------------------------------------------- hub
-def hub_source(data: str) -> Source:
-    """A Hugging Face hub dataset ``name`` or ``name:config``, split "train", not streamed."""
+# Without network, `datasets.load_dataset` retries each request with back-off (about 27 s) and
+# logs every retry. So the hub is probed once first, with one short request through
+# huggingface_hub's own HTTP session (its proxies, endpoint and certificates); when that fails,
+# or offline mode is set (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE), the dataset is loaded in
+# offline mode: a copy in the local `datasets` cache still loads, anything else is one line.
+HUB_PROBE_TIMEOUT_S = 5.0
+_OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+_announced: set[str] = set()
+
+
+def is_hub_name(data: str | None) -> bool:
+    """Whether ``data`` is read as a Hugging Face hub dataset name (see resolve_source)."""
+    if not isinstance(data, str) or not data.strip() or data in STDLIB_NAMES:
+        return False
+    if data.strip().lower().startswith(("recipe:", "instruct:")):
+        return False
+    return not looks_like_path(data)
+
+
+def _offline_requested() -> str | None:
+    for var in _OFFLINE_ENV:
+        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return f"offline mode is set ({var})"
+    return None
+
+
+def _is_transport_error(e: Exception) -> bool:
+    """A failure to reach the server (requests' errors are OSErrors; httpx's are not)."""
+    return isinstance(e, OSError) or any(c.__name__ == "TransportError" for c in type(e).__mro__)
+
+
+@functools.cache
+def hub_unreachable() -> str | None:
+    """Why the hub cannot be reached (offline mode set, or one short request failed), or
+    None when it answered. One request per process, whatever the answer."""
+    offline = _offline_requested()
+    if offline is not None:
+        return offline
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as e:
+        if not _is_transport_error(e):
+            raise
+        return f"the Hugging Face hub ({constants.ENDPOINT}) is not reachable: {e}"
+    return None
+
+
+@contextmanager
+def _hub_offline() -> Iterator[None]:
+    """datasets and huggingface_hub in offline mode (no request at all) and their warnings
+    held back, restoring both afterwards. Their offline flags are read from the environment
+    once, at import; both libraries consult the module attributes at call time."""
+    import datasets
+    from huggingface_hub import constants
+
+    flags = [(datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE")]
+    flags = [(m, a) for m, a in [*flags, (constants, "HF_HUB_OFFLINE")] if hasattr(m, a)]
+    saved = [getattr(m, a) for m, a in flags]
+    level = datasets.logging.get_verbosity()
+    for m, a in flags:
+        setattr(m, a, True)
+    datasets.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        for (m, a), v in zip(flags, saved, strict=True):
+            setattr(m, a, v)
+        datasets.logging.set_verbosity(level)
+
+
+def load_hub_dataset(data: str):
+    """The "train" split of hub dataset ``name`` or ``name:config`` (not streamed): from the
+    hub, or from the local cache when the hub cannot be reached; else one InputError."""
     import datasets
 
     name, _, config = data.partition(":")
+    tried = f"(name={name!r}, config={config or None!r}, split='train')"
+    reason = hub_unreachable()
+    if reason is None:
+        try:
+            return datasets.load_dataset(name, config or None, split="train", streaming=False)
+        except Exception as e:  # missing dataset, bad config: say what was tried
+            raise InputError(
+                f"could not load Hugging Face dataset {data!r} {tried}, and it is not a local "
+                f"path: {e}"
+            ) from e
     try:
-        ds = datasets.load_dataset(name, config or None, split="train", streaming=False)
-    except Exception as e:  # network, missing dataset, bad config: say what was tried
+        with _hub_offline():
+            ds = datasets.load_dataset(name, config or None, split="train", streaming=False)
+    except Exception as e:
+        detail = "" if isinstance(e, ConnectionError | FileNotFoundError) else f" ({e})"
         raise InputError(
-            f"could not load Hugging Face dataset {data!r} (name={name!r}, "
-            f"config={config or None!r}, split='train'), and it is not a local path: {e}"
+            f"could not load Hugging Face dataset {data!r} {tried}: {reason}, and the dataset "
+            f"is not in the local datasets cache ({datasets.config.HF_DATASETS_CACHE}){detail}; "
+            "connect to the network, or give a local path"
         ) from e
+    if data not in _announced and os.environ.get("RANK", "0") == "0":
+        _announced.add(data)
+        print(f"es-llm: {reason}; using the cached copy of {data!r}", file=sys.stderr, flush=True)
+    return ds
+
+
+def check_hub_dataset(data: str | None) -> None:
+    """Preflight: a hub name that cannot load (no network and not cached) fails here. With
+    network nothing is fetched here: the run loads it when the corpus is built."""
+    if is_hub_name(data) and hub_unreachable() is not None:
+        load_hub_dataset(str(data))
+
+
+def hub_source(data: str) -> Source:
+    """A Hugging Face hub dataset ``name`` or ``name:config``, split "train", not streamed."""
+    name, _, config = data.partition(":")
+    ds = load_hub_dataset(data)
     if "text" not in ds.column_names:
         raise InputError(
             f"Hugging Face dataset {data!r} has no 'text' column; "

@@ -408,11 +408,17 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
     """`es-llm compare`: one comparison, or one per epoch budget with --epochs-grid."""
     from es_llm.base_models import resolve_model_arg
     from es_llm.drivers.deepspeed.metrics import write_json_atomic
+    from es_llm.preflight import check_output_dirs
     from es_llm.tools.compare.report import grid_markdown, print_table
 
     command = shlex.join(["es-llm", *(sys.argv[1:] if argv is None else argv)])
     out = Path(args.out)
     runs_per_round(args)  # a bad --match or duplicate name: one line, before the data loads
+    if args.no_progress:  # the libraries' bars too, here and in the workers it starts
+        from es_llm.quiet import quiet_progress_bars
+
+        quiet_progress_bars()
+    check_output_dirs(args)  # an --out or cache directory that cannot be written: the same
     resolve_model_arg(args)  # --model base:...: every run fine-tunes the one cached base
     corpus = _load(args)
     _say(args, header(args, len(corpus.train), out))
