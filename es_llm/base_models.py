@@ -18,8 +18,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,7 +121,8 @@ def ensure_base_model(
 
     Safe from many ranks at once: one builds (under the entry's lock), the others wait.
     """
-    from es_llm.data.corpus import cache_digest, default_cache_dir, file_lock, lock_path
+    from es_llm.data.cache import build_once, cache_digest, lock_path
+    from es_llm.data.sources import default_cache_dir
 
     spec = parse_base_spec(text)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -131,11 +130,8 @@ def ensure_base_model(
     digest = cache_digest(key)[:16]
     name = f"{BASE_SOURCE}-{Path(spec.preset).stem}-T{seq_len}-s{spec.steps}-{digest}"
     entry = cache / "base-models" / name
-    if (entry / "config.json").is_file():
-        return entry
-    with file_lock(lock_path(cache, f"base-{digest}")):
-        if (entry / "config.json").is_file():
-            return entry
+
+    def announce() -> None:
         if progress:
             print(
                 f"es-llm: pre-training the base {spec.preset} on {BASE_SOURCE} once "
@@ -143,20 +139,17 @@ def ensure_base_model(
                 file=sys.stderr,
                 flush=True,
             )
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".base-{digest}-{uuid.uuid4().hex[:8]}-",
-                                    dir=entry.parent))  # fmt: skip
-        try:
-            _pretrain(spec, tmp / "run", cache, config=config, seq_len=seq_len,
-                      vocab_size=vocab_size, seed=seed)  # fmt: skip
-            model = tmp / "run" / "model"
-            shutil.copyfile(tmp / "run" / "summary.json", model / "pretrain_summary.json")
-            (model / "base_key.json").write_text(json.dumps(key, indent=1, default=str))
-            if entry.exists():  # a half entry from an older crash
-                shutil.rmtree(entry, ignore_errors=True)
-            os.rename(model, entry)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    def pretrain(tmp: Path) -> Path:
+        _pretrain(spec, tmp / "run", cache, config=config, seq_len=seq_len,
+                  vocab_size=vocab_size, seed=seed)  # fmt: skip
+        model = tmp / "run" / "model"
+        shutil.copyfile(tmp / "run" / "summary.json", model / "pretrain_summary.json")
+        (model / "base_key.json").write_text(json.dumps(key, indent=1, default=str))
+        return model
+
+    lock = lock_path(cache, f"base-{digest}")
+    build_once(entry, marker="config.json", lock=lock, build=pretrain, announce=announce)
     return entry
 
 

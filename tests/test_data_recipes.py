@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from es_llm.data import load_corpus
-from es_llm.data.corpus import is_val_group
+from es_llm.data.documents import is_val_group
 from es_llm.data.recipes import (
     build_documents,
     chunks,

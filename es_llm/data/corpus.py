@@ -33,12 +33,7 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -47,66 +42,22 @@ import pyarrow as pa
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from es_llm.data.documents import VAL_MODULUS, Document, Source, is_val_group
+from es_llm.data.cache import build_once, cache_digest, datasets_progress, lock_path
+from es_llm.data.corpus_tokenizer import corpus_tokenizer, tokenizer_fingerprint
+from es_llm.data.documents import VAL_MODULUS, Document, Source
+from es_llm.data.entry import Corpus, open_entry
 from es_llm.data.instruct import is_instruct_data
 from es_llm.data.instruct_build import load_instruct_corpus
 from es_llm.data.sources import default_cache_dir, resolve_source
-from es_llm.data.tokenizer import (
-    EOD_TOKEN,
-    eod_id,
-    load_tokenizer,
-    save_tokenizer_atomic,
-    train_bpe,
-)
+from es_llm.data.split import SPLIT_RULE, separate_validation, split_documents, tail_split
 from es_llm.errors import InputError
+
+__all__ = ["Corpus", "default_cache_dir", "load_corpus", "pack"]
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # bump when the build changes what lands on disk
-SPLIT_RULE = f"sha1-mod-{VAL_MODULUS}-or-tail"
 ENCODE_CHUNK = 64  # documents per encode_batch call (bounds memory, drives the progress bar)
-
-
-@dataclass
-class Corpus:
-    train: datasets.Dataset  # columns: "id" int64 (global id = row index), "input_ids" int32[T]
-    val: datasets.Dataset  # same columns, ids local to the val split
-    vocab_size: int  # the tokenizer's actual size (may be below the requested one on tiny data)
-    seq_len: int
-    tokenizer_path: str | None
-    name: str
-    eod_id: int = 0
-    cache_path: str | None = None
-    stats: dict = field(default_factory=dict)
-    # documents/tokens per component of the rows in use, per split (see _composition)
-    composition: dict = field(default_factory=dict)
-
-
-def cache_digest(obj) -> str:
-    """sha256 of `obj` as canonical JSON: cache entries are named by its first hex digits."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive inter-process lock so concurrent ranks build a cache entry only once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): the temp-dir + rename still keeps entries whole
-        yield
-        return
-    with open(path, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def lock_path(cache: Path, name: str) -> Path:
-    """Where the lock of one cache entry lives: all of them in ``CACHE/locks/``."""
-    return cache / "locks" / f"{name}.lock"
 
 
 def _announce_build(name: str, final: Path, progress: bool) -> None:
@@ -118,46 +69,6 @@ def _announce_build(name: str, final: Path, progress: bool) -> None:
             file=sys.stderr,
             flush=True,
         )
-
-
-@contextmanager
-def _datasets_progress(enabled: bool) -> Iterator[None]:
-    """Silence the ``datasets`` progress bars for a quiet build, restoring the global setting."""
-    was = datasets.is_progress_bar_enabled()
-    if not enabled and was:
-        datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if not enabled and was:
-            datasets.enable_progress_bars()
-
-
-# ----------------------------------------------------------------------------- split
-def _split_key(doc: Document) -> str:
-    return doc.group or doc.key
-
-
-def _tail_split(n: int, min_val: int) -> tuple[list[int], list[int]]:
-    k = min(max(min_val, 1), n - 1)
-    return list(range(n - k)), list(range(n - k, n))
-
-
-def split_documents(docs: list[Document]) -> tuple[list[int], list[int], str]:
-    """(train indices, val indices, rule used) by the stable hash of each document key."""
-    n = len(docs)
-    if n < 2:
-        raise InputError(
-            f"need at least 2 documents for a train and a validation split, got {n}: give a "
-            f"folder of several files (one document per file), a .jsonl/.json/.parquet file "
-            f"with several records, or one .txt file (cut into paragraphs)"
-        )
-    val = [i for i, d in enumerate(docs) if is_val_group(_split_key(d))]
-    if 0 < len(val) < n:
-        val_set = set(val)
-        return [i for i in range(n) if i not in val_set], val, "hash"
-    train, val = _tail_split(n, math.ceil(n / VAL_MODULUS))
-    return train, val, "tail"
 
 
 # ----------------------------------------------------------------------------- packing
@@ -240,37 +151,6 @@ def _composition(entry: Path, meta: dict, n_train: int, n_val: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- build
-def _tokenizer_for(
-    src: Source,
-    docs: list[Document],
-    train_idx: list[int],
-    *,
-    tokenizer: str | None,
-    vocab_size: int,
-    cache_dir: Path,
-    progress: bool = False,
-) -> tuple[Tokenizer, int, Path]:
-    """The user's tokenizer, or a BPE trained on the train documents (cached by its own key)."""
-    if tokenizer is not None:
-        tok, path, eod = load_tokenizer(tokenizer)
-        return tok, eod, path
-    key = cache_digest(
-        {"v": FORMAT_VERSION, "source": src.fingerprint, "vocab": vocab_size, "split": SPLIT_RULE}
-    )[:16]
-    path = cache_dir / "tokenizers" / f"{src.name}-v{vocab_size}-{key}.json"
-    if path.is_file():
-        tok = Tokenizer.from_file(str(path))
-    else:
-        t0 = time.perf_counter()
-        logger.info("training a %d-token BPE on %d documents", vocab_size, len(train_idx))
-        tok = train_bpe(
-            (docs[i].text for i in train_idx), vocab_size, length=len(train_idx), progress=progress
-        )
-        save_tokenizer_atomic(tok, path)
-        logger.info("tokenizer trained in %.1fs -> %s", time.perf_counter() - t0, path)
-    return tok, eod_id(tok, EOD_TOKEN, where=str(path)), path
-
-
 def _build(
     src: Source,
     out_dir: Path,
@@ -296,10 +176,10 @@ def _build(
         rule = "hash-separate-val-data"
         doc_src = [src] * len(train_idx) + [val_src] * len(val_idx)
         tok_src = Source(src.name, {"train": src.fingerprint, "val": val_src.fingerprint}, src.load)
-    tok, eod, tok_path = _tokenizer_for(
-        tok_src,
-        docs,
-        train_idx,
+    tok, eod, tok_path = corpus_tokenizer(
+        tok_src.name,
+        tok_src.fingerprint,
+        [docs[i].text for i in train_idx],
         tokenizer=tokenizer,
         vocab_size=vocab_size,
         cache_dir=cache_dir,
@@ -326,7 +206,7 @@ def _build(
         while k < n - 1 and (acc < seq_len or k < math.ceil(n / VAL_MODULUS)):
             k += 1
             acc += len(token_lists[n - k])
-        train_idx, val_idx = _tail_split(n, k)
+        train_idx, val_idx = tail_split(n, k)
         rule = "tail"
     train_tokens = _num_tokens(token_lists, train_idx)
     val_tokens = _num_tokens(token_lists, val_idx)
@@ -345,7 +225,7 @@ def _build(
     for split, idx in (("train", train_idx), ("val", val_idx)):
         lists = [token_lists[i] for i in idx]
         _save_composition(out_dir, split, lists, comp_id[idx], len(components), seq_len)
-    with _datasets_progress(progress):
+    with datasets_progress(progress):
         _to_dataset(train_rows).save_to_disk(str(out_dir / "train"))
         _to_dataset(val_rows).save_to_disk(str(out_dir / "val"))
     shutil.copyfile(tok_path, out_dir / "tokenizer.json")
@@ -386,14 +266,7 @@ def _split_with_val_source(
     docs: list[Document], val_src: Source, data_label: str
 ) -> tuple[list[Document], list[int], list[int]]:
     """Train side of ``docs`` + held-out side of ``val_src`` (minus texts trained on)."""
-    train = [d for d in docs if not is_val_group(_split_key(d))]
-    seen = {hashlib.sha1(d.text.encode("utf-8", "replace")).digest() for d in train}
-    val = [
-        d
-        for d in val_src.load()
-        if is_val_group(_split_key(d))
-        and hashlib.sha1(d.text.encode("utf-8", "replace")).digest() not in seen
-    ]
+    train, val = separate_validation(docs, val_src.load(), lambda d: d.text)
     if not train:
         raise InputError(f"data {data_label}: every document falls on the validation side")
     if not val:
@@ -402,14 +275,6 @@ def _split_with_val_source(
             "training document; use a larger or different validation source"
         )
     return train + val, list(range(len(train))), list(range(len(train), len(train) + len(val)))
-
-
-def _truncate(ds: datasets.Dataset, n: int | None, what: str) -> datasets.Dataset:
-    if n is None:
-        return ds
-    if n < 1:
-        raise InputError(f"{what} must be >= 1 or None, got {n}")
-    return ds.select(range(min(n, len(ds))))  # contiguous range: a slice, no indices mapping
 
 
 def load_corpus(
@@ -460,16 +325,7 @@ def load_corpus(
 
     src = resolve_source(data, max_documents)
     val_src = None if val_data is None else resolve_source(val_data, max_documents)
-    if tokenizer is not None:
-        from es_llm.data.tokenizer import resolve_tokenizer_file
-
-        tok_file, eos = resolve_tokenizer_file(tokenizer)
-        tok_fp: dict = {
-            "file_sha256": hashlib.sha256(tok_file.read_bytes()).hexdigest(),
-            "eos": eos,
-        }
-    else:
-        tok_fp = {"trained_bpe": vocab_size}
+    tok_fp = tokenizer_fingerprint(tokenizer, vocab_size)
     key = cache_digest(
         {
             "v": FORMAT_VERSION,
@@ -482,51 +338,32 @@ def load_corpus(
     )[:16]
     final = cache / f"{src.name}-T{seq_len}-{key}"
 
-    if not (final / "meta.json").is_file():
-        # lock files live in one folder; they are kept (deleting a flock file while another
-        # process waits on it would let a third one lock a new file and build concurrently)
-        with file_lock(lock_path(cache, f"{src.name}-{key}")):
-            if not (final / "meta.json").is_file():  # another rank may have built it meanwhile
-                _announce_build(src.name, final, progress)
-                tmp = Path(
-                    tempfile.mkdtemp(prefix=f".build-{key}-{uuid.uuid4().hex[:8]}-", dir=cache)
-                )
-                try:
-                    _build(
-                        src,
-                        tmp,
-                        seq_len=seq_len,
-                        vocab_size=vocab_size,
-                        tokenizer=tokenizer,
-                        cache_dir=cache,
-                        progress=progress,
-                        data_label=label,
-                        val_src=val_src,
-                    )
-                    if final.exists():  # a half entry (no meta.json) from an older crash
-                        shutil.rmtree(final, ignore_errors=True)
-                    try:
-                        os.rename(tmp, final)
-                    except OSError:
-                        if not (final / "meta.json").is_file():
-                            raise
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
+    def build(tmp: Path) -> Path:
+        _build(
+            src,
+            tmp,
+            seq_len=seq_len,
+            vocab_size=vocab_size,
+            tokenizer=tokenizer,
+            cache_dir=cache,
+            progress=progress,
+            data_label=label,
+            val_src=val_src,
+        )
+        return tmp
 
-    meta = json.loads((final / "meta.json").read_text())
-    train = datasets.load_from_disk(str(final / "train"))
-    val = datasets.load_from_disk(str(final / "val"))
-    train = _truncate(train, max_train_samples, "max_train_samples")
-    val = _truncate(val, max_val_samples, "max_val_samples")
-    return Corpus(
-        train=train,
-        val=val,
-        vocab_size=int(meta["vocab_size"]),
-        seq_len=seq_len,
-        tokenizer_path=str(final / "tokenizer.json"),
+    build_once(
+        final,
+        marker="meta.json",
+        lock=lock_path(cache, f"{src.name}-{key}"),
+        build=build,
+        announce=lambda: _announce_build(src.name, final, progress),
+    )
+    return open_entry(
+        final,
         name=src.name,
-        eod_id=int(meta["eod_id"]),
-        cache_path=str(final),
-        stats=meta,
-        composition=_composition(final, meta, len(train), len(val)),
+        seq_len=seq_len,
+        max_train_samples=max_train_samples,
+        max_val_samples=max_val_samples,
+        composition=lambda meta, n_train, n_val: _composition(final, meta, n_train, n_val),
     )

@@ -284,21 +284,6 @@ def local_instruct_source(data: str) -> InstructSource:
     return InstructSource(path.name or str(path), fingerprint, load)
 
 
-def resolve_instruct_source(data: str, max_documents: int | None = None) -> InstructSource:
-    """``instruct:<embedded set>`` or local instruction files (``max_documents``: see
-    ``load_corpus``; for a local source the first records, for an embedded set its own knob)."""
-    if data.strip().lower().startswith(INSTRUCT_PREFIX):
-        from es_llm.data.instruct_sets import embedded_instruct_source
-
-        return embedded_instruct_source(data.strip()[len(INSTRUCT_PREFIX) :], max_documents)
-    src = local_instruct_source(data)
-    if max_documents is not None:
-        inner = src.load
-        src.fingerprint = {**src.fingerprint, "max_documents": max_documents}
-        src.load = lambda: inner()[:max_documents]
-    return src
-
-
 # ----------------------------------------------------------------------------- rendering
 class ChatTemplate:
     """The chat template of a Hugging Face tokenizer directory, rendered to text."""

@@ -9,21 +9,20 @@ calls ``load_instruct_corpus`` for instruction data).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import sys
-import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from es_llm.data.documents import Document, Source, is_val_group
+from es_llm.data.cache import build_once, cache_digest, datasets_progress, lock_path
+from es_llm.data.corpus_tokenizer import corpus_tokenizer, tokenizer_fingerprint
+from es_llm.data.entry import Corpus, open_entry
 from es_llm.data.instruct import (
     IGNORE_INDEX,
     ChatTemplate,
@@ -33,9 +32,10 @@ from es_llm.data.instruct import (
     has_completion,
     is_instruct_data,
     record_text,
-    resolve_instruct_source,
     segments,
 )
+from es_llm.data.instruct_sets import resolve_instruct_source
+from es_llm.data.split import SPLIT_RULE, separate_validation, split_documents
 
 # bump when the build changes what lands on disk (2: records with an empty completion are left
 # out and counted; version 1 trained them on the end-of-document token alone)
@@ -149,29 +149,15 @@ def to_dataset(rows: list[tuple[np.ndarray, np.ndarray]], seq_len: int):
 
 
 # ----------------------------------------------------------------------------- split
-def _split_key(rec: Record) -> str:
-    return rec.group or rec.key
-
-
 def split_records(
     records: list[Record], val_records: list[Record] | None, chat: ChatTemplate, label: str
 ) -> tuple[list[Record], list[Record], str]:
     """(train, val, rule): by the hash rule of each record's group (or key), as documents are;
     with a separate validation source, its held-out records minus texts trained on."""
-    from es_llm.data.corpus import split_documents
-
     if val_records is None:
-        docs = [Document(r.key, "", r.group) for r in records]
-        train_idx, val_idx, rule = split_documents(docs)
+        train_idx, val_idx, rule = split_documents(records)
         return [records[i] for i in train_idx], [records[i] for i in val_idx], rule
-    train = [r for r in records if not is_val_group(_split_key(r))]
-    seen = {hashlib.sha1(record_text(r, chat).encode()).digest() for r in train}
-    val = [
-        r
-        for r in val_records
-        if is_val_group(_split_key(r))
-        and hashlib.sha1(record_text(r, chat).encode()).digest() not in seen
-    ]
+    train, val = separate_validation(records, val_records, lambda r: record_text(r, chat))
     if not train:
         raise InstructDataError(f"data {label}: every record falls on the validation side")
     if not val:
@@ -183,33 +169,6 @@ def split_records(
 
 
 # ----------------------------------------------------------------------------- build
-def _tokenizer(
-    src: InstructSource,
-    train: list[Record],
-    chat: ChatTemplate,
-    *,
-    tokenizer: str | None,
-    vocab_size: int,
-    cache_dir: Path,
-    progress: bool,
-):
-    """(tokenizers.Tokenizer, eod id, its tokenizer.json): the user's, or a BPE trained on the
-    train records' text (cached by its own key, as the packed corpus's)."""
-    from es_llm.data.corpus import _tokenizer_for
-
-    docs = [Document(r.key, record_text(r, chat)) for r in train]
-    as_source = Source(f"{src.name}-instruct", {"instruct": src.fingerprint}, lambda: docs)
-    return _tokenizer_for(
-        as_source,
-        docs,
-        list(range(len(docs))),
-        tokenizer=tokenizer,
-        vocab_size=vocab_size,
-        cache_dir=cache_dir,
-        progress=progress,
-    )
-
-
 def build(
     src: InstructSource,
     out_dir: Path,
@@ -229,10 +188,11 @@ def build(
     chat = ChatTemplate(tokenizer)
     val_records = None if val_src is None else val_src.load()
     train, val, rule = split_records(records, val_records, chat, data_label)
-    tok, eod, tok_path = _tokenizer(
-        src,
-        train,
-        chat,
+    # a trained BPE learns the train records' text, keyed as the packed corpus's would be
+    tok, eod, tok_path = corpus_tokenizer(
+        f"{src.name}-instruct",
+        {"instruct": src.fingerprint},
+        [record_text(r, chat) for r in train],
         tokenizer=tokenizer,
         vocab_size=vocab_size,
         cache_dir=cache_dir,
@@ -334,13 +294,9 @@ def load_instruct_corpus(
     max_documents: int | None,
     progress: bool,
     val_data: str | None,
-):
+) -> Corpus:
     """The instruction-data counterpart of ``load_corpus`` (which calls it): a ``Corpus``
     whose train/val datasets carry a ``labels`` column next to ``input_ids``."""
-    import datasets
-
-    from es_llm.data import corpus as packed
-
     src = resolve_instruct_source(data, max_documents)
     val_src = None
     if val_data is not None:
@@ -350,84 +306,51 @@ def load_instruct_corpus(
                 "validate instruction training on instruction records"
             )
         val_src = resolve_instruct_source(val_data, max_documents)
-    if tokenizer is not None:
-        from es_llm.data.tokenizer import resolve_tokenizer_file
-
-        tok_file, eos = resolve_tokenizer_file(tokenizer)
-        tok_fp: dict = {"file_sha256": hashlib.sha256(tok_file.read_bytes()).hexdigest()}
-        cfg = Path(tokenizer).expanduser()
-        for extra in ("tokenizer_config.json", "chat_template.jinja"):
-            if cfg.is_dir() and (cfg / extra).is_file():
-                tok_fp[extra] = hashlib.sha256((cfg / extra).read_bytes()).hexdigest()
-        tok_fp["eos"] = eos
-    else:
-        tok_fp = {"trained_bpe": vocab_size}
-    key = packed.cache_digest(
+    key = cache_digest(
         {
             "v": FORMAT_VERSION,
             "kind": "instruct",
             "source": src.fingerprint,
-            "tokenizer": tok_fp,
+            "tokenizer": tokenizer_fingerprint(tokenizer, vocab_size),
             "seq_len": seq_len,
-            "split": packed.SPLIT_RULE,
+            "split": SPLIT_RULE,
             **({} if val_src is None else {"val_source": val_src.fingerprint}),
         }
     )[:16]
     final = cache_dir / f"{src.name}-instruct-T{seq_len}-{key}"
-    label = repr(data)
-    if not (final / "meta.json").is_file():
-        with packed.file_lock(packed.lock_path(cache_dir, f"{src.name}-instruct-{key}")):
-            if not (final / "meta.json").is_file():
-                if progress:
-                    print(
-                        f"es-llm: building the instruction data cache for {src.name} once "
-                        f"-> {final}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                cache_dir.mkdir(parents=True, exist_ok=True)
-                tmp = Path(
-                    tempfile.mkdtemp(prefix=f".build-{key}-{uuid.uuid4().hex[:8]}-", dir=cache_dir)
-                )
-                try:
-                    with packed._datasets_progress(progress):
-                        build(
-                            src,
-                            tmp,
-                            seq_len=seq_len,
-                            vocab_size=vocab_size,
-                            tokenizer=tokenizer,
-                            cache_dir=cache_dir,
-                            progress=progress,
-                            data_label=label,
-                            val_src=val_src,
-                        )
-                    if final.exists():
-                        shutil.rmtree(final, ignore_errors=True)
-                    try:
-                        os.rename(tmp, final)
-                    except OSError:
-                        if not (final / "meta.json").is_file():
-                            raise
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
-    meta = json.loads((final / "meta.json").read_text())
-    _warn(meta)
-    train = packed._truncate(
-        datasets.load_from_disk(str(final / "train")), max_train_samples, "max_train_samples"
-    )
-    val = packed._truncate(
-        datasets.load_from_disk(str(final / "val")), max_val_samples, "max_val_samples"
-    )
-    return packed.Corpus(
-        train=train,
-        val=val,
-        vocab_size=int(meta["vocab_size"]),
-        seq_len=seq_len,
-        tokenizer_path=str(final / "tokenizer.json"),
+
+    def announce() -> None:
+        if progress:
+            print(
+                f"es-llm: building the instruction data cache for {src.name} once -> {final}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def make(tmp: Path) -> Path:
+        with datasets_progress(progress):
+            build(
+                src,
+                tmp,
+                seq_len=seq_len,
+                vocab_size=vocab_size,
+                tokenizer=tokenizer,
+                cache_dir=cache_dir,
+                progress=progress,
+                data_label=repr(data),
+                val_src=val_src,
+            )
+        return tmp
+
+    lock = lock_path(cache_dir, f"{src.name}-instruct-{key}")
+    build_once(final, marker="meta.json", lock=lock, build=make, announce=announce)
+    corpus = open_entry(
+        final,
         name=src.name,
-        eod_id=int(meta["eod_id"]),
-        cache_path=str(final),
-        stats=meta,
-        composition=composition(meta, len(train), len(val)),
+        seq_len=seq_len,
+        max_train_samples=max_train_samples,
+        max_val_samples=max_val_samples,
+        composition=composition,
     )
+    _warn(corpus.stats)
+    return corpus

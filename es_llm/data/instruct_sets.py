@@ -5,6 +5,9 @@ library that has a docstring and a body after it. The prompt is the function's `
 and docstring, the completion its body (both dedented to the ``def``'s level); records are
 grouped by source file, so a file's functions are all on one side of the train/validation
 split (held out by source file). ``max_documents`` keeps the first source files.
+
+``resolve_instruct_source`` turns a data argument into records: one of these sets
+(``instruct:NAME``) or local instruction files (``es_llm.data.instruct``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,13 @@ import textwrap
 from pathlib import Path
 
 from es_llm.data.documents import stat_entry, stdlib_files, stdlib_root
-from es_llm.data.instruct import InstructDataError, InstructSource, Record
+from es_llm.data.instruct import (
+    INSTRUCT_PREFIX,
+    InstructDataError,
+    InstructSource,
+    Record,
+    local_instruct_source,
+)
 
 EXTRACTOR_VERSION = 1
 MAX_FUNCTION_LINES = 200  # longer functions are skipped (they could never fit a sample)
@@ -108,3 +117,16 @@ def embedded_instruct_source(name: str, max_documents: int | None = None) -> Ins
             + ", ".join(f"instruct:{k}" for k in EMBEDDED)
         )
     return make(max_documents)
+
+
+def resolve_instruct_source(data: str, max_documents: int | None = None) -> InstructSource:
+    """``instruct:<embedded set>`` or local instruction files (``max_documents``: see
+    ``load_corpus``; for a local source the first records, for an embedded set its own knob)."""
+    if data.strip().lower().startswith(INSTRUCT_PREFIX):
+        return embedded_instruct_source(data.strip()[len(INSTRUCT_PREFIX) :], max_documents)
+    src = local_instruct_source(data)
+    if max_documents is not None:
+        inner = src.load
+        src.fingerprint = {**src.fingerprint, "max_documents": max_documents}
+        src.load = lambda: inner()[:max_documents]
+    return src

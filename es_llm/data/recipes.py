@@ -47,6 +47,7 @@ from es_llm.data.documents import (
     stat_entry,
     stdlib_files,
 )
+from es_llm.data.split import split_key
 from es_llm.errors import InputError
 
 PREFIX = "recipe:"
@@ -252,7 +253,7 @@ def duplicate_documents(
     clean: list[Document], share: float, rng: np.random.Generator, is_val_group
 ) -> list[Document]:
     """Copies of clean training-side documents: ``share`` of the final documents, half near."""
-    pool = [d for d in clean if not is_val_group(d.group or d.key)]
+    pool = [d for d in clean if not is_val_group(split_key(d))]
     if share <= 0 or not pool:
         return []
     n = round(share / (1.0 - share) * len(clean))
@@ -262,7 +263,7 @@ def duplicate_documents(
         exact = j < (n + 1) // 2
         kind = "exact" if exact else "near"
         text = d.text if exact else near_copy(d.text, rng)
-        out.append(Document(f"dup/{kind}/{j}/{d.key}", text, group=d.group or d.key))
+        out.append(Document(f"dup/{kind}/{j}/{d.key}", text, group=split_key(d)))
     return out
 
 

@@ -35,9 +35,10 @@ import numpy as np
 import torch
 
 from es_llm import dist
-from es_llm.data.corpus import cache_digest, default_cache_dir, file_lock, lock_path
-from es_llm.data.documents import Document, is_val_group
-from es_llm.data.sources import resolve_source
+from es_llm.data.cache import cache_digest, file_lock, lock_path
+from es_llm.data.documents import Document
+from es_llm.data.sources import default_cache_dir, resolve_source
+from es_llm.data.split import held_out, text_digest
 from es_llm.drivers.deepspeed.export import MODEL_DIR
 from es_llm.errors import InputError
 from es_llm.model import (
@@ -53,7 +54,7 @@ from es_llm.model import (
 if TYPE_CHECKING:
     from torch import nn
 
-    from es_llm.data.corpus import Corpus
+    from es_llm.data.entry import Corpus
     from es_llm.drivers.deepspeed.loop import TrainOptions
 
 __all__ = [
@@ -133,14 +134,6 @@ def is_pretrained_dir(model: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- documents
-def _split_key(doc: Document) -> str:
-    return doc.group or doc.key
-
-
-def _text_hash(text: str) -> bytes:
-    return hashlib.sha1(text.encode("utf-8", "replace")).digest()
-
-
 def validation_documents(
     data: str | None, val_data: str | None, corpus_stats: dict[str, Any]
 ) -> list[Document]:
@@ -150,12 +143,12 @@ def validation_documents(
     validation-group documents, or the trailing ``val_documents`` under the tail fallback.
     """
     if val_data is not None:
-        return [d for d in resolve_source(val_data).load() if is_val_group(_split_key(d))]
+        return [d for d in resolve_source(val_data).load() if held_out(d)]
     docs = resolve_source(data).load()
     if corpus_stats.get("split_rule") == "tail":
         n = int(corpus_stats["val_documents"])
         return docs[len(docs) - n :]
-    return [d for d in docs if is_val_group(_split_key(d))]
+    return [d for d in docs if held_out(d)]
 
 
 def disjoint_reference_documents(
@@ -167,13 +160,13 @@ def disjoint_reference_documents(
     corpus split rule (the same source split the same way puts it on the validation side),
     or when its exact text is the text of a validation document (any source).
     """
-    val_texts = {_text_hash(d.text) for d in validation}
+    val_texts = {text_digest(d.text) for d in validation}
     kept: list[Document] = []
     counts = {"documents": len(reference), "dropped_val_group": 0, "dropped_val_text": 0}
     for d in reference:
-        if is_val_group(_split_key(d)):
+        if held_out(d):
             counts["dropped_val_group"] += 1
-        elif _text_hash(d.text) in val_texts:
+        elif text_digest(d.text) in val_texts:
             counts["dropped_val_text"] += 1
         else:
             kept.append(d)
