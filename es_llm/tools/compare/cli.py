@@ -10,6 +10,7 @@ import argparse
 import shlex
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,7 @@ from es_llm.tools.compare.metrics import (
     grid_summary,
     median_methods,
     median_or_none,
+    round_view,
     target_loss,
 )
 from es_llm.tools.compare.planning import (
@@ -41,14 +43,17 @@ from es_llm.tools.compare.planning import (
     plan_runs,
     variants,
 )
+from es_llm.tools.compare.seeds import median_over_seeds, seed_list, seeds_block
 
 if TYPE_CHECKING:
     from es_llm.drivers.deepspeed.loop import TrainOptions
 
 __all__ = [
     "DEFAULT_METHODS",
+    "Progress",
     "add_parser",
     "compare_once",
+    "compare_seeds",
     "parse_grid",
     "parse_variant",
     "rotated",
@@ -166,6 +171,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "round), and report the median per method: time ratios to trust on a shared "
         "machine (default: %(default)s)",
     )
+    p.add_argument(
+        "--seeds",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="run every method (variants and uniform-matched too) at N seeds, --seed to "
+        "--seed+N-1 (DIR/seed_<S>/ each); compare.md gives each method's mean and sample "
+        "standard deviation over the seeds and calls a difference smaller than that spread "
+        "'no difference'; combines with --repeats (the rounds run at each seed) "
+        "(default: %(default)s)",
+    )
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     return p
 
@@ -190,6 +206,20 @@ def rotated(items: list[Any], by: int) -> list[Any]:
     return items[k:] + items[:k]
 
 
+@dataclass
+class Progress:
+    """The "[3/12]" label of each run's first line, counted over every round (and seed);
+    `note` ("seed 1") is added inside the brackets when given."""
+
+    total: int
+    done: int = 0
+    note: str = ""
+
+    def next(self) -> str:
+        self.done += 1
+        return f"[{self.done}/{self.total}{', ' + self.note if self.note else ''}]"
+
+
 def runs_per_round(args: argparse.Namespace) -> list[str]:
     """The names of one round's runs, uniform-matched last (it needs the others' times)."""
     runs = variants(args.methods, args.variant)
@@ -203,6 +233,7 @@ def run_rounds(
     ref: str | None,
     out: Path,
     run: Callable[[RunSpec, Path, str], dict[str, Any]],
+    progress: Progress | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """`args.repeats` rounds of the runs, each a record of compare.json per run; and every
     run's machine conditions ("NAME" or "NAME (round R)").
@@ -211,28 +242,27 @@ def run_rounds(
     Rounds of --repeats go into OUT/round_<r>/ (one round: OUT/ itself). Each round runs
     every method once, in the order rotated by one per round, so that a slow spell of the
     machine does not always hit the same method; uniform-matched runs last in its round,
-    budgeted by that round's uniform and reference runs.
+    budgeted by that round's uniform and reference runs. `progress` counts the runs for
+    their labels (default: these rounds' runs).
     """
-    total = (len(specs) + (ref is not None)) * args.repeats
+    if progress is None:
+        progress = Progress((len(specs) + (ref is not None)) * args.repeats)
     rounds: list[dict[str, Any]] = []
     conditions: dict[str, dict[str, Any]] = {}
-    done = 0
     for r in range(args.repeats):
         where = out if args.repeats == 1 else out / f"round_{r + 1}"
         tag = "" if args.repeats == 1 else f" (round {r + 1})"
         summaries: dict[str, dict[str, Any]] = {}
         plans = {}
         for spec in rotated(specs, r):
-            done += 1
-            summaries[spec.name] = run(spec, where, f"[{done}/{total}]")
+            summaries[spec.name] = run(spec, where, progress.next())
             plans[spec.name] = spec
         if ref is not None:
             plans[MATCHED] = matched_spec(
                 summaries["uniform"], summaries[ref], clock=args.match_clock,
                 epochs=args.epochs, requested_eval_every=args.eval_every,
             )  # fmt: skip
-            done += 1
-            summaries[MATCHED] = run(plans[MATCHED], where, f"[{done}/{total}]")
+            summaries[MATCHED] = run(plans[MATCHED], where, progress.next())
         order = [s.name for s in specs] + ([MATCHED] if ref is not None else [])
         summaries = {name: summaries[name] for name in order}
         methods = comparison_methods(
@@ -277,16 +307,22 @@ def base_options(args: argparse.Namespace) -> TrainOptions:
     return options_from_args(args, eval_subset=args.max_val_samples)
 
 
-def compare_once(args: argparse.Namespace, out: Path, command: str, corpus: Any) -> dict[str, Any]:
-    """All runs at `args.epochs`, `args.repeats` times; writes OUT/compare.{json,md,png} and
-    returns compare.json.
+def compare_once(
+    args: argparse.Namespace,
+    out: Path,
+    command: str,
+    corpus: Any,
+    *,
+    progress: Progress | None = None,
+    show: bool = True,
+) -> dict[str, Any]:
+    """All runs at `args.epochs` and `args.seed`, `args.repeats` times; writes
+    OUT/compare.{json,md,png} and returns compare.json (the tables printed when `show`).
 
     The rounds are `run_rounds`'s; with several, each method's record is the median one
     (`median_methods`).
     """
-    from es_llm.drivers.deepspeed.metrics import write_json_atomic
     from es_llm.tools.compare.conditions import differing_conditions
-    from es_llm.tools.compare.report import markdown_report, plot_comparison, print_table
     from es_llm.tools.compare.runner import load_avg, machine_info, run_one
 
     runs = variants(args.methods, args.variant)
@@ -303,7 +339,7 @@ def compare_once(args: argparse.Namespace, out: Path, command: str, corpus: Any)
     def run(spec: RunSpec, where: Path, label: str) -> dict[str, Any]:
         return run_one(base, spec, where, world=args.world_size, quiet=args.quiet, label=label)
 
-    rounds, conditions = run_rounds(args, specs, ref, out, run)
+    rounds, conditions = run_rounds(args, specs, ref, out, run, progress)
     summaries = rounds[-1]["summaries"]
     if args.repeats == 1:
         methods = rounds[0]["methods"]
@@ -312,10 +348,10 @@ def compare_once(args: argparse.Namespace, out: Path, command: str, corpus: Any)
     machine["threads_per_rank"] = summaries["uniform"]["threads_per_rank"]
     machine["load_average_end"] = load_avg()
     warnings = differing_conditions(conditions, machine["cpu_count"] or 1)
-    targets = [rd["target_val_loss"] for rd in rounds]
+    target = result_target(rounds)
     result = {
         "methods": methods,
-        "target_val_loss": targets[0] if len(targets) == 1 else median_or_none(targets),
+        "target_val_loss": target,
         "target": {
             "kind": args.target,
             "what": f"uniform's {args.target} validation loss",
@@ -327,7 +363,7 @@ def compare_once(args: argparse.Namespace, out: Path, command: str, corpus: Any)
             {
                 "order": rd["order"],
                 "target_val_loss": rd["target_val_loss"],
-                "methods": {k: _round_view(v) for k, v in rd["methods"].items()},
+                "methods": {k: round_view(v) for k, v in rd["methods"].items()},
             }
             for rd in rounds
         ]
@@ -350,26 +386,96 @@ def compare_once(args: argparse.Namespace, out: Path, command: str, corpus: Any)
         "match_clock": args.match_clock,
         "machine": machine,
         "command": command,
+        "seeds": seeds_block([args.seed], [methods]),
+        "per_seed": [_seed_view(args.seed, ".", target, methods)],
     }
+    write_outputs(result, out, show=show and not args.quiet)
+    return result
+
+
+def result_target(rounds: list[dict[str, Any]]) -> float | None:
+    """The comparison's target: its round's, or the median of its rounds'."""
+    targets = [rd["target_val_loss"] for rd in rounds]
+    return targets[0] if len(targets) == 1 else median_or_none(targets)
+
+
+def _seed_view(
+    seed: int, run_dir: str, target: float | None, methods: dict[str, Any]
+) -> dict[str, Any]:
+    """One seed's entry of compare.json "per_seed": its target and its runs' headline
+    numbers (medians over the rounds with --repeats; the full records are in its
+    directory's compare.json)."""
+    return {
+        "seed": seed,
+        "run_dir": run_dir,
+        "target_val_loss": target,
+        "methods": {name: round_view(rec) for name, rec in methods.items()},
+    }
+
+
+def _in_seed_dir(rd: dict[str, Any], seed: int) -> dict[str, Any]:
+    """A seed's round in the multi-seed compare.json: its seed, run_dir under seed_<S>/."""
+    methods = {n: {**v, "run_dir": f"seed_{seed}/{v['run_dir']}"} for n, v in rd["methods"].items()}
+    return {**rd, "seed": seed, "methods": methods}
+
+
+def write_outputs(result: dict[str, Any], out: Path, *, show: bool) -> None:
+    """OUT/compare.json, compare.md and compare.png; the tables printed when `show`."""
+    from es_llm.drivers.deepspeed.metrics import write_json_atomic
+    from es_llm.tools.compare.report import markdown_report, plot_comparison, print_table
+
     write_json_atomic(out / "compare.json", result)
     md = markdown_report(result)
     (out / "compare.md").write_text(md)
     plot_comparison(result, out / "compare.png")
-    if not args.quiet:
+    if show:
         print("", flush=True)
         print_table(md)
+
+
+def compare_seeds(args: argparse.Namespace, out: Path, command: str, corpus: Any) -> dict[str, Any]:
+    """The comparison at each of `args.seeds` seeds (from `args.seed`): one seed is
+    `compare_once` in OUT itself (today's layout); several are one `compare_once` each in
+    OUT/seed_<S>/ (a complete comparison of that seed, uniform-matched budgeted by that
+    seed's reference run), then OUT/compare.{json,md,png} over all of them: "methods" the
+    medians over the seeds, "seeds" the means, spreads and verdicts, "per_seed" each seed's
+    numbers."""
+    from es_llm.tools.compare.conditions import differing_conditions
+
+    seeds = seed_list(args.seed, args.seeds)
+    if len(seeds) == 1:
+        return compare_once(args, out, command, corpus)
+    progress = Progress(len(runs_per_round(args)) * args.repeats * len(seeds))
+    results: dict[int, dict[str, Any]] = {}
+    for i, seed in enumerate(seeds, start=1):
+        _say(args, f"== seed {seed} ({i}/{len(seeds)})")
+        progress.note = f"seed {seed}"
+        sub = argparse.Namespace(**{**vars(args), "seed": seed, "seeds": 1})
+        results[seed] = compare_once(
+            sub, out / f"seed_{seed}", command, corpus, progress=progress, show=False
+        )
+    first, last = results[seeds[0]], results[seeds[-1]]
+    conditions = {
+        f"{name} [seed {s}]": c
+        for s, res in results.items()
+        for name, c in res["conditions"].items()
+    }
+    machine = {**first["machine"], "load_average_end": last["machine"]["load_average_end"]}
+    rounds = [_in_seed_dir(rd, s) for s, res in results.items() for rd in res["rounds"] or []]
+    result = {
+        **first,
+        "methods": median_over_seeds(results, repeats=args.repeats),
+        "target_val_loss": median_or_none([res["target_val_loss"] for res in results.values()]),
+        "rounds": rounds or None,
+        "conditions": conditions,
+        "conditions_differ": differing_conditions(conditions, machine["cpu_count"] or 1),
+        "seed": seeds[0],
+        "machine": machine,
+        "seeds": seeds_block(seeds, [res["methods"] for res in results.values()]),
+        "per_seed": [{**res["per_seed"][0], "run_dir": f"seed_{s}"} for s, res in results.items()],
+    }
+    write_outputs(result, out, show=not args.quiet)
     return result
-
-
-ROUND_KEYS = ("wall_clock_s", "cpu_time_s", "steps", "best_val_loss", "best_step",
-              "final_val_loss", "time_to_target_s", "time_to_target_ratio", "speedup",
-              "conditions", "run_dir", "budget_s", "budget_used")  # fmt: skip
-
-
-def _round_view(rec: dict[str, Any]) -> dict[str, Any]:
-    """A round's record in compare.json "rounds": the headline numbers (the full record is
-    in the round's own directory as its summary.json)."""
-    return {k: rec[k] for k in ROUND_KEYS if k in rec}
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -390,8 +496,10 @@ def header(args: argparse.Namespace, n_train: int, out: Path) -> str:
     """The one line printed before the first run: every run counted, uniform-matched too."""
     names = runs_per_round(args)
     budgets = args.epochs_grid or [args.epochs]
-    runs = len(names) * args.repeats * len(budgets)
+    runs = len(names) * args.repeats * len(budgets) * args.seeds
     rounds = f" x {args.repeats} rounds" if args.repeats > 1 else ""
+    if args.seeds > 1:
+        rounds += f" x {args.seeds} seeds {', '.join(map(str, seed_list(args.seed, args.seeds)))}"
     if len(budgets) > 1:
         epochs = f"at each of {len(budgets)} epoch budgets"
         length = f"epochs {', '.join(str(e) for e in budgets)}"
@@ -423,13 +531,13 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
     corpus = _load(args)
     _say(args, header(args, len(corpus.train), out))
     if not args.epochs_grid:
-        compare_once(args, out, command, corpus)
+        compare_seeds(args, out, command, corpus)
         return 0
     results: dict[int, dict[str, Any]] = {}
     for epochs in args.epochs_grid:
         sub = argparse.Namespace(**{**vars(args), "epochs": epochs})
         _say(args, f"== {epochs} epoch(s)")
-        results[epochs] = compare_once(sub, out / f"epochs_{epochs}", command, corpus)
+        results[epochs] = compare_seeds(sub, out / f"epochs_{epochs}", command, corpus)
     grid = grid_summary(results)
     grid["command"] = command
     grid["machine"] = results[args.epochs_grid[-1]]["machine"]

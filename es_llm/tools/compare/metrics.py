@@ -29,6 +29,7 @@ __all__ = [
     "median_methods",
     "median_or_none",
     "method_record",
+    "round_view",
     "target_loss",
     "time_to_target",
 ]
@@ -295,6 +296,17 @@ def median_methods(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, dict[st
     return out
 
 
+ROUND_KEYS = ("wall_clock_s", "cpu_time_s", "steps", "best_val_loss", "best_step",
+              "final_val_loss", "time_to_target_s", "time_to_target_ratio", "speedup",
+              "conditions", "run_dir", "budget_s", "budget_used")  # fmt: skip
+
+
+def round_view(rec: dict[str, Any]) -> dict[str, Any]:
+    """A run's record in compare.json "rounds" and "per_seed": the headline numbers (the
+    full record is in the run's own directory as its summary.json)."""
+    return {k: rec[k] for k in ROUND_KEYS if k in rec}
+
+
 def grid_summary(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """grid.json: per epoch budget and method, the saving vs uniform and vs uniform-matched."""
     budgets: dict[str, Any] = {}
@@ -310,4 +322,8 @@ def grid_summary(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
                 if name != "uniform"
             },
         }
+        seeds = res.get("seeds")
+        if seeds and len(seeds["seeds"]) > 1:  # --seeds: each run's verdicts at this budget
+            budgets[str(epochs)]["seeds"] = seeds["seeds"]
+            budgets[str(epochs)]["seed_differences"] = seeds["differences"]
     return {"epochs": budgets}

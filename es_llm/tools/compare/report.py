@@ -20,6 +20,7 @@ __all__ = [
     "markdown_report",
     "plot_comparison",
     "print_table",
+    "seeds_lines",
     "summary_lines",
 ]
 
@@ -58,7 +59,10 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             "",
         ]
     repeats = result.get("repeats", 1)
+    n_seeds = len(_seeds(result))
     med = f" (medians of {repeats} interleaved rounds)" if repeats > 1 else ""
+    if n_seeds > 1:
+        med = f" (medians over {n_seeds} seeds{', each the median of its rounds' if med else ''})"
     lines += [
         "## Summary",
         "",
@@ -85,7 +89,131 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
                 f"(speedup {_x(r['speedup'])})."
             )
     lines.append("")
-    return lines
+    return lines + seeds_summary(result)
+
+
+def _seeds(result: dict[str, Any]) -> list[int]:
+    return (result.get("seeds") or {}).get("seeds") or []
+
+
+# compare.md's seed tables: (JSON key, column, cell format)
+SEED_COLUMNS = (
+    ("best_val_loss", "best val loss", ".4f"),
+    ("final_val_loss", "final val loss", ".4f"),
+    ("time_to_target_ratio", "share of uniform's time to target", ".2f"),
+    ("time_to_target_cpu_ratio", "share of uniform's CPU time to target", ".2f"),
+    ("speedup_vs_uniform", "speedup vs uniform at its own final loss", ".2f"),
+    ("wall_clock_s", "training time (s)", ".1f"),
+)
+VERDICT_KEYS = ("best_val_loss", "final_val_loss", "time_to_target_ratio")
+
+
+def seeds_summary(result: dict[str, Any]) -> list[str]:
+    """The summary's word on the seeds: with one, that no difference is known to exceed
+    seed-to-seed noise; with several, each method's verdicts against uniform and
+    uniform-matched on its best and final loss and its share of uniform's time."""
+    block = result.get("seeds")
+    if not block:
+        return []
+    seeds = block["seeds"]
+    if len(seeds) == 1:
+        return [
+            f"One seed ({seeds[0]}): there is no spread to hold the differences against, so "
+            "none of them is known to be larger than what another seed would change; "
+            "`--seeds 3` (or more) tells.",
+            "",
+        ]
+    bullets = []
+    for name, against in block["differences"].items():
+        for base, diffs in against.items():
+            if name == "uniform" or (name == MATCHED and base == "uniform"):
+                continue
+            agg = block["aggregates"][name]
+            said = "; ".join(
+                f"{_label(k)} {_verdict(diffs[k])}{_defined_at(agg[k], len(seeds))}"
+                for k in VERDICT_KEYS
+            )
+            bullets.append(f"- {name} vs {base}: {said}.")
+    if not bullets:
+        return []
+    return [
+        f"Over {len(seeds)} seeds ({', '.join(map(str, seeds))}), a difference no larger than "
+        "the larger of the two methods' sample standard deviations is no difference:",
+        "",
+        *bullets,
+        "",
+    ]
+
+
+def _defined_at(agg: dict[str, Any], seeds: int) -> str:
+    return f" (defined at {agg['n']} of {seeds} seeds)" if agg["n"] < seeds else ""
+
+
+def _label(key: str) -> str:
+    return next(col for k, col, _ in SEED_COLUMNS if k == key)
+
+
+def _verdict(d: dict[str, Any]) -> str:
+    """`no difference`, `lower (better, by 0.0600 > spread 0.0100)`, `too few values`..."""
+    if d["better"] is None:
+        return d["verdict"]
+    side = "better" if d["better"] else "worse"
+    return f"{d['verdict']} ({side}: {_f(d['diff'], '+.4g')}, spread {_f(d['spread'], '.4g')})"
+
+
+def _mean_sd(agg: dict[str, Any], fmt: str, seeds: int) -> str:
+    if agg["mean"] is None:
+        return "—"
+    cell = f"{_f(agg['mean'], fmt)} ± {_f(agg['sd'], fmt)}"
+    return cell + (f" ({agg['n']} of {seeds} seeds)" if agg["n"] < seeds else "")
+
+
+def seeds_lines(result: dict[str, Any]) -> list[str]:
+    """compare.md's seed section (several seeds only): per method the mean ± sample standard
+    deviation of the headline numbers, then every difference against uniform and
+    uniform-matched with its verdict."""
+    block = result.get("seeds")
+    if not block or len(block["seeds"]) < 2:
+        return []
+    n = len(block["seeds"])
+    heads = [col for _, col, _ in SEED_COLUMNS]
+    lines = [
+        "## Seeds",
+        "",
+        f"Mean ± {block['spread']} over {n} seeds ({', '.join(map(str, block['seeds']))}); "
+        "a share or speedup counts the seeds where it is defined (the target reached). "
+        f"Rule: {block['rule']}.",
+        "",
+        "| method | " + " | ".join(heads) + " |",
+        "|---|" + "---|" * len(heads),
+    ]
+    for name, agg in block["aggregates"].items():
+        cells = [_mean_sd(agg[k], fmt, n) for k, _, fmt in SEED_COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    rows = [
+        f"| {name} | {base} | "
+        + " | ".join(_diff_cell(diffs[k], fmt) for k, _, fmt in SEED_COLUMNS)
+        + " |"
+        for name, against in block["differences"].items()
+        for base, diffs in against.items()
+    ]
+    if rows:
+        lines += [
+            "",
+            "Differences (method's mean minus the baseline's) and their verdicts:",
+            "",
+            "| method | vs | " + " | ".join(heads) + " |",
+            "|---|---|" + "---|" * len(heads),
+            *rows,
+        ]
+    return [*lines, ""]
+
+
+def _diff_cell(d: dict[str, Any], fmt: str) -> str:
+    """`+0.0600: higher (worse)`, `-0.0010: no difference`, `no spread (1 seed)`..."""
+    side = "" if d["better"] is None else f" ({'better' if d['better'] else 'worse'})"
+    head = "" if d["diff"] is None else f"{_f(d['diff'], '+' + fmt)}: "
+    return head + d["verdict"] + side
 
 
 def markdown_report(result: dict[str, Any]) -> str:
@@ -93,7 +221,7 @@ def markdown_report(result: dict[str, Any]) -> str:
     how the numbers were taken."""
     kind = result["target"]["kind"]
     target = result["target_val_loss"]
-    lines = ["# es-llm compare", "", *summary_lines(result)]
+    lines = ["# es-llm compare", "", *summary_lines(result), *seeds_lines(result)]
     lines += [
         "## Results",
         "",
@@ -235,12 +363,15 @@ def plot_comparison(result: dict[str, Any], out_png: Path) -> None:
 
 
 def grid_markdown(grid: dict[str, Any]) -> str:
-    """grid.md: one row per epoch budget and run (uniform is the reference of each budget)."""
+    """grid.md: one row per epoch budget and run (uniform is the reference of each budget);
+    with --seeds, the numbers are medians over the seeds and a last column gives the verdict
+    on the best loss against uniform and uniform-matched."""
+    seeded = any("seed_differences" in b for b in grid["epochs"].values())
     lines = [
         "| epochs | method | best val loss | final val loss | final vs uniform's "
         "| final minus uniform-matched's | share of uniform's time to target | speedup "
-        "| speedup (CPU time) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| speedup (CPU time) |" + (" best val loss over the seeds |" if seeded else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if seeded else ""),
     ]
     for epochs, b in grid["epochs"].items():
         for name, r in b["methods"].items():
@@ -251,5 +382,13 @@ def grid_markdown(grid: dict[str, Any]) -> str:
                 f" | {_f(r['final_val_loss_vs_matched'], '+.4f')} | "
                 f"{_pct(r['time_to_target_ratio'])} | {_x(r.get('speedup'))} | "
                 f"{_x(r.get('speedup_cpu'))} |"
+                + (f" {_grid_verdicts(b, name)} |" if seeded else "")
             )
     return "\n".join(lines) + "\n"
+
+
+def _grid_verdicts(budget: dict[str, Any], name: str) -> str:
+    """`vs uniform: no difference; vs uniform-matched: lower (better)` for one grid row."""
+    against = (budget.get("seed_differences") or {}).get(name) or {}
+    said = [f"vs {base}: {_diff_cell(d['best_val_loss'], '.4f')}" for base, d in against.items()]
+    return "; ".join(said) or "—"
