@@ -101,7 +101,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Train every method on the same data, model, seed and epoch budget, one "
         "after another (plus 'uniform-matched': uniform given the reference method's training "
         "time), and write DIR/compare.json, DIR/compare.md and DIR/compare.png. Each run's own "
-        "output lies in DIR/<name>/.",
+        "output lies in DIR/<name>/ (DIR/seed_<S>/<name>/ with --seeds N > 1).",
     )
     add_run_arguments(p, with_method=False)
     p.set_defaults(max_val_samples=128)
