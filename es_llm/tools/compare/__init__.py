@@ -6,11 +6,13 @@ while they train; the report gives per run the best and final validation loss, t
 time, the time to reach uniform's best (or final) loss and the time breakdown of a step.
 `uniform-matched` is the fair equal-compute baseline: uniform given the reference run's
 training time. Each run's machine conditions are measured, and `--repeats` interleaves
-rounds of runs for time ratios that hold on a shared machine.
+rounds of runs for time ratios that hold on a shared machine; `--seeds` runs it at several
+seeds and says which differences are larger than the seeds' spread.
 
 The package, one idea per module:
 
 - `metrics`    — pure functions: time to target, best point, each run's record, medians, grid;
+- `seeds`      — pure functions: the spread over `--seeds`, the no-difference rule;
 - `planning`   — the runs, their lengths (the core's step estimator) and uniform-matched's budget;
 - `runner`     — one run in child process(es) (`python -m es_llm.tools.compare --worker`);
 - `live`       — following a run's metrics.jsonl and the lines printed while it trains;
