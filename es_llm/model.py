@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is imported where a model is built: presets load without it
     import torch
-    from transformers import PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from es_llm.errors import InputError
 
@@ -82,21 +82,15 @@ def load_model_preset(name_or_path: str) -> dict[str, Any]:
     return preset
 
 
-def build_model(
-    preset: dict[str, Any],
-    *,
-    vocab_size: int,
-    seq_len: int,
-    device: str | torch.device = "cpu",
-    eod_id: int | None = None,
-) -> torch.nn.Module:
-    """Instantiate the preset with random weights (pre-training starts from scratch).
+def model_config(
+    preset: dict[str, Any], *, vocab_size: int, seq_len: int, eod_id: int | None = None
+) -> PretrainedConfig:
+    """The transformers config of a preset for this corpus (its vocabulary and ``seq_len``).
 
     ``eod_id``: the corpus's end-of-document token, recorded as the config's bos/eos id (what
     `generate` stops at once the model is exported) unless the preset names its own.
     """
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import GPT2Config, LlamaConfig
 
     fields = {k: v for k, v in preset.items() if k not in ("family", "description", "seq_len")}
     fields.setdefault("vocab_size", vocab_size)
@@ -105,21 +99,32 @@ def build_model(
             f"model preset vocab_size {fields['vocab_size']} is smaller than the tokenizer's "
             f"{vocab_size}"
         )
-    family = preset["family"]
-    if family == "gpt2":
+    fields.setdefault("bos_token_id", eod_id)
+    fields.setdefault("eos_token_id", eod_id)
+    if preset["family"] == "gpt2":
         fields.setdefault("n_positions", seq_len)
         if fields["n_positions"] < seq_len:
             raise InputError(f"model n_positions {fields['n_positions']} < seq_len {seq_len}")
-        fields.setdefault("bos_token_id", eod_id)
-        fields.setdefault("eos_token_id", eod_id)
-        config = GPT2Config(**fields)
-        cls: type = GPT2LMHeadModel
-    else:
-        fields.setdefault("max_position_embeddings", max(seq_len, 128))
-        fields.setdefault("bos_token_id", eod_id)
-        fields.setdefault("eos_token_id", eod_id)
-        config = LlamaConfig(**fields)
-        cls = LlamaForCausalLM
+        return GPT2Config(**fields)
+    fields.setdefault("max_position_embeddings", max(seq_len, 128))
+    return LlamaConfig(**fields)
+
+
+def build_model(
+    preset: dict[str, Any],
+    *,
+    vocab_size: int,
+    seq_len: int,
+    device: str | torch.device = "cpu",
+    eod_id: int | None = None,
+) -> torch.nn.Module:
+    """Instantiate the preset with random weights (pre-training starts from scratch); see
+    ``model_config`` for the config."""
+    import torch
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+    config = model_config(preset, vocab_size=vocab_size, seq_len=seq_len, eod_id=eod_id)
+    cls: type = GPT2LMHeadModel if preset["family"] == "gpt2" else LlamaForCausalLM
     with torch.device(device):
         model = cls(config)
     return model
