@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from es_llm.sampling.config import METHODS
+from es_llm.sampling.config import METHODS, SCORERS
 
 if TYPE_CHECKING:  # the training loop imports torch and deepspeed: only when options are built
     from es_llm.drivers.deepspeed.loop import TrainOptions
@@ -78,6 +78,15 @@ def add_run_arguments(p: argparse.ArgumentParser, *, with_method: bool = True) -
             help=f"sampling method, one of {', '.join(METHODS)}; overrides "
             "evolved_sampling.method of the DeepSpeed config. Default: the config's method, or "
             "plain uniform training when the config has no evolved_sampling section",
+        )
+        p.add_argument(
+            "--scorer",
+            choices=SCORERS,
+            default=None,
+            help="what supplies the losses a selection step weighs: 'learner' (a no-grad "
+            "forward of the meta-batch), or 'stale' (no forward: each sample's stored score "
+            "and last training loss; docs/algorithm.md); overrides evolved_sampling.scorer. "
+            "Default: the config's scorer, else learner",
         )
     p.add_argument(
         "--config",

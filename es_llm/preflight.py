@@ -43,7 +43,12 @@ def check_train_inputs(args: argparse.Namespace) -> None:
     check_output_dirs(args)
 
     ds_config = load_ds_config(args.config)
-    es = es_config_for_run(ds_config, getattr(args, "method", None), dict(args.es))
+    es = es_config_for_run(
+        ds_config,
+        getattr(args, "method", None),
+        dict(args.es),
+        scorer=getattr(args, "scorer", None),
+    )
     # the run plan's first step (the rest needs the corpus, which is not read here)
     plan_geometry(ds_config, es, int(os.environ.get("WORLD_SIZE", "1")))
     model = resolve_model(args.model)

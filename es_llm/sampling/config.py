@@ -15,7 +15,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from es_llm.errors import InputError
-from es_llm.sampling.methods import Options, SamplingMethod, get_method, option_owners, registered
+from es_llm.sampling.methods import (
+    Options,
+    SamplingMethod,
+    get_method,
+    method_names,
+    option_owners,
+    registered,
+)
 from es_llm.sampling.methods.base import check_range as _check_range
 
 # The one list of method names, from the registry (es_llm.sampling.methods): choices, --help
@@ -30,12 +37,19 @@ _OPTIONS: tuple[type[Options], ...] = tuple(
     dict.fromkeys(opts for m in registered() for opts in m.options)
 )
 
+# The values of `scorer`: who supplies the losses a selection step weighs. "proxy" (a small
+# separate model) is planned, not implemented: it is refused with the implemented values.
+SCORERS: tuple[str, ...] = ("learner", "stale")
+STALE_EPSILON = 0.1  # scorer stale's default uniform share (its reachability floor)
+
 __all__ = [
     "ESConfigError",
     "EvolvedSamplingConfig",
     "METHODS",
     "Method",
+    "SCORERS",
     "SECTION",
+    "STALE_EPSILON",
     "es_config_from_ds_config",
 ]
 
@@ -51,6 +65,7 @@ class _SharedKeys(BaseModel):
 
     enabled: bool = True
     method: str = "es"  # a registered name (checked below, so a method added later validates)
+    scorer: str = "learner"  # SCORERS: a fresh no-grad forward, or stored losses (no forward)
     selection_ratio: float = 0.5
     beta1: float = 0.2
     beta2: float = 0.8
@@ -73,6 +88,23 @@ class _SharedKeys(BaseModel):
         if v not in names:
             choices = ", ".join(repr(n) for n in names[:-1]) + f" or {names[-1]!r}"
             raise ValueError(f"Input should be {choices}")
+        return v
+
+    @field_validator("scorer")
+    @classmethod
+    def _v_scorer(cls, v: str, info: Any) -> str:
+        if v not in SCORERS:
+            head = f"{v!r} is not implemented yet" if v == "proxy" else f"unknown value {v!r}"
+            raise ValueError(f"{head}; implemented: {' or '.join(map(repr, SCORERS))}")
+        name = info.data.get("method")
+        if v == "stale" and name in method_names():
+            m = get_method(name)
+            if m.scoring_forward and not m.stale_weights:
+                raise ValueError(
+                    f"scorer 'stale' does not fit method {name!r}: its weight needs a fresh "
+                    "loss beside the stored one (a stored last loss makes it constant); use "
+                    "scorer 'learner'"
+                )
         return v
 
     @field_validator("selection_ratio")
@@ -108,8 +140,15 @@ class _SharedKeys(BaseModel):
 
     @field_validator("epsilon")
     @classmethod
-    def _v_epsilon(cls, v: float) -> float:
-        return _check_range("epsilon", v, 0.0, 1.0, False, False)
+    def _v_epsilon(cls, v: float, info: Any) -> float:
+        v = _check_range("epsilon", v, 0.0, 1.0, False, False)
+        if v == 0 and _stale_selects(info.data.get("method"), info.data.get("scorer")):
+            raise ValueError(
+                "epsilon must be in (0, 1] with scorer 'stale': its uniform share is what "
+                "reaches samples whose stored loss is small (default "
+                f"{STALE_EPSILON} when unset)"
+            )
+        return v
 
     @field_validator("anneal_fraction")
     @classmethod
@@ -140,6 +179,22 @@ class _SharedKeys(BaseModel):
             raise ValueError(f"seed must be an integer in [0, 2**64) or null, got {v!r}")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _stale_defaults(cls, data: Any) -> Any:
+        """scorer stale's own defaults, where the section leaves them unset: one burn-in
+        epoch (every sample's loss observed before it is weighed) and epsilon STALE_EPSILON
+        (a uniform share that keeps every sample reachable). See docs/algorithm.md."""
+        if not isinstance(data, dict) or not _stale_selects(
+            data.get("method", "es"), data.get("scorer")
+        ):
+            return data
+        out = dict(data)
+        if out.get("burn_in_steps") is None and out.get("burn_in_epochs") is None:
+            out["burn_in_epochs"] = 1
+        out.setdefault("epsilon", STALE_EPSILON)
+        return out
+
     @model_validator(mode="after")
     def _v_burn_in_exclusive(self) -> EvolvedSamplingConfig:
         if self.burn_in_steps is not None and self.burn_in_epochs is not None:
@@ -148,6 +203,11 @@ class _SharedKeys(BaseModel):
                 f"(got burn_in_steps={self.burn_in_steps}, burn_in_epochs={self.burn_in_epochs})"
             )
         return self
+
+
+def _stale_selects(method: Any, scorer: Any) -> bool:
+    """scorer stale with a method that selects from a meta-batch (else stale changes nothing)."""
+    return scorer == "stale" and method in method_names() and get_method(method).scoring_forward
 
 
 # The options' bases come first, reversed, so that pydantic (which collects fields along the
@@ -178,8 +238,20 @@ class EvolvedSamplingConfig(*reversed(_OPTIONS), _SharedKeys):  # type: ignore[m
 
     @property
     def uses_scoring_forward(self) -> bool:
-        """The method runs the no-grad scoring pass (uniform and prune do not)."""
+        """The method selects B of a meta-batch of B / selection_ratio (uniform and prune do
+        not); with scorer learner a no-grad scoring forward supplies the losses it weighs."""
         return self.sampling_method.scoring_forward
+
+    @property
+    def stale(self) -> bool:
+        """Selection steps weigh the stored score and last training loss, with no scoring
+        forward (scorer stale with a selecting method; a plain method is the same either way)."""
+        return self.scorer == "stale" and self.uses_scoring_forward
+
+    @property
+    def runs_scoring_forward(self) -> bool:
+        """A selection step runs the no-grad scoring forward (scorer learner)."""
+        return self.uses_scoring_forward and not self.stale
 
     @property
     def uses_pruning(self) -> bool:

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from es_llm.sampling.comm import Communicator, SelectionDivergedError
-from es_llm.sampling.global_selection import GlobalSelector
+from es_llm.sampling.global_selection import GlobalSelector, gather_trained
 from es_llm.sampling.plan import DataPathError, RunPlan
 from es_llm.sampling.records import PacketLayout, bits_f32, f32_bits
 from es_llm.sampling.schedule import Phase, phase_for_step
@@ -79,6 +79,7 @@ class StepAssignment:
     labels: torch.Tensor | None = None  # int64 [B/W, T] (device), None: the tokens
     record: dict[str, Any] = field(default_factory=dict)  # host numbers, complete after finish
     train_losses: list[torch.Tensor] = field(default_factory=list)  # device, per micro-batch
+    train_ids: list[torch.Tensor] = field(default_factory=list)  # stale SELECT: their ids
 
 
 @lru_cache(maxsize=8)
@@ -103,6 +104,12 @@ def _select_packet(k: int, q: int) -> PacketLayout:
 def _plain_packet(n: int) -> PacketLayout:
     """What a plain step brings to the host (one copy)."""
     return PacketLayout((("ids", n, "i64"), ("train_loss", 1, "f64"), ("stop", 1, "i64")))
+
+
+@lru_cache(maxsize=1)
+def _stale_packet() -> PacketLayout:
+    """What a stale SELECT step brings to the host after training (its second copy)."""
+    return PacketLayout((("train_loss", 1, "f64"), ("stop", 1, "i64")))
 
 
 # The step flag each rank adds to its step's all-reduce (MAX over ranks): what the step must
@@ -298,10 +305,21 @@ class ESDataPath:
                 loss, valid = self.scorer(draw.tokens, draw.ids, draw.labels)
         return loss.float(), valid.to(torch.bool)
 
+    def _trainable(self, tokens: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """bool [n]: the row has a label token to predict (a loss), read from the rows alone."""
+        target = (tokens if labels is None else labels)[:, 1:]
+        return (target != self.es.ignore_index).any(dim=1)
+
     def assign(self, draw: StepDraw) -> StepAssignment:
         """The step's training batch: the selection for SELECT steps, else the draw itself."""
         if draw.selecting:
-            loss, valid = self.score(draw)
+            if self.es.stale:  # no forward: the stored last losses (s_init: never observed)
+                loss, valid = (
+                    self.store.stale_losses(draw.ids),
+                    self._trainable(draw.tokens, draw.labels),
+                )
+            else:
+                loss, valid = self.score(draw)
             return self.select(draw, loss, valid)
         return StepAssignment(
             draw=draw,
@@ -358,13 +376,14 @@ class ESDataPath:
         weights = gs.loss_weights().to(self.device)
         m = draw.ids.numel()
         n_invalid = int(host["invalid"][0])
+        scored = 0 if self.es.stale else m * self.world
         self.totals["bp_samples"] += k
-        self.totals["scored_samples"] += m * self.world
+        self.totals["scored_samples"] += scored
         self.totals["invalid_samples"] += n_invalid
         self.selector.moved_samples += int(host["moved"][0])
         record = {
             "train_loss": host["train_loss"],
-            "scored": m * self.world,
+            "scored": scored,
             "selected": k,
             "invalid": n_invalid,
             "meta_loss": host["meta_loss"],
@@ -409,6 +428,8 @@ class ESDataPath:
         a.train_losses.append(losses)
         if a.update_scores:
             self.store.observe(ids, losses)
+        elif self.es.stale and a.draw.selecting:  # their owners update them at finish_step
+            a.train_ids.append(ids.detach())
 
     def finish_step(self, a: StepAssignment) -> dict[str, Any]:
         """Close the step: count it and return its record (the plain step's one host sync)."""
@@ -445,6 +466,8 @@ class ESDataPath:
                 "digest": selection_digest(host["ids"]),
                 **self._flag_fields(int(host["stop"][0]), a.draw.step + 1),
             }
+        elif self.es.stale:
+            self._finish_stale_select(a)
         else:  # no host sync after training: the next step's all-reduce carries it
             self._nonfinite_pending = torch.maximum(
                 self._nonfinite_pending, self._nonfinite(a.train_losses, self.comm.device)
@@ -453,6 +476,32 @@ class ESDataPath:
         a.record.update(step=a.draw.step + 1, epoch=a.draw.epoch, phase=a.draw.phase)
         self.step += 1
         return a.record
+
+    def _finish_stale_select(self, a: StepAssignment) -> None:
+        """A stale selection step's training losses update score and last loss on the ranks
+        that own the samples (one all-gather of (id, loss) rows, with each rank's step flag),
+        and its record gets the mean training loss: the step's second host sync."""
+        dev = self.comm.device
+        ids = torch.cat(a.train_ids).to(dev) if a.train_ids else a.ids[:0].to(dev)
+        raw = torch.cat(a.train_losses).to(dev) if a.train_losses else torch.zeros(0, device=dev)
+        # the drivers observe consecutive micro-batches from the first: loss weight 0 marks
+        # the invalid filler of a selection (no label token, so no loss)
+        ok = a.loss_weights[: ids.numel()].to(dev) > 0
+        losses = torch.where(ok, raw, torch.full_like(raw, float("nan")))
+        flag = self._stop_flag(dev, self._nonfinite(a.train_losses, dev))
+        all_ids, got, flags = gather_trained(self.comm, ids, losses, flag)
+        self.store.observe_owned(all_ids, got)
+        layout = _stale_packet()
+        host = layout.unpack(
+            self._to_host(
+                layout.pack(train_loss=_masked_mean(got, torch.isfinite(got)), stop=flags.amax())
+            )
+        )
+        a.record["train_loss"] = host["train_loss"]
+        agreed = int(host["stop"][0])
+        a.record["stop_requested"] = a.record["stop_requested"] or agreed == FLAG_STOP
+        if a.record["nonfinite_loss_step"] is None and agreed == FLAG_NONFINITE:
+            a.record["nonfinite_loss_step"] = a.draw.step + 1
 
     # ------------------------------------------------------------------ state
     def fingerprint(self) -> dict[str, Any]:
@@ -499,7 +548,9 @@ class ESDataPath:
                 f"format {STATE_VERSION}: it was written by another es-llm version; start a "
                 f"fresh run (or resume with the es-llm that wrote it)"
             )
-        saved, now = state["fingerprint"], self.fingerprint()
+        saved, now = dict(state["fingerprint"]), self.fingerprint()
+        if isinstance(saved.get("evolved_sampling"), dict):  # written before `scorer` existed
+            saved["evolved_sampling"] = {"scorer": "learner", **saved["evolved_sampling"]}
         diff = [k for k in now if saved.get(k) != now[k]]
         if diff:
             detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in diff)

@@ -20,11 +20,19 @@ from es_llm.sampling.comm import Communicator
 from es_llm.sampling.config import EvolvedSamplingConfig
 from es_llm.sampling.eswp import lockstep_available, plan_epoch_global
 from es_llm.sampling.pruning import EpochPlan
-from es_llm.sampling.records import Assignment, Records, locality_first, pack, unpack
+from es_llm.sampling.records import (
+    Assignment,
+    Records,
+    bits_f32,
+    f32_bits,
+    locality_first,
+    pack,
+    unpack,
+)
 from es_llm.sampling.scores import ScoreTable
 from es_llm.sampling.selector import Selection, device_digest, select_step
 
-__all__ = ["GlobalSelection", "GlobalSelector", "select_global"]
+__all__ = ["GlobalSelection", "GlobalSelector", "gather_trained", "select_global"]
 
 
 @dataclass
@@ -55,12 +63,14 @@ def select_global(
     prune_weights: torch.Tensor,
     k: int,
     state: Mapping[str, torch.Tensor] | None = None,
+    update_scores: bool = True,
 ) -> GlobalSelection:
     """Gather this rank's scored records, select `k` globally, update the owned scores, assign.
 
     Every tensor argument must be on `comm.device` (checked by the all-gather). `state`: the
     method's per-sample columns of this rank's samples (`ScoreStore.column_state`), gathered
-    like the records (one all-gather of 4 bytes a sample per column).
+    like the records (one all-gather of 4 bytes a sample per column). `update_scores=False`
+    (scorer stale: `losses` are stored ones, already in the scores) leaves the table as it is.
     """
     m = ids.numel()
     prev = table.gather(ids.to(table.device)).to(ids.device)
@@ -79,8 +89,9 @@ def select_global(
     )
     positions = sel.positions.to(ids.device)
     r = comm.rank
-    own = sel.new_scores.to(ids.device)[r * m : (r + 1) * m]
-    table.update(ids.to(table.device), own.to(table.device), valid.to(table.device))
+    if update_scores:
+        own = sel.new_scores.to(ids.device)[r * m : (r + 1) * m]
+        table.update(ids.to(table.device), own.to(table.device), valid.to(table.device))
     assignment = locality_first(positions, per_rank_meta=m, world=comm.size, rank=r)
     selected = g.ids[positions]
     return GlobalSelection(
@@ -90,6 +101,26 @@ def select_global(
         selected_ids=selected,
         digest=device_digest(selected),
     )
+
+
+def gather_trained(
+    comm: Communicator, ids: torch.Tensor, losses: torch.Tensor, flag: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every rank's trained (ids int64, training losses fp32) and step flags (int64 [W]), in
+    rank order: one all-gather of 16 bytes a sample, on `comm.device`, no host sync.
+
+    Scorer stale: a selected sample may train on another rank than the one that owns its
+    score, so the owners read its loss from here (`ScoreStore.observe_owned`).
+    """
+    mine = torch.cat(
+        [
+            torch.stack([ids.to(torch.int64), f32_bits(losses.to(torch.float32))], dim=1),
+            torch.stack([flag, torch.zeros_like(flag)], dim=1),
+        ]
+    )
+    everyone = comm.all_gather_cat(mine).view(comm.size, -1, 2)
+    rows = everyone[:, :-1].reshape(-1, 2)
+    return rows[:, 0], bits_f32(rows[:, 1]), everyone[:, -1, 0]
 
 
 class GlobalSelector:
@@ -125,6 +156,7 @@ class GlobalSelector:
             prune_weights=prune_weights.to(dev),
             k=self.k,
             state={n: v.to(dev) for n, v in (state or {}).items()},
+            update_scores=not self.es.stale,
         )
 
     def plan_epoch(self, table: ScoreTable, *, epoch: int, epochs: int) -> EpochPlan | None:

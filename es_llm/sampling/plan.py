@@ -94,6 +94,12 @@ class RunPlan:
                 f"{'meta-' if scoring else ''}batch of {need} per rank: "
                 f"use more data, a shorter --seq-len or a smaller batch"
             )
+        if es.stale and round(es.epsilon * geo.train_batch) < 1:
+            raise InputError(
+                f"evolved_sampling.epsilon: scorer 'stale' reaches every sample through its "
+                f"uniform share, but round(epsilon x B) = round({es.epsilon:g} x "
+                f"{geo.train_batch}) = 0 places: set epsilon >= 1/B = {1 / geo.train_batch:.3g}"
+            )
         total = estimate_total_steps(
             es,
             min_local=min_local,

@@ -28,9 +28,13 @@ def load_ds_config(name_or_path: str) -> dict[str, Any]:
 
 
 def es_config_for_run(
-    ds_config: dict[str, Any], method: str | None, overrides: dict[str, Any] | None = None
+    ds_config: dict[str, Any],
+    method: str | None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    scorer: str | None = None,
 ) -> EvolvedSamplingConfig:
-    """The ES config of a run: the ds_config section, then --method and --es overrides.
+    """The ES config of a run: the ds_config section, then --method, --scorer and --es.
 
     A config without the section (or with enabled=false) and no --method is plain uniform
     DeepSpeed training. `--method uniform` always means that, whatever the section says.
@@ -43,6 +47,8 @@ def es_config_for_run(
         data = {"method": "uniform"}
     if method is not None:
         data["method"] = method
+    if scorer is not None:
+        data["scorer"] = scorer
     data.update(overrides or {})
     cfg = es_config_from_ds_config({SECTION: data})
     if cfg is None:  # only an override can disable it here

@@ -77,6 +77,7 @@ class TrainOptions:
     tokenizer: str | None = None
     cache_dir: str | None = None
     method: str | None = None
+    scorer: str | None = None  # --scorer: evolved_sampling.scorer
     es_overrides: dict[str, Any] = field(default_factory=dict)
     epochs: int = 2
     max_steps: int | None = None
@@ -134,7 +135,7 @@ class ESRun:
         # validate the configs before any process group exists: bad input fails fast
         ds_config = load_ds_config(opts.config)
         self.es: EvolvedSamplingConfig = es_config_for_run(
-            ds_config, opts.method, opts.es_overrides
+            ds_config, opts.method, opts.es_overrides, scorer=opts.scorer
         )
         self.method = self.es.method
         self.uses_reference = REF_LOSS in self.es.sampling_method.state

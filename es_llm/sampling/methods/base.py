@@ -160,6 +160,9 @@ class SamplingMethod(ABC):
     plain_steps_update_scores: ClassVar[bool] = True
     # prunes below-mean-score samples at the start of each epoch (prune_ratio, delta, rescale)
     prunes_epochs: ClassVar[bool] = False
+    # the weight rule still ranks samples when a sample's stored last training loss stands in
+    # for a fresh one (scorer stale); False where the weight compares the two (lp)
+    stale_weights: ClassVar[bool] = True
     # takes the k largest weights instead of drawing k with probability ~ w ** (1/tau)
     deterministic: ClassVar[bool] = False
     # names of the extra per-sample fp32 columns the rules read from `Visit.state`

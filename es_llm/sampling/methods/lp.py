@@ -44,6 +44,7 @@ class LP(SamplingMethod):
 
     name = "lp"
     order = 7
+    stale_weights = False  # s is the last loss: a stored last loss in place of l gives s - l = 0
     options = (LPOptions, TrimOptions)
 
     def weights(self, cfg: EvolvedSamplingConfig, visit: Visit) -> torch.Tensor:
