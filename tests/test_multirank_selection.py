@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from es_llm.data.sharding import shard_range
 from es_llm.dist import Communicator
 from es_llm.sampling.config import EvolvedSamplingConfig
-from es_llm.sampling.global_selection import select_global
+from es_llm.sampling.global_selection import gather_trained, select_global
 from es_llm.sampling.selector import selection_digest
 from es_llm.sampling.store import ScoreStore
 
@@ -69,8 +69,12 @@ def _run(rank: int, world: int, port: int, methods: list[str], out_dir: str) -> 
 
 
 def _select_steps(rank: int, world: int, method: str) -> list:
+    stale = method == STALE  # es with scorer stale: stored losses, updates from training
     cfg = EvolvedSamplingConfig(
-        method=method, selection_ratio=K / META, epsilon=0.25 if method == "es" else 0.0
+        method="es" if stale else method,
+        selection_ratio=K / META,
+        epsilon=0.25 if method in ("es", STALE) else 0.0,
+        scorer="stale" if stale else "learner",
     )
     lo, hi = shard_range(N, rank, world)
     store = ScoreStore(cfg, lo=lo, hi=hi, num_samples=N, device=torch.device("cpu"))
@@ -87,8 +91,8 @@ def _select_steps(rank: int, world: int, method: str) -> list:
         per = META // world
         ids = glob[rank * per : (rank + 1) * per]
         assert bool(((ids >= lo) & (ids < hi)).all()), "test data must respect shard ownership"
-        losses = _loss_of(ids, step)
-        valid = torch.isfinite(losses)
+        losses = store.stale_losses(ids) if stale else _loss_of(ids, step)
+        valid = torch.isfinite(_loss_of(ids, 0))  # the samples without a loss, fixed
         gs = select_global(
             cfg,
             table,
@@ -101,7 +105,12 @@ def _select_steps(rank: int, world: int, method: str) -> list:
             prune_weights=torch.ones(per),
             k=K,
             state=store.column_state(ids),
+            update_scores=not stale,
         )
+        if stale:  # each rank trains its share (synthetic losses); the owners update them
+            trained = gs.gathered.ids[gs.assignment.positions]
+            got = gather_trained(comm, trained, _loss_of(trained, step), torch.zeros(1).long())
+            store.observe_owned(got[0], got[1])
         # locality-first: each rank trains K/W of the chosen samples, its own ones first; the
         # ranks' shares together are the selection, each chosen sample exactly once
         a = gs.assignment
@@ -113,6 +122,9 @@ def _select_steps(rank: int, world: int, method: str) -> list:
         digests.append(selection_digest(gs.selected_ids))
     all_scores = table.gather(torch.arange(lo, hi, dtype=torch.int64))
     scores = all_scores.tolist()
+    if stale:  # with the last losses: the two ranks' shards together are the one-rank column
+        last = store.stale_losses(torch.arange(lo, hi, dtype=torch.int64)).tolist()
+        scores = [list(pair) for pair in zip(scores, last, strict=True)]
     if world == 1:
         return [(digests, scores, shares)]
     gathered: list = [None] * world
@@ -120,7 +132,8 @@ def _select_steps(rank: int, world: int, method: str) -> list:
     return gathered
 
 
-METHODS = ["es", "topk", "loss", "excess"]
+STALE = "es-stale"
+METHODS = ["es", "topk", "loss", "excess", STALE]
 
 
 def _launch(world: int, methods: list[str], out_dir: Path) -> None:
@@ -161,6 +174,8 @@ def test_two_ranks_select_exactly_what_one_rank_selects(
     assert len(set(digests_1)) > STEPS // 2  # the selection really changes from step to step
     # the score shards of the two ranks together are the one-rank table
     assert s_r0 + s_r1 == scores_1
+    if method == STALE:  # the training losses reached the owners' last-loss column
+        assert sum(last != 1.0 / N for _, last in scores_1) >= STEPS * K // 2
     # the two ranks' training shares partition the K chosen positions at every step
     for p0, p1 in zip(a_r0, a_r1, strict=True):
         assert len(p0) == len(p1) == K // 2 and len(set(p0) | set(p1)) == K
