@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import os
 import shutil
@@ -53,8 +52,6 @@ from es_llm.data.split import SPLIT_RULE, separate_validation, split_documents, 
 from es_llm.errors import InputError
 
 __all__ = ["Corpus", "default_cache_dir", "load_corpus", "pack"]
-
-logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # bump when the build changes what lands on disk
 ENCODE_CHUNK = 64  # documents per encode_batch call (bounds memory, drives the progress bar)

@@ -47,6 +47,16 @@ class Source:
     read_stats: dict = field(default_factory=dict)
 
 
+def keep_first(src, max_documents: int | None):
+    """``src`` (a ``Source`` or an ``InstructSource``: a ``fingerprint`` and a lazy ``load``)
+    cut to its first ``max_documents`` items, the cut part of the cache key; None keeps all."""
+    if max_documents is not None:
+        inner = src.load
+        src.fingerprint = {**src.fingerprint, "max_documents": max_documents}
+        src.load = lambda: inner()[:max_documents]
+    return src
+
+
 def stable_hash(text: str) -> int:
     """A process-independent 64-bit hash (Python's ``hash`` is salted per process)."""
     return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big")

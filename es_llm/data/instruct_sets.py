@@ -17,7 +17,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from es_llm.data.documents import stat_entry, stdlib_files, stdlib_root
+from es_llm.data.documents import keep_first, stat_entry, stdlib_files, stdlib_root
 from es_llm.data.instruct import (
     INSTRUCT_PREFIX,
     InstructDataError,
@@ -124,9 +124,4 @@ def resolve_instruct_source(data: str, max_documents: int | None = None) -> Inst
     ``load_corpus``; for a local source the first records, for an embedded set its own knob)."""
     if data.strip().lower().startswith(INSTRUCT_PREFIX):
         return embedded_instruct_source(data.strip()[len(INSTRUCT_PREFIX) :], max_documents)
-    src = local_instruct_source(data)
-    if max_documents is not None:
-        inner = src.load
-        src.fingerprint = {**src.fingerprint, "max_documents": max_documents}
-        src.load = lambda: inner()[:max_documents]
-    return src
+    return keep_first(local_instruct_source(data), max_documents)

@@ -21,6 +21,7 @@ from pathlib import Path
 from es_llm.data.documents import (
     Document,
     Source,
+    keep_first,
     stat_entry,
     stdlib_files,
     stdlib_root,
@@ -524,9 +525,6 @@ def resolve_source(data: str | None, max_documents: int | None = None) -> Source
         return recipe_source(data, max_documents)
     if not isinstance(data, str) or not data.strip():
         raise InputError(f"data must be None, 'stdlib', a path or a dataset name, got {data!r}")
-    src = local_source(data) if looks_like_path(data) else hub_source(data)
-    if max_documents is not None:
-        inner = src.load
-        src.fingerprint = {**src.fingerprint, "max_documents": max_documents}
-        src.load = lambda: inner()[:max_documents]
-    return src
+    return keep_first(
+        local_source(data) if looks_like_path(data) else hub_source(data), max_documents
+    )
