@@ -8,13 +8,18 @@ import numpy as np
 import pytest
 import torch
 
+from es_llm.sampling.config import EvolvedSamplingConfig
+from es_llm.sampling.methods import base as methods_base
+from es_llm.sampling.methods.base import SamplingMethod, Visit, ema_update, register
 from es_llm.sampling.noise import STREAM_EPSILON, STREAM_GUMBEL, derive_key, hash_u64
 from es_llm.sampling.policies import (
     es_weights,
     method_weights,
+    score_update,
     select_without_replacement,
     valid_weight_mask,
 )
+from es_llm.sampling.store import ScoreStore
 
 
 def plackett_luce_inclusion(w: list[float], k: int) -> tuple[np.ndarray, dict]:
@@ -275,3 +280,47 @@ def test_selection_stays_on_the_device_of_the_weights():
         w, 10, seed=0, step=1, valid=torch.ones(50, dtype=torch.bool, device="meta"), epsilon=0.3
     )
     assert pos.device.type == "meta" and pos.shape == (10,) and pos.dtype == torch.int64
+
+
+class _Beta1Score(SamplingMethod):
+    """A test-only method whose score rule reads an option other than beta2 (beta1)."""
+
+    name = "beta1_score_test"
+
+    def weights(self, cfg: EvolvedSamplingConfig, visit: Visit) -> torch.Tensor:
+        return torch.ones_like(visit.losses)
+
+    def score_update(self, cfg: EvolvedSamplingConfig, visit: Visit) -> torch.Tensor:
+        return ema_update(visit.scores, visit.losses, cfg.beta1)
+
+
+@pytest.fixture
+def beta1_score(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(methods_base, "_REGISTRY", dict(methods_base._REGISTRY))  # undone after
+    register(_Beta1Score)
+    return _Beta1Score.name
+
+
+def test_plain_steps_update_scores_by_the_runs_config_as_selection_steps_do(beta1_score: str):
+    # beta1 0.5 (default 0.2): a plain step's update (ScoreStore.observe: burn-in, anneal,
+    # prune) must read the run's value, as the selection step's score rule does
+    cfg = EvolvedSamplingConfig(method=beta1_score, beta1=0.5, s_init=2.0)
+    store = ScoreStore(cfg, lo=0, hi=4, num_samples=4, device=torch.device("cpu"))
+    ids, losses = torch.tensor([0, 2]), torch.tensor([4.0, 6.0])
+    store.observe(ids, losses)
+    visit = Visit(scores=torch.full((2,), 2.0), losses=losses)
+    _, selection_scores = cfg.sampling_method.evaluate(cfg, visit)
+    torch.testing.assert_close(selection_scores, torch.tensor([3.0, 4.0]))  # 0.5*2 + 0.5*l
+    torch.testing.assert_close(store.table.gather(ids), selection_scores)
+    torch.testing.assert_close(store.table.gather(torch.tensor([1, 3])), torch.full((2,), 2.0))
+    torch.testing.assert_close(score_update(cfg, visit.scores, losses), selection_scores)
+    with pytest.raises(TypeError, match="reads beta2 from the config"):
+        score_update(cfg, visit.scores, losses, 0.8)
+
+
+def test_score_update_by_method_name_is_the_loose_beta2_rule():
+    s, lo = torch.tensor([1.0, 3.0]), torch.tensor([2.0, 1.0])
+    torch.testing.assert_close(score_update("es", s, lo, 0.8), 0.8 * s + 0.2 * lo)
+    torch.testing.assert_close(score_update("lp", s, lo, 0.8), lo)  # lp: the last loss
+    with pytest.raises(TypeError, match="needs beta2"):
+        score_update("es", s, lo)

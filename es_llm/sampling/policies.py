@@ -48,10 +48,10 @@ def es_weights(
 
 
 def score_update(
-    method: str,
+    cfg: EvolvedSamplingConfig | str,
     prev_scores: torch.Tensor,
     losses: torch.Tensor,
-    beta2: float,
+    beta2: float | None = None,
     state: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """A sample's new score after a visit with loss ``losses``, by the method's own rule.
@@ -61,9 +61,18 @@ def score_update(
     steps (burn-in, anneal, prune), so an lp run with burn-in starts selecting from real
     last losses instead of from EMAs that no later loss can fall below. ``state``: the
     method's per-sample columns for the same samples (`SamplingMethod.state`).
+
+    ``cfg``: the run's validated config, which the rule reads as a selection step does (so a
+    rule reading any of its options sees the run's values on plain steps too); or, as a loose
+    form for one-off use, a method name with ``beta2`` (every other option at its default).
     """
-    m = get_method(method)
-    cfg = _loose_config(method, beta2=beta2)
+    if isinstance(cfg, str):
+        if beta2 is None:
+            raise TypeError("score_update by method name needs beta2")
+        cfg = _loose_config(cfg, beta2=beta2)
+    elif beta2 is not None:
+        raise TypeError("score_update reads beta2 from the config; do not pass it as well")
+    m = cfg.sampling_method
     s = torch.as_tensor(prev_scores).to(torch.float32)
     lo = torch.as_tensor(losses).to(torch.float32)
     return m.score_update(cfg, Visit(scores=s, losses=lo, state=state or {}))

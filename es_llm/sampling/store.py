@@ -2,7 +2,8 @@
 
 One job: the scores s_i of the rank's own global ids. Selection steps write them through the
 global selector (`global_selection.py`); plain steps (burn-in, anneal, prune) write them here
-from the training losses, by the rule the method's selection reads (`policies.score_update`).
+from the training losses, by the rule the method's selection reads (`policies.score_update`
+on the run's own validated config).
 With scorer stale it also keeps each sample's last observed training loss (`last_loss`, NaN:
 never observed, read as s_init), and every training loss, of any step, updates both here.
 """
@@ -80,9 +81,8 @@ class ScoreStore:
         if valid is not None:
             ok &= valid.to(tdev)
         state = self.column_state(ids_t)
-        s_new = score_update(
-            self.es.method, self.table.gather(ids_t), losses_t, self.es.beta2, state
-        )
+        # the run's config, as a selection step reads it (not a rebuilt beta2-only one)
+        s_new = score_update(self.es, self.table.gather(ids_t), losses_t, state=state)
         self.table.update(ids_t, s_new, ok)
         if self.last_loss is not None:
             self.last_loss.update(ids_t, losses_t, ok)
