@@ -27,6 +27,7 @@ BASE_PREFIX = "base:"
 BASE_SOURCE = "stdlib"
 DEFAULT_STEPS = 2000
 BASE_VAL_SAMPLES = 256  # the pre-training run validates on the first held-out rows only
+PRETRAIN_SUMMARY = "pretrain_summary.json"  # the base's pre-training summary.json, kept beside
 BASE_VERSION = 1  # bump when what a base holds changes
 # Launcher variables a rank process has: the child pre-training run is a job of its own.
 LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
@@ -144,7 +145,7 @@ def ensure_base_model(
         _pretrain(spec, tmp / "run", cache, config=config, seq_len=seq_len,
                   vocab_size=vocab_size, seed=seed)  # fmt: skip
         model = tmp / "run" / "model"
-        shutil.copyfile(tmp / "run" / "summary.json", model / "pretrain_summary.json")
+        shutil.copyfile(tmp / "run" / "summary.json", model / PRETRAIN_SUMMARY)
         (model / "base_key.json").write_text(json.dumps(key, indent=1, default=str))
         return model
 

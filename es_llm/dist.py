@@ -297,5 +297,14 @@ class Communicator:
     def all_reduce_min_int(self, value: int) -> int:
         return all_reduce_min_int(value, self.group)
 
+    def all_reduce_sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum `t` over the group in place, on the device its backend needs, without a host
+        sync (the proxy scorer's gradients); returns `t`."""
+        if self.size == 1:
+            return t
+        _count(t, 1)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t
+
     def __repr__(self) -> str:
         return f"Communicator(rank={self.rank}, size={self.size}, device={self.device})"

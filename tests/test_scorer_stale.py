@@ -61,10 +61,8 @@ def test_stale_is_accepted_by_methods_without_a_scoring_forward_and_changes_noth
 @pytest.mark.parametrize(
     ("section", "message"),
     [
-        ({"scorer": "proxy"}, "evolved_sampling.scorer: 'proxy' is not implemented yet; "
-         "implemented: 'learner' or 'stale'"),
-        ({"scorer": "fresh"}, "evolved_sampling.scorer: unknown value 'fresh'; implemented: "
-         "'learner' or 'stale'"),
+        ({"scorer": "fresh"}, "evolved_sampling.scorer: unknown value 'fresh'; one of "
+         "'learner', 'stale', 'proxy'"),
         ({"scorer": "stale", "method": "lp"}, "evolved_sampling.scorer: scorer 'stale' does "
          "not fit method 'lp'"),
         ({"scorer": "stale", "epsilon": 0}, "evolved_sampling.epsilon: epsilon must be in "
@@ -89,7 +87,7 @@ def test_the_scorer_flag_fills_the_run_config_and_choices_are_the_implemented_on
     assert es_config_for_run(ds, None, {}).scorer == "learner"
     assert es_config_for_run(ds, None, {"scorer": "stale"}).stale  # --es scorer=stale
     with pytest.raises(SystemExit):
-        p.parse_args(["--scorer", "proxy"])
+        p.parse_args(["--scorer", "fresh"])
 
 
 def test_a_uniform_share_that_rounds_to_no_place_is_refused_by_the_plan():

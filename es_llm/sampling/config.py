@@ -37,9 +37,11 @@ _OPTIONS: tuple[type[Options], ...] = tuple(
     dict.fromkeys(opts for m in registered() for opts in m.options)
 )
 
-# The values of `scorer`: who supplies the losses a selection step weighs. "proxy" (a small
-# separate model) is planned, not implemented: it is refused with the implemented values.
-SCORERS: tuple[str, ...] = ("learner", "stale")
+# The values of `scorer`: who supplies the losses a selection step weighs: the learner's own
+# no-grad forward, the stored losses (no forward), or a small separate model (`proxy_model`).
+SCORERS: tuple[str, ...] = ("learner", "stale", "proxy")
+# What the proxy scorer learns from: the samples the learner trains in each step, or nothing
+PROXY_LEARN: tuple[str, ...] = ("trained", "none")
 STALE_EPSILON = 0.1  # scorer stale's default uniform share (its reachability floor)
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "EvolvedSamplingConfig",
     "METHODS",
     "Method",
+    "PROXY_LEARN",
     "SCORERS",
     "SECTION",
     "STALE_EPSILON",
@@ -65,7 +68,10 @@ class _SharedKeys(BaseModel):
 
     enabled: bool = True
     method: str = "es"  # a registered name (checked below, so a method added later validates)
-    scorer: str = "learner"  # SCORERS: a fresh no-grad forward, or stored losses (no forward)
+    scorer: str = "learner"  # SCORERS: a fresh no-grad forward, stored losses, or a proxy
+    proxy_model: str | None = None  # scorer proxy: a preset, base:PRESET[,steps=N] or HF dir
+    proxy_lr: float | None = None  # scorer proxy: its AdamW rate (None: the ds_config's lr)
+    proxy_learn: str = "trained"  # PROXY_LEARN: what the proxy learns from, online
     selection_ratio: float = 0.5
     beta1: float = 0.2
     beta2: float = 0.8
@@ -94,9 +100,13 @@ class _SharedKeys(BaseModel):
     @classmethod
     def _v_scorer(cls, v: str, info: Any) -> str:
         if v not in SCORERS:
-            head = f"{v!r} is not implemented yet" if v == "proxy" else f"unknown value {v!r}"
-            raise ValueError(f"{head}; implemented: {' or '.join(map(repr, SCORERS))}")
+            raise ValueError(f"unknown value {v!r}; one of {', '.join(map(repr, SCORERS))}")
         name = info.data.get("method")
+        if v == "proxy" and name in method_names() and not get_method(name).scoring_forward:
+            raise ValueError(
+                f"scorer 'proxy' does not fit method {name!r}: it has no scoring forward for "
+                "a proxy to replace (it trains plain batches); use scorer 'learner'"
+            )
         if v == "stale" and name in method_names():
             m = get_method(name)
             if m.scoring_forward and not m.stale_weights:
@@ -105,6 +115,20 @@ class _SharedKeys(BaseModel):
                     "loss beside the stored one (a stored last loss makes it constant); use "
                     "scorer 'learner'"
                 )
+        return v
+
+    @field_validator("proxy_lr")
+    @classmethod
+    def _v_proxy_lr(cls, v: float | None) -> float | None:
+        if v is not None and (math.isinf(v) or math.isnan(v)):
+            raise ValueError(f"proxy_lr must be a finite number in (0, inf) or null, got {v!r}")
+        return v if v is None else _check_range("proxy_lr", v, 0.0, None, True, True)
+
+    @field_validator("proxy_learn")
+    @classmethod
+    def _v_proxy_learn(cls, v: str) -> str:
+        if v not in PROXY_LEARN:
+            raise ValueError(f"unknown value {v!r}; one of {', '.join(map(repr, PROXY_LEARN))}")
         return v
 
     @field_validator("selection_ratio")
@@ -196,6 +220,17 @@ class _SharedKeys(BaseModel):
         return out
 
     @model_validator(mode="after")
+    def _v_proxy_fields(self) -> EvolvedSamplingConfig:
+        if self.scorer != "proxy":
+            for name in ("proxy_model", "proxy_lr"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name} is set but scorer is {self.scorer!r}: it belongs to scorer "
+                        "'proxy' (set scorer: proxy, or remove it)"
+                    )
+        return self
+
+    @model_validator(mode="after")
     def _v_burn_in_exclusive(self) -> EvolvedSamplingConfig:
         if self.burn_in_steps is not None and self.burn_in_epochs is not None:
             raise ValueError(
@@ -249,8 +284,13 @@ class EvolvedSamplingConfig(*reversed(_OPTIONS), _SharedKeys):  # type: ignore[m
         return self.scorer == "stale" and self.uses_scoring_forward
 
     @property
+    def proxy(self) -> bool:
+        """Selection steps are scored by the proxy model, which learns online."""
+        return self.scorer == "proxy" and self.uses_scoring_forward
+
+    @property
     def runs_scoring_forward(self) -> bool:
-        """A selection step runs the no-grad scoring forward (scorer learner)."""
+        """A selection step runs a no-grad scoring forward (scorer learner or proxy)."""
         return self.uses_scoring_forward and not self.stale
 
     @property

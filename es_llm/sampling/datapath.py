@@ -158,6 +158,11 @@ class ESDataPath:
         self.rank, self.world = comm.rank, comm.size
         self.device = torch.device(device) if device is not None else comm.device
         self.scorer = scorer
+        if self.es.proxy and not callable(getattr(scorer, "learn", None)):
+            raise ValueError(
+                "scorer proxy needs a scorer that learns (es_llm.drivers.proxy.ProxyScorer): "
+                f"got {type(scorer).__name__}"
+            )
         self.stream = StepStream(train_dataset, rank=self.rank, size=self.world, seed=plan.seed)
         self.store = ScoreStore(
             plan.es,
@@ -298,7 +303,7 @@ class ESDataPath:
         """(mean loss fp32, valid bool) of the draw's samples, on the device."""
         if self.scorer is None:
             raise RuntimeError("ESDataPath has no scorer: pass scorer= or set .scorer")
-        with self.timers.span("score_fwd_s"):
+        with self.timers.span("proxy_fwd_s" if self.es.proxy else "score_fwd_s"):
             if draw.labels is None:
                 loss, valid = self.scorer(draw.tokens, draw.ids)
             else:
@@ -432,7 +437,11 @@ class ESDataPath:
             a.train_ids.append(ids.detach())
 
     def finish_step(self, a: StepAssignment) -> dict[str, Any]:
-        """Close the step: count it and return its record (the plain step's one host sync)."""
+        """Close the step: count it and return its record (the plain step's one host sync).
+        With scorer proxy, the proxy first learns from the rows this rank trained."""
+        if self.es.proxy:
+            with self.timers.span("proxy_train_s"):
+                self.scorer.learn(a.tokens, a.labels, a.loss_weights > 0)
         if not a.draw.selecting:
             dev = self.comm.device
             losses = torch.cat(a.train_losses) if a.train_losses else torch.zeros(0)
@@ -537,6 +546,7 @@ class ESDataPath:
             "totals": dict(self.totals),
             "timers": self.timers.state_dict(),
             "host_syncs": self.host_syncs,
+            **({"proxy": self.scorer.state_dict()} if self.es.proxy else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any], *, source: str = "the ES state") -> None:
@@ -550,7 +560,12 @@ class ESDataPath:
             )
         saved, now = dict(state["fingerprint"]), self.fingerprint()
         if isinstance(saved.get("evolved_sampling"), dict):  # written before `scorer` existed
-            saved["evolved_sampling"] = {"scorer": "learner", **saved["evolved_sampling"]}
+            defaults = {"scorer": "learner", "proxy_model": None, "proxy_lr": None}
+            saved["evolved_sampling"] = {
+                **defaults,
+                "proxy_learn": "trained",
+                **saved["evolved_sampling"],
+            }
         diff = [k for k in now if saved.get(k) != now[k]]
         if diff:
             detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in diff)
@@ -562,6 +577,8 @@ class ESDataPath:
             self.store.load_state_dict(state["scores"])
             self.stream.load_state_dict(state["stream"])
             self.selector.load_state_dict(state["selector"])
+            if self.es.proxy:  # its weights and optimizer: the resumed proxy scores the same
+                self.scorer.load_state_dict(state["proxy"])
         except (KeyError, ValueError, TypeError) as e:
             raise DataPathError(f"{source} does not fit this run: {e}") from e
         self.step = int(state["step"])

@@ -16,7 +16,15 @@ from typing import Any
 
 import torch
 
-TIMERS = ("score_fwd_s", "select_s", "train_fwd_bwd_s", "optimizer_s")
+# proxy_*: scorer proxy's scoring forward and its online training (zero with other scorers)
+TIMERS = (
+    "score_fwd_s",
+    "select_s",
+    "train_fwd_bwd_s",
+    "optimizer_s",
+    "proxy_fwd_s",
+    "proxy_train_s",
+)
 
 
 class StepTimers:
