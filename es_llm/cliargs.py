@@ -84,9 +84,19 @@ def add_run_arguments(p: argparse.ArgumentParser, *, with_method: bool = True) -
             choices=SCORERS,
             default=None,
             help="what supplies the losses a selection step weighs: 'learner' (a no-grad "
-            "forward of the meta-batch), or 'stale' (no forward: each sample's stored score "
-            "and last training loss; docs/algorithm.md); overrides evolved_sampling.scorer. "
-            "Default: the config's scorer, else learner",
+            "forward of the meta-batch), 'stale' (no forward: each sample's stored score "
+            "and last training loss), or 'proxy' (a small model's no-grad forward; it learns "
+            "online from the trained samples; docs/algorithm.md); overrides "
+            "evolved_sampling.scorer. Default: the config's scorer, else learner",
+        )
+        p.add_argument(
+            "--proxy-model",
+            default=None,
+            help="the proxy scorer's model (with --scorer proxy): a preset, base:PRESET[,steps=N] "
+            "(pre-trained once and cached), or a local Hugging Face directory with the "
+            "learner's tokenizer; at most 1/5 of the learner's FLOPs per token. Overrides "
+            "evolved_sampling.proxy_model. Default: the config's, else the largest of "
+            "gpt2-tiny, gpt2-nano within 1/5 of the learner",
         )
     p.add_argument(
         "--config",

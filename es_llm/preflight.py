@@ -22,16 +22,17 @@ from es_llm.errors import InputError
 
 if TYPE_CHECKING:
     from es_llm.model import ModelSpec
+    from es_llm.sampling.config import EvolvedSamplingConfig
 
 SMALL_TEXT = 1 << 20  # a single text file up to this size is split once here, as a check
 SMALL_INSTRUCT = 8 << 20  # instruction files up to this size in all are read here, as a check
 WRITE_CHECK_PREFIX = ".es-llm-write-check-"
 
 
-def check_train_inputs(args: argparse.Namespace) -> None:
-    """Raise InputError for the first problem with the run's configs, data or checkpoint.
-    With --no-progress, first silences the progress bars of the libraries (every rank runs
-    this, before any of them loads a model or a dataset)."""
+def check_train_inputs(args: argparse.Namespace) -> EvolvedSamplingConfig:
+    """Raise InputError for the first problem with the run's configs, data or checkpoint;
+    return the run's ES config. With --no-progress, first silences the progress bars of the
+    libraries (every rank runs this, before any of them loads a model or a dataset)."""
     from es_llm.drivers.deepspeed.dsconfig import es_config_for_run, load_ds_config
     from es_llm.model import resolve_model
     from es_llm.sampling.plan import plan_geometry
@@ -48,6 +49,7 @@ def check_train_inputs(args: argparse.Namespace) -> None:
         getattr(args, "method", None),
         dict(args.es),
         scorer=getattr(args, "scorer", None),
+        proxy_model=getattr(args, "proxy_model", None),
     )
     # the run plan's first step (the rest needs the corpus, which is not read here)
     plan_geometry(ds_config, es, int(os.environ.get("WORLD_SIZE", "1")))
@@ -55,6 +57,8 @@ def check_train_inputs(args: argparse.Namespace) -> None:
     _check_data(args.data)
     _check_data(getattr(args, "val_data", None))
     _check_tokenizer(model, args)
+    if es.proxy:
+        _check_proxy(es.proxy_model, model, args)
     if getattr(args, "resume", None) is not None:
         from es_llm.drivers.deepspeed.checkpoint import preflight_resume
 
@@ -62,6 +66,7 @@ def check_train_inputs(args: argparse.Namespace) -> None:
         if not resume.is_dir():
             raise InputError(f"--resume {resume}: no such run directory")
         preflight_resume(resume)  # an intact tag: every file's size and sha256 (see there)
+    return es
 
 
 def _check_tokenizer(model: ModelSpec, args: argparse.Namespace) -> None:
@@ -82,6 +87,28 @@ def _check_tokenizer(model: ModelSpec, args: argparse.Namespace) -> None:
         return  # the corpus trains a BPE; a preset grows to it
     tok, _, _ = load_tokenizer(spec)
     check_fits(model, token_id_bound=token_id_bound(tok), seq_len=args.seq_len)
+
+
+def _check_proxy(proxy_model: str | None, model: ModelSpec, args: argparse.Namespace) -> None:
+    """scorer proxy: the proxy (a base: one by its preset) costs at most 1/5 of the learner,
+    and a proxy directory's tokenizer is the learner's when the learner's is known here (a
+    BPE the corpus trains is compared in the run's set-up)."""
+    from es_llm.base_models import is_base_spec, parse_base_spec
+    from es_llm.drivers.proxy import check_proxy_tokenizer, choose_proxy, spec_config
+    from es_llm.model import tokenizer_for
+
+    vocab = model.vocab_size or args.vocab_size
+    learner = spec_config(model, vocab_size=vocab, seq_len=args.seq_len)
+    base = proxy_model is not None and is_base_spec(proxy_model)
+    path = parse_base_spec(proxy_model).preset if base else None
+    choice = choose_proxy(
+        proxy_model, learner, vocab_size=vocab, seq_len=args.seq_len, proxy_path=path
+    )
+    tok = tokenizer_for(args.model, args.tokenizer)
+    if choice.spec.pretrained and tok is not None:
+        from es_llm.data.tokenizer import resolve_tokenizer_file
+
+        check_proxy_tokenizer(choice.name, choice.spec.path, resolve_tokenizer_file(tok)[0])
 
 
 def _inside(path: str | Path, folder: str | Path) -> bool:

@@ -707,7 +707,8 @@ def test_compare_end_to_end_writes_json_table_and_plot(compare_runs):
     for rec in result["methods"].values():
         assert rec.keys() >= METHOD_KEYS
         assert set(rec["time_breakdown_s"]) == {"score_fwd_s", "select_s", "train_fwd_bwd_s",
-                                                "optimizer_s", "other_s"}  # fmt: skip
+                                                "optimizer_s", "proxy_fwd_s", "proxy_train_s",
+                                                "other_s"}  # fmt: skip
     uni, es, matched = (result["methods"][k] for k in ("uniform", "es", MATCHED))
     assert result["target"]["kind"] == "best"  # the default
     assert (

@@ -142,6 +142,27 @@ def test_trainer_selects_what_the_native_loop_selects(
 
 
 @pytest.mark.multiproc
+def test_trainer_with_the_proxy_scorer_selects_what_the_native_loop_selects(
+    tmp_path, es_cache, native_beside
+):
+    """scorer proxy through ESTrainer: the same proxy (chosen, seeded and learning alike)
+    scores the same meta-batches as in the native loop, so both select the same samples."""
+    cfg = json.loads(HF_CONFIG.read_text())
+    cfg["evolved_sampling"]["scorer"] = "proxy"
+    path = tmp_path / "proxy.json"
+    path.write_text(json.dumps(cfg))
+    args = ("--max-train-samples", "256", "--max-steps", "6")
+    native_steps = native_beside(tmp_path / "native", path, *args)
+    hf = _run_hf(tmp_path / "hf", es_cache, 1, path, "--max-steps", "6")
+    native = native_steps()
+    assert [r["phase"] for r in hf] == ["burn_in"] + ["select"] * 5
+    assert [_key(r) for r in hf] == [_key(r) for r in native]
+    assert [r["meta_loss"] for r in hf] == [r["meta_loss"] for r in native]  # the proxy's
+    proxy = json.loads((tmp_path / "native" / "summary.json").read_text())["proxy"]
+    assert proxy["proxy_model"] == "gpt2-nano" and proxy["updates"] == 6
+
+
+@pytest.mark.multiproc
 def test_trainer_eswp_across_epochs_matches_native(tmp_path, es_cache, native_beside):
     """ESWP over 2 epochs on instruction data, the Trainer side through TRL's SFTTrainer
     (`ESSFTTrainer`) fed the rows as TRL users have them (no padding, varying length, labels,

@@ -207,6 +207,29 @@ def test_excess_stop_and_resume_selects_what_an_uninterrupted_run_selects(
 
 
 @pytest.mark.multiproc
+def test_proxy_stop_and_resume_selects_what_an_uninterrupted_run_selects(
+    tmp_path, es_cache, tiny_ds_config
+):
+    # scorer proxy: the proxy's weights and optimizer come back from the checkpoint, so the
+    # resumed proxy scores (and the run selects) exactly what the uninterrupted one does
+    cfg = tiny_ds_config(
+        scheduler=SCHEDULER, evolved_sampling={"burn_in_steps": 2, "scorer": "proxy"}
+    )
+    ref, cut = _stop_then_resume(tmp_path, es_cache, cfg, stop=5)
+    _assert_same_run(ref, cut, from_step=5)
+    for run in (ref, cut):
+        s = json.loads((run / "summary.json").read_text())
+        proxy, tb = s["proxy"], s["time_breakdown_s"]
+        # gpt2-tiny at vocabulary 512, length 32: the default proxy is gpt2-nano, 0.16 of it
+        assert proxy["proxy_model"] == "gpt2-nano" and proxy["default"] is True
+        assert 0 < proxy["flops_ratio"] <= 0.2 and proxy["updates"] == s["steps"]
+        assert tb["proxy_fwd_s"] > 0 and tb["proxy_train_s"] > 0 and tb["score_fwd_s"] == 0
+    assert [r["proxy_fwd_s"] > 0 for r in _steps(ref)] == [
+        r["phase"] == "select" for r in _steps(ref)
+    ]
+
+
+@pytest.mark.multiproc
 def test_eswp_resume_restores_the_epoch_plan_and_replans_the_next_epoch(
     tmp_path, es_cache, tiny_ds_config
 ):

@@ -213,7 +213,10 @@ class ESTrainerMixin:
                 f"from TrainingArguments ({self.args.per_device_train_batch_size}, "
                 f'{self.args.gradient_accumulation_steps}); use "auto" in the config'
             )
-        scorer = self._scorer or ModelScorer(
+        scorer = self._scorer
+        if scorer is None and es.proxy:  # scorer proxy: a small model learning online
+            scorer = self._proxy_scorer(plan, comm, ds, ds_config)
+        scorer = scorer or ModelScorer(
             lambda: self.model_wrapped,
             micro_batch=plan.scoring_micro_batch,
             ignore_index=es.ignore_index,
@@ -229,6 +232,27 @@ class ESTrainerMixin:
         # Trainer epochs only count steps: make their total the planned count
         per_trainer_epoch = math.ceil(plan.total_steps / epochs)
         return _ESStream(self.es_data, length=per_trainer_epoch * geo.grad_accum)
+
+    def _proxy_scorer(self, plan: RunPlan, comm: Any, ds: Any, ds_config: dict[str, Any]) -> Any:
+        """scorer proxy's `ProxyScorer`: proxy_model a preset or a local directory (a
+        ``base:`` spec is built by `es-llm train`; pass the directory it was built into),
+        its tokenizer checked against the Trainer's `processing_class` when that has a
+        vocabulary."""
+        from es_llm.drivers.proxy import build_proxy_scorer
+
+        get_vocab = getattr(self.processing_class, "get_vocab", None)
+        config = getattr(getattr(self.model, "config", None), "get_text_config", None)
+        return build_proxy_scorer(
+            plan.es,
+            config() if config is not None else self.model.config,
+            comm=comm,
+            micro_batch=plan.scoring_micro_batch,
+            seq_len=len(ds[0]["input_ids"]),
+            device=self.args.device,
+            ds_config=ds_config,
+            learner_vocab=get_vocab() if callable(get_vocab) else None,
+            seed=self.args.seed,
+        )
 
     def _es_rows(self, ds: Any) -> Any:
         """The train set as fixed-length rows with labels (a fixed-length set as it is)."""

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from es_llm.errors import InputError
+from es_llm.sampling.timing import TIMERS
 
 
 @dataclass
@@ -201,7 +202,7 @@ def run_plain(opts: PlainOptions, on_step: Callable[[int], None] | None = None) 
             fh.write(json.dumps(rec) + "\n")
     fwd_bwd = sum(fb for fb, _ in per_step)
     optim = sum(op for _, op in per_step)
-    timers = {"score_fwd_s": 0.0, "select_s": 0.0, "train_fwd_bwd_s": fwd_bwd, "optimizer_s": optim}
+    timers = dict.fromkeys(TIMERS, 0.0) | {"train_fwd_bwd_s": fwd_bwd, "optimizer_s": optim}
     summary: dict[str, Any] = {
         "method": "plain",
         "world_size": 1,

@@ -33,8 +33,10 @@ def es_config_for_run(
     overrides: dict[str, Any] | None = None,
     *,
     scorer: str | None = None,
+    proxy_model: str | None = None,
 ) -> EvolvedSamplingConfig:
-    """The ES config of a run: the ds_config section, then --method, --scorer and --es.
+    """The ES config of a run: the ds_config section, then --method, --scorer,
+    --proxy-model and --es.
 
     A config without the section (or with enabled=false) and no --method is plain uniform
     DeepSpeed training. `--method uniform` always means that, whatever the section says.
@@ -49,6 +51,8 @@ def es_config_for_run(
         data["method"] = method
     if scorer is not None:
         data["scorer"] = scorer
+    if proxy_model is not None:
+        data["proxy_model"] = proxy_model
     data.update(overrides or {})
     cfg = es_config_from_ds_config({SECTION: data})
     if cfg is None:  # only an override can disable it here

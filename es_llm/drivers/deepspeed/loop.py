@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from es_llm import dist
+from es_llm.base_models import ensure_base_model, is_base_spec
 from es_llm.data import load_corpus
 from es_llm.data.sharding import shard_range
 from es_llm.drivers.deepspeed import checkpoint as ckpt
@@ -78,6 +79,8 @@ class TrainOptions:
     cache_dir: str | None = None
     method: str | None = None
     scorer: str | None = None  # --scorer: evolved_sampling.scorer
+    proxy_model: str | None = None  # --proxy-model: evolved_sampling.proxy_model
+    proxy_path: str | None = None  # the directory a base: proxy_model was built into
     es_overrides: dict[str, Any] = field(default_factory=dict)
     epochs: int = 2
     max_steps: int | None = None
@@ -135,7 +138,11 @@ class ESRun:
         # validate the configs before any process group exists: bad input fails fast
         ds_config = load_ds_config(opts.config)
         self.es: EvolvedSamplingConfig = es_config_for_run(
-            ds_config, opts.method, opts.es_overrides, scorer=opts.scorer
+            ds_config,
+            opts.method,
+            opts.es_overrides,
+            scorer=opts.scorer,
+            proxy_model=opts.proxy_model,
         )
         self.method = self.es.method
         self.uses_reference = REF_LOSS in self.es.sampling_method.state
@@ -143,6 +150,21 @@ class ESRun:
             spec_from_options(opts).check()
         dist.ensure_launcher_env()
         plan_geometry(ds_config, self.es, int(os.environ["WORLD_SIZE"]))  # fails before init
+        if self.es.proxy and is_base_spec(self.es.proxy_model) and opts.proxy_path is None:
+            # its cached base, built once (a child run, as --model base: is) before any
+            # process group; it shares the learner's tokenizer when the learner is a base of
+            # the same vocabulary and seq_len (the scorer's set-up checks it)
+            opts.proxy_path = str(
+                ensure_base_model(
+                    self.es.proxy_model,
+                    config=opts.config,
+                    seq_len=opts.seq_len,
+                    vocab_size=opts.vocab_size,
+                    seed=opts.seed,
+                    cache_dir=opts.cache_dir,
+                    progress=opts.progress and int(os.environ.get("RANK", "0")) == 0,
+                )
+            )
         timeout = dist.collective_timeout()
         deepspeed.init_distributed(
             dist_backend=None, verbose=False, **({"timeout": timeout} if timeout else {})
@@ -200,7 +222,17 @@ class ESRun:
             model=model, model_parameters=model.parameters(), config=self.ds_config
         )
         self.scoring_mbs = self.plan.scoring_micro_batch
-        self.data = es_data_path(self.engine, corpus.train, self.plan, wrap_scorer=self.wrap_scorer)
+        self.data = es_data_path(
+            self.engine,
+            corpus.train,
+            self.plan,
+            wrap_scorer=self.wrap_scorer,
+            ds_config=ds_config,
+            proxy_path=opts.proxy_path,
+            learner_vocab=corpus.tokenizer_path,
+            vocab_size=corpus.vocab_size,
+            eod_id=corpus.eod_id,
+        )
         if ref_loss is not None:
             self.data.store.set_column(REF_LOSS, ref_loss)
         self.out = Path(opts.out)
@@ -643,6 +675,8 @@ class ESRun:
             ),
             "burn_in_steps": data.burn_in_steps,
             "reference": self.reference,
+            # scorer proxy: which proxy (the default is named), its FLOPs ratio, its learning
+            "proxy": data.scorer.summary() if self.es.proxy else None,
         }
         if self.is_main:
             self.metrics.close()

@@ -7,7 +7,8 @@ same writers, through `engine.monitor.write_events`, so one dashboard shows both
 
 - every optimizer step: `Train/ES/<field>` for the numeric fields of the step record of
   metrics.jsonl (train_loss, lr, scored, selected, invalid, meta_loss, step_s, the step's
-  share of each ES timer: score_fwd_s, select_s, train_fwd_bwd_s, optimizer_s);
+  share of each ES timer: score_fwd_s, select_s, train_fwd_bwd_s, optimizer_s, and with
+  scorer proxy proxy_fwd_s, proxy_train_s);
 - every evaluation: `Eval/val_loss` (what was evaluated) and `Eval/val_subset_loss` (the
   fixed subset, the curve's series).
 
@@ -53,6 +54,8 @@ STEP_EVENTS = (
     "select_s",
     "train_fwd_bwd_s",
     "optimizer_s",
+    "proxy_fwd_s",
+    "proxy_train_s",
 )
 EVAL_EVENTS = ("val_loss", "val_subset_loss")
 

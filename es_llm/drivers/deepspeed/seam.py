@@ -70,6 +70,11 @@ def es_data_path(
     group: Any = None,
     scorer: Scorer | None = None,
     wrap_scorer: Callable[[Scorer], Scorer] | None = None,
+    ds_config: dict[str, Any] | None = None,
+    proxy_path: str | None = None,
+    learner_vocab: Any = None,
+    vocab_size: int | None = None,
+    eod_id: int | None = None,
 ) -> ESDataPath:
     """The ES data path of a DeepSpeed `engine` over `train_dataset` (`input_ids`, optional
     `labels`; the row index is the global sample id).
@@ -80,9 +85,16 @@ def es_data_path(
     in chunks of the plan's scoring micro-batch; `scorer` replaces it, `wrap_scorer(default)`
     wraps it. The engine's LR schedule, if it has not started, starts at iteration 1
     (`start_lr_schedule`): the first step trains at a non-zero learning rate.
+
+    With ``scorer: proxy`` (and no `scorer`), the default scorer is the proxy
+    (`es_llm.drivers.proxy.build_proxy_scorer`): its model from ``proxy_model`` (a preset, a
+    directory, or `proxy_path` for a built ``base:``), seeded like the run, checked against
+    `learner_vocab` (the run's tokenizer.json or vocabulary; None: unchecked), its rate from
+    ``proxy_lr`` or `ds_config`'s optimizer (a dict `plan` is the ds_config already).
     """
     comm = dist.Communicator(group)
     if not isinstance(plan, RunPlan):
+        ds_config = plan if ds_config is None else ds_config
         plan = RunPlan.build(
             plan,
             dp_size=comm.size,
@@ -100,6 +112,23 @@ def es_data_path(
             f"engine_config(ds_config, plan)"
         )
     start_lr_schedule(engine)
+    if scorer is None and plan.es.proxy:
+        from es_llm.drivers.proxy import build_proxy_scorer
+
+        scorer = build_proxy_scorer(
+            plan.es,
+            getattr(engine.module, "config", None),
+            comm=comm,
+            micro_batch=plan.scoring_micro_batch,
+            seq_len=len(train_dataset[0]["input_ids"]),
+            device=dist.accelerator_device(),
+            ds_config=ds_config,
+            proxy_path=proxy_path,
+            learner_vocab=learner_vocab,
+            eod_id=eod_id,
+            seed=plan.seed,
+            vocab_size=vocab_size,
+        )
     if scorer is None:
         scorer = ModelScorer(
             lambda: engine.module,

@@ -41,7 +41,12 @@ TIMER_LABELS = {
     "select_s": "gather+select",
     "train_fwd_bwd_s": "train fwd+bwd",
     "optimizer_s": "optimizer",
+    "proxy_fwd_s": "proxy fwd",
+    "proxy_train_s": "proxy train",
 }
+# what supplying the scores costs: the learner's scoring forward, or the proxy's forward and
+# its online training (a summary written before the proxy timers reads 0 for them)
+SCORING_TIMERS = ("score_fwd_s", "proxy_fwd_s", "proxy_train_s")
 GOAL_TIME_SHARE = 0.6  # the project's goal: reach the target in <= 0.6x uniform's time ...
 GOAL_LOSS_SLACK = 0.005  # ... with a loss (best or final, as the target) <= 0.5% above it
 GRID_FIELDS = (
@@ -148,7 +153,7 @@ def method_record(
         wall, cpu = wall + ref_wall, cpu + ref_cpu
         hist = [{**h, "wall_clock_s": h["wall_clock_s"] + ref_wall,
                  "cpu_time_s": h["cpu_time_s"] + ref_cpu} for h in hist]  # fmt: skip
-    tb = dict(summary["time_breakdown_s"])
+    tb = {k: 0.0 for k in TIMER_LABELS} | dict(summary["time_breakdown_s"])
     tb["other_s"] = max(0.0, wall - ref_wall - sum(tb.values()))  # the reference: reference_s
     final = summary["final_val_loss"]
     best = best_point(hist)
@@ -182,14 +187,16 @@ def method_record(
         "time_to_target_cpu_s": ttt_cpu,
         "time_breakdown_s": tb,
         "time_share": {k: _div(v, wall) for k, v in tb.items()},
-        # scoring cost per sample relative to a training fwd+bwd per sample
+        # scoring cost per sample relative to a training fwd+bwd per sample; with a proxy
+        # scorer its forward and its online training are the scoring cost
         "scoring_cost_ratio": _div(
-            _div(tb["score_fwd_s"], summary["scored_samples"] or None),
+            _div(sum(tb[k] for k in SCORING_TIMERS), summary["scored_samples"] or None),
             _div(tb["train_fwd_bwd_s"], summary["bp_samples"] or None),
         ),
         # bookkeeping (all-gather + selection + score update) share of a selection step
         "bookkeeping_share": _div(tb["select_s"], select_step_s or None),
         "evolved_sampling": summary.get("evolved_sampling"),
+        "proxy": summary.get("proxy"),  # scorer proxy: its model, FLOPs ratio, learning
         "val_history": hist,
     }
     if uniform is not None:
