@@ -91,7 +91,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _bench_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
-    p = sub.add_parser("bench", help="microbenchmarks (kernels, score table)")
+    p = sub.add_parser("bench", help="microbenchmarks (kernels, score table, proxy scorer)")
     bsub = p.add_subparsers(dest="what", required=True)
     pk = bsub.add_parser(
         "kernels",
@@ -129,6 +129,17 @@ def _bench_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     )
     ps.add_argument("--out", default="runs/bench", help="output directory (default: %(default)s)")
     _add_verbose(ps)
+    pp = bsub.add_parser(
+        "proxy",
+        help="the proxy scorer's cost against the learner's scoring forward",
+        description="Time, per sample, the learner's scoring forward and training step and "
+        "the proxy's scoring forward and online update (random rows, one process, no "
+        "DeepSpeed); writes OUT/proxy_bench.json.",
+    )
+    from es_llm.tools.bench_proxy import add_arguments as proxy_arguments
+
+    proxy_arguments(pp)
+    _add_verbose(pp)
 
 
 def _add_verbose(p: argparse.ArgumentParser, *, top: bool = False) -> None:
@@ -207,6 +218,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from es_llm.kernels import bench as kbench
 
         kbench.run(args)
+        return 0
+    if args.what == "proxy":
+        from es_llm.tools import bench_proxy
+
+        bench_proxy.run(args)
         return 0
     from es_llm.tools.bench_scores import run_scores_bench
 

@@ -294,3 +294,23 @@ def test_two_ranks_hold_one_proxy_whose_update_is_one_ranks_over_the_same_rows(t
     single.learn(rows, None, torch.ones(8, dtype=torch.bool))
     one = torch.cat([p.detach().reshape(-1) for p in single.parameters()])
     torch.testing.assert_close(torch.tensor(r0["update"]), one, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ es-llm bench proxy
+def test_bench_proxy_writes_the_costs_of_both_scorers(tmp_path):
+    args = build_parser().parse_args(
+        ["bench", "proxy", "--model", "gpt2-tiny", "--seq-len", "32", "--vocab-size", "512",
+         "--batch", "8", "--micro-batch", "4", "--max-seconds", "0.5", "--out", str(tmp_path)]
+    )  # fmt: skip
+    from es_llm.tools.bench_proxy import run
+
+    run(args)
+    result = json.loads((tmp_path / "proxy_bench.json").read_text())
+    assert result["proxy"]["proxy_model"] == "gpt2-nano" and result["dtype"] == "fp32"
+    ms = result["per_sample_ms"]
+    assert set(ms) == {"learner_score_ms", "learner_train_ms", "proxy_score_ms", "proxy_learn_ms"}
+    assert all(v > 0 for v in ms.values()) and min(result["repeats"].values()) >= 3
+    cost = result["scoring_cost_per_training_sample"]
+    assert cost["proxy"] == pytest.approx(
+        (ms["proxy_score_ms"] + 0.5 * ms["proxy_learn_ms"]) / ms["learner_train_ms"]
+    )
