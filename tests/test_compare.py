@@ -509,6 +509,9 @@ def test_parsers_reject_unknown_methods_and_malformed_variants():
     assert (v.name, v.method) == ("es-r80", "es")
     assert v.overrides == {"selection_ratio": 0.8, "tau": 2, "importance_weighting": False}
     assert parse_variant("plain:uniform").overrides == {}
+    # a value with a comma (a base: spec) stays whole: "steps" is not a field
+    v = parse_variant("px:es:scorer=proxy,proxy_model=base:gpt2-tiny,steps=200,tau=1")
+    assert v.overrides == {"scorer": "proxy", "proxy_model": "base:gpt2-tiny,steps=200", "tau": 1}
     for bad in ("es-x", "x:nomethod", "es:es:tau=1", "x:es:tau", f"{MATCHED}:uniform"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_variant(bad)

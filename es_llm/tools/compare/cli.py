@@ -77,8 +77,23 @@ def parse_variant(text: str) -> Variant:
     if parts[0] in (MATCHED, *METHODS):
         raise argparse.ArgumentTypeError(f"--variant name {parts[0]!r} is taken by a method")
     items = parts[2].split(",") if len(parts) == 3 and parts[2] else []
-    overrides = dict(parse_key_value(item) for item in items)
-    return Variant(parts[0], parts[1], overrides)
+    return Variant(parts[0], parts[1], dict(parse_key_value(item) for item in _join_values(items)))
+
+
+def _join_values(items: list[str]) -> list[str]:
+    """Comma-separated KEY=VALUE items, where an item whose key is not an `evolved_sampling`
+    field continues the previous value: `proxy_model=base:gpt2-tiny,steps=200` is one item."""
+    from es_llm.sampling.config import EvolvedSamplingConfig
+
+    fields = set(EvolvedSamplingConfig.model_fields)
+    out: list[str] = []
+    for item in items:
+        key = item.split("=", 1)[0].strip()
+        if out and key not in fields:
+            out[-1] = f"{out[-1]},{item}"
+        else:
+            out.append(item)
+    return out
 
 
 def parse_grid(text: str) -> list[int]:
