@@ -142,14 +142,20 @@ def test_trainer_selects_what_the_native_loop_selects(
 
 
 @pytest.mark.multiproc
-def test_trainer_with_the_proxy_scorer_selects_what_the_native_loop_selects(
-    tmp_path, es_cache, native_beside
+@pytest.mark.parametrize("scorer", ["proxy", "stale"])
+def test_trainer_with_a_cheap_scorer_selects_what_the_native_loop_selects(
+    tmp_path, es_cache, native_beside, scorer
 ):
-    """scorer proxy through ESTrainer: the same proxy (chosen, seeded and learning alike)
-    scores the same meta-batches as in the native loop, so both select the same samples."""
+    """scorer proxy and stale through ESTrainer: the same proxy (chosen, seeded and learning
+    alike), or the same stored losses, weigh the same meta-batches as in the native loop, so
+    both select the same samples."""
     cfg = json.loads(HF_CONFIG.read_text())
-    cfg["evolved_sampling"]["scorer"] = "proxy"
-    path = tmp_path / "proxy.json"
+    # stale's default burn-in is a whole epoch: one step here, as the other runs have; its
+    # uniform share must fill at least one of the B = 4 places
+    cfg["evolved_sampling"].update(scorer=scorer, burn_in_steps=1)
+    if scorer == "stale":
+        cfg["evolved_sampling"]["epsilon"] = 0.25
+    path = tmp_path / f"{scorer}.json"
     path.write_text(json.dumps(cfg))
     args = ("--max-train-samples", "256", "--max-steps", "6")
     native_steps = native_beside(tmp_path / "native", path, *args)
@@ -157,9 +163,12 @@ def test_trainer_with_the_proxy_scorer_selects_what_the_native_loop_selects(
     native = native_steps()
     assert [r["phase"] for r in hf] == ["burn_in"] + ["select"] * 5
     assert [_key(r) for r in hf] == [_key(r) for r in native]
-    assert [r["meta_loss"] for r in hf] == [r["meta_loss"] for r in native]  # the proxy's
+    assert [r["meta_loss"] for r in hf] == [r["meta_loss"] for r in native]
     proxy = json.loads((tmp_path / "native" / "summary.json").read_text())["proxy"]
-    assert proxy["proxy_model"] == "gpt2-nano" and proxy["updates"] == 6
+    if scorer == "proxy":
+        assert proxy["proxy_model"] == "gpt2-nano" and proxy["updates"] == 6
+    else:
+        assert proxy is None
 
 
 @pytest.mark.multiproc
