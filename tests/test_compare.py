@@ -110,6 +110,21 @@ def test_method_record_reports_target_ratios_and_the_efficiency_limits():
     assert slow["speedup_vs_uniform"] == pytest.approx(9.5 / 9.0)
 
 
+def test_a_proxy_scorer_is_charged_its_timers_and_shown_with_its_shared_pretraining():
+    u = method_record(_summary("uniform", 4.0, 10.0, [(0, 8), (10, 4.0)]), [], 4.0, None)
+    s = _summary("es", 3.9, 9.5, [(0, 8), (5, 4.0), (9.5, 3.9)])
+    s["time_breakdown_s"].update(score_fwd_s=0.0, proxy_fwd_s=0.5, proxy_train_s=0.7)
+    s["proxy"] = {"proxy_model": "base:gpt2-tiny,steps=9", "pretrain": {"wall_clock_s": 3.0}}
+    px = method_record(s, [], 4.0, u)
+    # the proxy's forward and learning are what its scores cost
+    assert px["scoring_cost_ratio"] == pytest.approx((1.2 / 640) / (6 / 320))
+    assert px["time_to_target_ratio"] == pytest.approx(0.5)  # shared pre-training aside
+    assert px["proxy_pretrain_s"] == 3.0
+    assert px["time_to_target_ratio_with_proxy_pretrain"] == pytest.approx(0.8)
+    # an old summary without the proxy timers reads them as 0
+    assert u["time_breakdown_s"]["proxy_fwd_s"] == 0.0 and u["proxy_pretrain_s"] is None
+
+
 def test_a_run_just_outside_the_goal_does_not_meet_it():
     u = method_record(_summary("uniform", 4.0, 10.0, [(0, 8), (10, 4.0)]), [], 4.0, None)
     # reaches the target at 7 s: 0.7 x uniform's time, more than the goal of 0.6

@@ -29,6 +29,7 @@ __all__ = [
     "median_methods",
     "median_or_none",
     "method_record",
+    "proxy_pretrain_s",
     "round_view",
     "target_loss",
     "time_to_target",
@@ -197,6 +198,7 @@ def method_record(
         "bookkeeping_share": _div(tb["select_s"], select_step_s or None),
         "evolved_sampling": summary.get("evolved_sampling"),
         "proxy": summary.get("proxy"),  # scorer proxy: its model, FLOPs ratio, learning
+        "proxy_pretrain_s": proxy_pretrain_s(summary),
         "val_history": hist,
     }
     if uniform is not None:
@@ -204,6 +206,12 @@ def method_record(
         rec["time_to_target_cpu_ratio"] = _div(ttt_cpu, uniform["time_to_target_cpu_s"])
         rec["speedup"] = _div(uniform["time_to_target_s"], ttt)
         rec["speedup_cpu"] = _div(uniform["time_to_target_cpu_s"], ttt_cpu)
+        # a base: proxy's pre-training, shared by every run naming it: the share with it
+        pre = proxy_pretrain_s(summary)
+        if pre is not None:
+            rec["time_to_target_ratio_with_proxy_pretrain"] = _div(
+                None if ttt is None else ttt + pre, uniform["time_to_target_s"]
+            )
         # how long uniform needed for this run's final loss: a saving even when the target
         # itself is missed (>1 means this run got there faster than uniform)
         u_hist = uniform["val_history"]
@@ -220,6 +228,14 @@ def method_record(
             and own <= target * (1 + GOAL_LOSS_SLACK)
         )
     return rec
+
+
+def proxy_pretrain_s(summary: dict[str, Any]) -> float | None:
+    """Wall seconds a base: proxy took to pre-train (None: no such proxy). Not in the run's
+    own time: every run naming the same base shares it, so compare shows both ratios."""
+    pre = (summary.get("proxy") or {}).get("pretrain") or {}
+    wall = pre.get("wall_clock_s")
+    return None if wall is None else float(wall)
 
 
 def comparison_methods(

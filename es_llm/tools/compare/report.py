@@ -84,9 +84,16 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
                 f"({_f(r['best_val_loss_vs_target_pct'], '+.1f')}%)."
             )
         else:
+            with_pre = r.get("time_to_target_ratio_with_proxy_pretrain")
+            pre = (
+                f"; {_pct(with_pre)} counting its proxy's pre-training "
+                f"({_f(r.get('proxy_pretrain_s'))} s, shared by the runs that name it)"
+                if with_pre is not None
+                else ""
+            )
             lines.append(
                 f"- {who} reached it in {_pct(r['time_to_target_ratio'])} of uniform's time "
-                f"(speedup {_x(r['speedup'])})."
+                f"(speedup {_x(r['speedup'])}){pre}."
             )
     lines.append("")
     return lines + seeds_summary(result)
