@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from es_llm.errors import InputError
+from es_llm.sampling.timing import TIMERS
 
 __all__ = [
     "MONITOR_PACKAGES",
@@ -50,12 +51,7 @@ STEP_EVENTS = (
     "invalid",
     "meta_loss",
     "step_s",
-    "score_fwd_s",
-    "select_s",
-    "train_fwd_bwd_s",
-    "optimizer_s",
-    "proxy_fwd_s",
-    "proxy_train_s",
+    *TIMERS,  # the step's share of each ES timer
 )
 EVAL_EVENTS = ("val_loss", "val_subset_loss")
 
