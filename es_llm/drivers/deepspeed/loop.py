@@ -74,6 +74,7 @@ class TrainOptions:
     model: str = "gpt2-tiny"
     data: str | None = None
     val_data: str | None = None  # a separate clean validation source (--val-data)
+    val_share: float = 0.05  # share of split groups held out (--val-share; data.documents)
     tokenizer: str | None = None
     cache_dir: str | None = None
     method: str | None = None
@@ -224,6 +225,7 @@ class ESRun:
         return load_corpus(
             o.data,
             val_data=o.val_data,
+            val_share=o.val_share,
             seq_len=o.seq_len,
             cache_dir=o.cache_dir,
             vocab_size=o.vocab_size,
