@@ -139,8 +139,9 @@ def add_run_arguments(p: argparse.ArgumentParser, *, with_method: bool = True) -
         metavar="FRACTION",
         help="share of the data held out for validation, in (0, 0.5], by split group "
         "(a file, a record's group): 0.05 is the original rule and keeps every cache; a larger "
-        "share holds out a superset of a smaller one's groups; with --val-data, the share of "
-        "that source that validates (default: %(default)s)",
+        "share holds out a superset of a smaller one's groups; with --val-data, training "
+        "uses --data's train side and validation --val-data's held-out side, both at this "
+        "share; see docs/usage.md (default: %(default)s)",
     )
     p.add_argument(
         "--tokenizer",
