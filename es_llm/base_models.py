@@ -9,6 +9,11 @@ exported Hugging Face directory (``OUT/model``) in ``CACHE/base-models/<key>/``;
 run with the same key (source, preset, tokenizer, seq_len, seed, steps, config) reuses it.
 ``--model base:...`` is then replaced by that directory, so the run fine-tunes it with its
 own tokenizer, as ``--model DIR`` does.
+
+The base pre-trains on the train side of the stdlib split at the run's ``--val-share``: the
+stdlib's files and ``instruct:stdlib-functions``'s records share their split groups (the file),
+so no file the fine-tuning validates on was pre-trained on. A share other than the default is
+part of the key (the default keeps the keys of bases built before --val-share existed).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from es_llm.data.documents import DEFAULT_VAL_SHARE, check_val_share
 from es_llm.errors import InputError
 
 BASE_PREFIX = "base:"
@@ -64,7 +70,15 @@ def parse_base_spec(text: str) -> BaseSpec:
     return BaseSpec(preset, steps)
 
 
-def base_key(spec: BaseSpec, *, config: str, seq_len: int, vocab_size: int, seed: int) -> dict:
+def base_key(
+    spec: BaseSpec,
+    *,
+    config: str,
+    seq_len: int,
+    vocab_size: int,
+    seed: int,
+    val_share: float = DEFAULT_VAL_SHARE,
+) -> dict:
     """Everything the base's weights depend on (its cache key is a digest of this)."""
     from es_llm.data.sources import resolve_source
     from es_llm.drivers.deepspeed.dsconfig import load_ds_config
@@ -80,6 +94,7 @@ def base_key(spec: BaseSpec, *, config: str, seq_len: int, vocab_size: int, seed
         "steps": spec.steps,
         "config": load_ds_config(config),
         "val_samples": BASE_VAL_SAMPLES,
+        **({} if val_share == DEFAULT_VAL_SHARE else {"val_share": val_share}),
     }
 
 
@@ -88,13 +103,13 @@ def _child_env() -> dict[str, str]:
 
 
 def _pretrain(spec: BaseSpec, out: Path, cache: Path, *, config: str, seq_len: int,
-              vocab_size: int, seed: int) -> None:  # fmt: skip
+              vocab_size: int, seed: int, val_share: float) -> None:  # fmt: skip
     cmd = [
         sys.executable, "-m", "es_llm.cli", "train",
         "--config", config, "--method", "uniform", "--model", spec.preset,
         "--data", BASE_SOURCE, "--seq-len", str(seq_len), "--vocab-size", str(vocab_size),
         "--seed", str(seed), "--max-steps", str(spec.steps), "--epochs", "1000",
-        "--max-val-samples", str(BASE_VAL_SAMPLES),
+        "--max-val-samples", str(BASE_VAL_SAMPLES), "--val-share", repr(val_share),
         "--cache-dir", str(cache), "--out", str(out), "--no-progress",
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=_child_env(), capture_output=True, text=True)
@@ -117,6 +132,7 @@ def ensure_base_model(
     seed: int,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    val_share: float = DEFAULT_VAL_SHARE,
 ) -> Path:
     """The cached base's Hugging Face directory, pre-training it first when it is missing.
 
@@ -126,8 +142,10 @@ def ensure_base_model(
     from es_llm.data.sources import default_cache_dir
 
     spec = parse_base_spec(text)
+    val_share = check_val_share(val_share)  # a bad --val-share: one line, before pre-training
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    key = base_key(spec, config=config, seq_len=seq_len, vocab_size=vocab_size, seed=seed)
+    key = base_key(spec, config=config, seq_len=seq_len, vocab_size=vocab_size, seed=seed,
+                   val_share=val_share)  # fmt: skip
     digest = cache_digest(key)[:16]
     name = f"{BASE_SOURCE}-{Path(spec.preset).stem}-T{seq_len}-s{spec.steps}-{digest}"
     entry = cache / "base-models" / name
@@ -143,7 +161,7 @@ def ensure_base_model(
 
     def pretrain(tmp: Path) -> Path:
         _pretrain(spec, tmp / "run", cache, config=config, seq_len=seq_len,
-                  vocab_size=vocab_size, seed=seed)  # fmt: skip
+                  vocab_size=vocab_size, seed=seed, val_share=val_share)  # fmt: skip
         model = tmp / "run" / "model"
         shutil.copyfile(tmp / "run" / "summary.json", model / PRETRAIN_SUMMARY)
         (model / "base_key.json").write_text(json.dumps(key, indent=1, default=str))
@@ -167,6 +185,7 @@ def resolve_model_arg(args) -> None:
         seed=args.seed,
         cache_dir=args.cache_dir,
         progress=not getattr(args, "no_progress", False),
+        val_share=getattr(args, "val_share", DEFAULT_VAL_SHARE),
     )
     args.model = str(entry)
     if args.tokenizer is None:

@@ -26,6 +26,7 @@ __all__ = [
     "parse_key_value",
     "parse_method_list",
     "positive_int",
+    "share_value",
 ]
 
 
@@ -38,6 +39,16 @@ def positive_int(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
     return v
+
+
+def share_value(text: str) -> float | str:
+    """argparse type of --val-share: the number, or the text itself when it is none, so the
+    range check (``documents.check_val_share``, before the data loads) says what is wrong in
+    one line instead of argparse's usage block."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def parse_key_value(text: str) -> tuple[str, Any]:
@@ -130,6 +141,17 @@ def add_run_arguments(p: argparse.ArgumentParser, *, with_method: bool = True) -
         help="validate on this separate source (same forms as --data), e.g. 'recipe:code=1' "
         "while --data has junk; its held-out documents only, never a training document "
         "(default: hold out part of --data)",
+    )
+    p.add_argument(
+        "--val-share",
+        type=share_value,
+        default=0.05,
+        metavar="FRACTION",
+        help="share of the data held out for validation, in (0, 0.5], by split group "
+        "(a file, a record's group): 0.05 is the original rule and keeps every cache; a larger "
+        "share holds out a superset of a smaller one's groups; with --val-data, training "
+        "uses --data's train side and validation --val-data's held-out side, both at this "
+        "share; see docs/usage.md (default: %(default)s)",
     )
     p.add_argument(
         "--tokenizer",

@@ -1,6 +1,6 @@
 """Checks of `es-llm train`'s input that run before any engine or process group exists.
 
-A wrong --config, --model, --data, --val-data, --tokenizer or --resume is reported in a second,
+A wrong --config, --model, --data, --val-data, --val-share, --tokenizer or --resume is reported in a second,
 not after the DeepSpeed engine is up (a model directory that is not a causal LM, a tokenizer
 whose ids do not fit the model, a data file that cannot be read, a hub dataset that cannot be
 reached included); an --out or cache directory that cannot be written is refused first, and a
@@ -33,6 +33,7 @@ def check_train_inputs(args: argparse.Namespace) -> EvolvedSamplingConfig:
     """Raise InputError for the first problem with the run's configs, data or checkpoint;
     return the run's ES config. With --no-progress, first silences the progress bars of the
     libraries (every rank runs this, before any of them loads a model or a dataset)."""
+    from es_llm.data.documents import DEFAULT_VAL_SHARE, check_val_share
     from es_llm.drivers.deepspeed.dsconfig import es_config_for_run, load_ds_config
     from es_llm.model import resolve_model
     from es_llm.sampling.plan import plan_geometry
@@ -54,6 +55,7 @@ def check_train_inputs(args: argparse.Namespace) -> EvolvedSamplingConfig:
     # the run plan's first step (the rest needs the corpus, which is not read here)
     plan_geometry(ds_config, es, int(os.environ.get("WORLD_SIZE", "1")))
     model = resolve_model(args.model)
+    check_val_share(getattr(args, "val_share", DEFAULT_VAL_SHARE))
     _check_data(args.data)
     _check_data(getattr(args, "val_data", None))
     _check_tokenizer(model, args)

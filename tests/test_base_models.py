@@ -41,3 +41,28 @@ def test_child_run_is_its_own_job(monkeypatch):
     monkeypatch.setenv("ES_LLM_CACHE", "/x")
     env = _child_env()
     assert "RANK" not in env and "MASTER_PORT" not in env and env["ES_LLM_CACHE"] == "/x"
+
+
+def test_the_base_pretrains_on_the_train_side_of_the_runs_val_share(monkeypatch, tmp_path):
+    import subprocess
+
+    import es_llm.base_models as bm
+
+    kw = {"config": "cpu_tiny", "seq_len": 32, "vocab_size": 512, "seed": 0}
+    ref = base_key(BaseSpec("gpt2-tiny", 5), **kw)
+    assert "val_share" not in ref  # the default: the key of bases built before --val-share
+    assert base_key(BaseSpec("gpt2-tiny", 5), **kw, val_share=0.05) == ref
+    assert base_key(BaseSpec("gpt2-tiny", 5), **kw, val_share=0.2) == {**ref, "val_share": 0.2}
+    seen = []
+
+    def fake_run(cmd, **_):
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "stopped by the test")
+
+    monkeypatch.setattr(bm.subprocess, "run", fake_run)
+    with pytest.raises(bm.BaseModelError, match="stopped by the test"):
+        bm.ensure_base_model("base:gpt2-tiny,steps=5", cache_dir=tmp_path, val_share=0.2, **kw)
+    cmd = seen[0]
+    assert cmd[cmd.index("--val-share") + 1] == "0.2"
+    with pytest.raises(InputError, match="--val-share"):
+        bm.ensure_base_model("base:gpt2-tiny,steps=5", cache_dir=tmp_path, val_share=0.9, **kw)

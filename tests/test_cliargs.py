@@ -92,3 +92,32 @@ def test_compare_flags_become_the_same_options_with_defaults_for_train_only_flag
         assert getattr(opts, name) == getattr(defaults, name)
     # the options round-trip through the JSON a compare child reads
     assert TrainOptions(**dataclasses.asdict(opts)) == opts
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_val_share_flag_becomes_the_option(command):
+    from es_llm.drivers.deepspeed.loop import TrainOptions
+
+    parser = build_parser()
+    default = options_from_args(parser.parse_args([command, "--out", "runs/v"]))
+    assert default.val_share == 0.05 == TrainOptions(out=Path("x")).val_share
+    opts = options_from_args(parser.parse_args([command, "--out", "runs/v", "--val-share", "0.2"]))
+    assert opts.val_share == 0.2
+    assert TrainOptions(**dataclasses.asdict(opts)) == opts  # what a compare child reads
+    assert "--val-share" in _help(command)
+
+
+@pytest.mark.parametrize(
+    ("command", "value"), [("train", "0.7"), ("train", "0"), ("compare", "abc"), ("compare", "-1")]
+)
+def test_a_bad_val_share_is_one_line_before_anything_is_built(command, value, tmp_path):
+    from conftest import run_cli
+
+    cache = tmp_path / "cache"
+    args = [command, "--val-share", value, "--out", str(tmp_path / "out"), "--no-progress"]
+    r = run_cli([*args, "--cache-dir", str(cache)], cache, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("es-llm: error: --val-share must be"), lines
+    assert value in lines[0]
+    assert not cache.exists() or not any(cache.rglob("meta.json"))

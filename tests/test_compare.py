@@ -829,3 +829,13 @@ def test_a_run_that_refuses_its_input_is_an_input_error_in_the_parent(tmp_path):
     base = TrainOptions(out=tmp_path, config=str(tmp_path / "missing.json"))
     with pytest.raises(InputError, match=r"^run 'uniform': .*missing\.json' does not exist"):
         run_one(base, RunSpec("uniform", "uniform", {}, 1, 1), tmp_path, world=1, quiet=True)
+
+
+def test_markdown_report_says_what_share_was_held_out():
+    from es_llm.tools.compare.report import markdown_report
+
+    assert "Validation:" not in markdown_report(_result())  # results written before the flag
+    md = markdown_report({**_result(), "val_samples": 512, "val_share": 0.15, "val_data": None})
+    assert "Validation: 512 held-out sequences (0.15 of the data held out, --val-share)." in md
+    sep = {**_result(), "val_samples": 40, "val_share": 0.05, "val_data": "clean.jsonl"}
+    assert "(0.05 of --val-data clean.jsonl held out, --val-share)" in markdown_report(sep)

@@ -196,3 +196,28 @@ def test_compare_charges_the_reference_to_the_method_that_uses_it():
     # the time to reach a loss includes it too; the breakdown's "other" does not
     assert with_ref["best_wall_clock_s"] == plain["best_wall_clock_s"] + 4.0
     assert with_ref["time_breakdown_s"]["other_s"] == plain["time_breakdown_s"]["other_s"]
+
+
+def test_the_reference_keeps_clear_of_the_validation_groups_of_the_runs_share(tmp_path):
+    from types import SimpleNamespace
+
+    from es_llm.drivers.reference import excluded_fingerprint
+
+    data = _jsonl(tmp_path / "train.jsonl", [f"train text {i}" for i in range(200)])
+    stats = {"split_rule": "hash", "val_documents": 9}
+    narrow = validation_documents(data, None, stats)
+    wide = validation_documents(data, None, stats, 0.3)
+    assert {d.key for d in narrow} < {d.key for d in wide}
+    assert all(is_val_group(d.key, 0.3) for d in wide) and len(wide) > 2 * len(narrow)
+    # a reference document whose group only the larger share holds out is dropped at that share
+    only_wide = [d.key for d in wide if not is_val_group(d.key)]
+    reference = [Document(f"ref/{k}", f"clean {k}", group=k) for k in only_wide]
+    kept, counts = disjoint_reference_documents(reference, wide)
+    assert len(kept) == len(reference)  # the default share would train on all of them
+    kept, counts = disjoint_reference_documents(reference, wide, 0.3)
+    assert kept == [] and counts["dropped_val_group"] == len(reference)
+    # the cached reference is keyed by the share, the default as before --val-share existed
+    default = SimpleNamespace(data=data, val_data=None, val_share=0.05)
+    assert set(excluded_fingerprint(default, stats)) == {"source", "split_rule", "val_documents"}
+    shared = excluded_fingerprint(SimpleNamespace(data=data, val_data=None, val_share=0.3), stats)
+    assert shared == {**excluded_fingerprint(default, stats), "val_share": 0.3}

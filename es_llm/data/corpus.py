@@ -8,9 +8,11 @@ documents -> split by document (no leakage) -> BPE tokenizer trained on the trai
 Validation split *(our choice)*: a document is held out when ``sha1(group) mod 20 == 0``
 (about 5%; the group is the document's key unless a source groups documents, e.g. a recipe's
 copies of a file), so the split depends only on the document itself, never on the rest of the
-corpus. When that leaves no validation document, no train document, or too few validation
-tokens for one row, the split falls back to holding out the trailing documents in corpus
-order: the fewest, at least ceil(5%) of them, whose tokens fill one row. In that fallback the
+corpus. ``val_share`` (--val-share) holds out another share by a nested refinement of that
+rule (``documents.is_val_group``). When that leaves no validation document, no train document,
+or too few validation tokens for one row, the split falls back to holding out the trailing
+documents in corpus order: the fewest, at least ceil(n x share) of them, whose tokens fill one
+row. In that fallback the
 trained tokenizer may have seen the text of the moved documents (BPE merges only; no
 validation row is ever a train row).
 
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -43,15 +44,21 @@ from tqdm.auto import tqdm
 
 from es_llm.data.cache import build_once, cache_digest, datasets_progress, lock_path
 from es_llm.data.corpus_tokenizer import corpus_tokenizer, tokenizer_fingerprint
-from es_llm.data.documents import VAL_MODULUS, Document, Source
+from es_llm.data.documents import DEFAULT_VAL_SHARE, Document, Source, check_val_share
 from es_llm.data.entry import Corpus, open_entry
 from es_llm.data.instruct import is_instruct_data
 from es_llm.data.instruct_build import load_instruct_corpus
 from es_llm.data.sources import default_cache_dir, resolve_source
-from es_llm.data.split import SPLIT_RULE, separate_validation, split_documents, tail_split
+from es_llm.data.split import (
+    min_val_items,
+    separate_validation,
+    split_documents,
+    split_rule,
+    tail_split,
+)
 from es_llm.errors import InputError
 
-__all__ = ["Corpus", "default_cache_dir", "load_corpus", "pack"]
+__all__ = ["Corpus", "default_cache_dir", "load_corpus", "pack", "split_info"]
 
 FORMAT_VERSION = 2  # bump when the build changes what lands on disk
 ENCODE_CHUNK = 64  # documents per encode_batch call (bounds memory, drives the progress bar)
@@ -124,10 +131,17 @@ def _save_composition(
     np.save(out_dir / f"{split}_doc_component.npy", comp.astype(np.int16))
 
 
+def split_info(meta: dict) -> dict:
+    """How an entry was split, for ``composition`` (so summary.json and compare.json say it):
+    the rule used ("hash", "tail", "hash-separate-val-data") and the held-out share. Entries
+    built before --val-share existed hold no share: they were built at the default."""
+    return {"split_rule": meta["split_rule"], "val_share": meta.get("val_share", DEFAULT_VAL_SHARE)}
+
+
 def _composition(entry: Path, meta: dict, n_train: int, n_val: int) -> dict:
     """Documents (those starting inside the kept rows) and tokens per component and split."""
     names = meta["components"]
-    out: dict = {"data": meta["data"], "val_data": meta["val_data"]}
+    out: dict = {"data": meta["data"], "val_data": meta["val_data"], **split_info(meta)}
     for split, n in (("train", n_train), ("val", n_val)):
         tokens = np.load(entry / f"{split}_row_tokens.npy", mmap_mode="r")[:n].sum(axis=0)
         starts = np.load(entry / f"{split}_doc_starts.npy")
@@ -159,17 +173,18 @@ def _build(
     progress: bool,
     data_label: str,
     val_src: Source | None = None,
+    val_share: float = DEFAULT_VAL_SHARE,
 ) -> None:
     t0 = time.perf_counter()
     docs = src.load()
     if not docs:
         raise InputError(f"data {data_label}: no documents with text (empty dataset)")
     if val_src is None:
-        train_idx, val_idx, rule = split_documents(docs)
+        train_idx, val_idx, rule = split_documents(docs, val_share)
         doc_src = [src] * len(docs)
         tok_src = src
     else:
-        docs, train_idx, val_idx = _split_with_val_source(docs, val_src, data_label)
+        docs, train_idx, val_idx = _split_with_val_source(docs, val_src, data_label, val_share)
         rule = "hash-separate-val-data"
         doc_src = [src] * len(train_idx) + [val_src] * len(val_idx)
         tok_src = Source(src.name, {"train": src.fingerprint, "val": val_src.fingerprint}, src.load)
@@ -181,6 +196,7 @@ def _build(
         vocab_size=vocab_size,
         cache_dir=cache_dir,
         progress=progress,
+        val_share=val_share,
     )
     token_lists = _encode(tok, [d.text for d in docs], eod, f"tokenizing {src.name}", progress)
     total = _num_tokens(token_lists, list(range(len(docs))))
@@ -200,7 +216,7 @@ def _build(
     if _num_tokens(token_lists, val_idx) < seq_len:
         # Too little held-out text for one row: hold out the fewest trailing documents that fill one.
         n, k, acc = len(docs), 0, 0
-        while k < n - 1 and (acc < seq_len or k < math.ceil(n / VAL_MODULUS)):
+        while k < n - 1 and (acc < seq_len or k < min_val_items(n, val_share)):
             k += 1
             acc += len(token_lists[n - k])
         train_idx, val_idx = tail_split(n, k)
@@ -237,6 +253,7 @@ def _build(
         "requested_vocab_size": None if tokenizer else vocab_size,
         "eod_id": eod,
         "split_rule": rule,
+        "val_share": val_share,
         "documents": len(docs),
         "train_documents": len(train_idx),
         "val_documents": len(val_idx),
@@ -260,10 +277,10 @@ def _build(
 
 
 def _split_with_val_source(
-    docs: list[Document], val_src: Source, data_label: str
+    docs: list[Document], val_src: Source, data_label: str, val_share: float
 ) -> tuple[list[Document], list[int], list[int]]:
     """Train side of ``docs`` + held-out side of ``val_src`` (minus texts trained on)."""
-    train, val = separate_validation(docs, val_src.load(), lambda d: d.text)
+    train, val = separate_validation(docs, val_src.load(), lambda d: d.text, val_share)
     if not train:
         raise InputError(f"data {data_label}: every document falls on the validation side")
     if not val:
@@ -286,6 +303,7 @@ def load_corpus(
     max_documents: int | None = None,
     progress: bool = True,
     val_data: str | None = None,
+    val_share: float = DEFAULT_VAL_SHARE,
 ) -> Corpus:
     """Build (once) or load the packed corpus for ``data``; safe to call from many ranks at once.
 
@@ -297,6 +315,9 @@ def load_corpus(
     ``max_*_samples`` keep the first rows, so ids stay the row index.
     ``val_data``: validate on this separate source's held-out documents instead (any form
     ``data`` takes; see the module docstring); None splits ``data`` itself.
+    ``val_share``: the share of split groups held out, in (0, 0.5] (--val-share); the default
+    0.05 is the project's original rule, and a larger share holds out a superset (see
+    ``documents.is_val_group``); any other share is part of the cache keys.
     Instruction data (``instruct:...``, or files of prompt/completion or messages records)
     is not packed: see ``es_llm.data.instruct``.
     """
@@ -304,6 +325,7 @@ def load_corpus(
         raise InputError(f"seq_len must be an integer >= 2, got {seq_len!r}")
     if max_documents is not None and max_documents < 1:
         raise InputError(f"max_documents must be >= 1 or None, got {max_documents}")
+    val_share = check_val_share(val_share)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     label = repr(data) if data is not None else "'stdlib'"
     if is_instruct_data(data):  # one padded sample per record, with labels (data/instruct.py)
@@ -318,10 +340,13 @@ def load_corpus(
             max_documents=max_documents,
             progress=progress,
             val_data=val_data,
+            val_share=val_share,
         )
 
-    src = resolve_source(data, max_documents)
-    val_src = None if val_data is None else resolve_source(val_data, max_documents)
+    src = resolve_source(data, max_documents, val_share=val_share)
+    val_src = (
+        None if val_data is None else resolve_source(val_data, max_documents, val_share=val_share)
+    )
     tok_fp = tokenizer_fingerprint(tokenizer, vocab_size)
     key = cache_digest(
         {
@@ -329,7 +354,7 @@ def load_corpus(
             "source": src.fingerprint,
             "tokenizer": tok_fp,
             "seq_len": seq_len,
-            "split": SPLIT_RULE,
+            "split": split_rule(val_share),
             **({} if val_src is None else {"val_source": val_src.fingerprint}),
         }
     )[:16]
@@ -346,6 +371,7 @@ def load_corpus(
             progress=progress,
             data_label=label,
             val_src=val_src,
+            val_share=val_share,
         )
         return tmp
 

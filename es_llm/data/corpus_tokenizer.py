@@ -17,7 +17,8 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from es_llm.data.cache import cache_digest
-from es_llm.data.split import SPLIT_RULE
+from es_llm.data.documents import DEFAULT_VAL_SHARE
+from es_llm.data.split import split_rule
 from es_llm.data.tokenizer import (
     EOD_TOKEN,
     eod_id,
@@ -62,15 +63,21 @@ def corpus_tokenizer(
     vocab_size: int,
     cache_dir: Path,
     progress: bool = False,
+    val_share: float = DEFAULT_VAL_SHARE,
 ) -> tuple[Tokenizer, int, Path]:
     """(tokenizer, end-of-document id, its tokenizer.json): the user's ``tokenizer``, or a BPE
-    of ``vocab_size`` trained on ``texts`` (the training side of source ``name``, whose
-    ``fingerprint`` keys the cached BPE)."""
+    of ``vocab_size`` trained on ``texts`` (the training side of source ``name`` split at
+    ``val_share``; the fingerprint and the split key the cached BPE)."""
     if tokenizer is not None:
         tok, path, eod = load_tokenizer(tokenizer)
         return tok, eod, path
     key = cache_digest(
-        {"v": BPE_CACHE_VERSION, "source": fingerprint, "vocab": vocab_size, "split": SPLIT_RULE}
+        {
+            "v": BPE_CACHE_VERSION,
+            "source": fingerprint,
+            "vocab": vocab_size,
+            "split": split_rule(val_share),
+        }
     )[:16]
     path = cache_dir / "tokenizers" / f"{name}-v{vocab_size}-{key}.json"
     if path.is_file():

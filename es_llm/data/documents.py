@@ -18,6 +18,11 @@ from pathlib import Path
 from es_llm.errors import InputError
 
 VAL_MODULUS = 20  # hold out documents with stable_hash(group or key) % VAL_MODULUS == 0
+# The share of split groups held out (--val-share): 1 / VAL_MODULUS is the rule above, exactly;
+# another share refines it nestedly at a resolution of 1 / VAL_SHARE_STEPS (is_val_group).
+DEFAULT_VAL_SHARE = 0.05
+MAX_VAL_SHARE = 0.5
+VAL_SHARE_STEPS = 10_000
 # Directory names never taken from the standard library: installed packages, the test
 # suites (their fixtures include deliberately broken and huge files) and the IDE.
 STDLIB_EXCLUDED_DIRS = frozenset(
@@ -89,6 +94,35 @@ def stdlib_files(max_documents: int | None = None) -> list[tuple[str, Path]]:
     return out
 
 
-def is_val_group(group: str) -> bool:
-    """Whether documents of this split group are held out for validation (the hash rule)."""
-    return stable_hash(group) % VAL_MODULUS == 0
+def check_val_share(share: object) -> float:
+    """``share`` as a float when it is a share the split takes, (0, MAX_VAL_SHARE]; else one
+    line naming --val-share."""
+    ok = isinstance(share, int | float) and not isinstance(share, bool)
+    if not ok or not 0.0 < float(share) <= MAX_VAL_SHARE:  # NaN fails the comparison too
+        raise InputError(
+            f"--val-share must be a number in (0, {MAX_VAL_SHARE:g}], the share of the data "
+            f"held out for validation (default {DEFAULT_VAL_SHARE:g}), got {share!r}"
+        )
+    return float(share)
+
+
+def is_val_group(group: str, share: float = DEFAULT_VAL_SHARE) -> bool:
+    """Whether documents of this split group are held out for validation (the hash rule).
+
+    With h the group's stable hash, the default share holds out ``h % VAL_MODULUS == 0``
+    (today's rule, unchanged). Another share also reads ``u = (h // VAL_MODULUS) %
+    VAL_SHARE_STEPS``, nearly independent of ``h % VAL_MODULUS``: above the default, a group
+    is held out when ``h % VAL_MODULUS == 0`` or ``u`` falls below the steps that make up the
+    extra share; below it, when ``h % VAL_MODULUS == 0`` and ``u`` falls below the steps of
+    that part. Both thresholds grow with the share, so the rule is nested: a group held out at
+    one share is held out at every larger one, and it depends on the group alone.
+    """
+    h = stable_hash(group)
+    base = h % VAL_MODULUS == 0
+    if share == DEFAULT_VAL_SHARE:
+        return base
+    u = (h // VAL_MODULUS) % VAL_SHARE_STEPS
+    if share < DEFAULT_VAL_SHARE:
+        return base and u < round(share / DEFAULT_VAL_SHARE * VAL_SHARE_STEPS)
+    extra = (share - DEFAULT_VAL_SHARE) / (1.0 - DEFAULT_VAL_SHARE)
+    return base or u < round(extra * VAL_SHARE_STEPS)

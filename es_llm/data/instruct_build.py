@@ -3,7 +3,7 @@
 The records, their forms and their rendering are `es_llm.data.instruct`'s; this module
 tokenizes each record into one sample (truncated or right-padded to ``seq_len``; ``labels``
 ``IGNORE_INDEX`` on prompt and padding), counts what was cut or left out, splits by record
-with the project's hash rule, and caches the result like the packed corpus (``load_corpus``
+with the project's hash rule (at the run's --val-share), and caches the result like the packed corpus (``load_corpus``
 calls ``load_instruct_corpus`` for instruction data).
 """
 
@@ -22,6 +22,7 @@ import numpy as np
 
 from es_llm.data.cache import build_once, cache_digest, datasets_progress, lock_path
 from es_llm.data.corpus_tokenizer import corpus_tokenizer, tokenizer_fingerprint
+from es_llm.data.documents import DEFAULT_VAL_SHARE
 from es_llm.data.entry import Corpus, open_entry
 from es_llm.data.instruct import (
     IGNORE_INDEX,
@@ -35,7 +36,7 @@ from es_llm.data.instruct import (
     segments,
 )
 from es_llm.data.instruct_sets import resolve_instruct_source
-from es_llm.data.split import SPLIT_RULE, separate_validation, split_documents
+from es_llm.data.split import separate_validation, split_documents, split_rule
 
 # bump when the build changes what lands on disk (2: records with an empty completion are left
 # out and counted; version 1 trained them on the end-of-document token alone)
@@ -150,14 +151,19 @@ def to_dataset(rows: list[tuple[np.ndarray, np.ndarray]], seq_len: int):
 
 # ----------------------------------------------------------------------------- split
 def split_records(
-    records: list[Record], val_records: list[Record] | None, chat: ChatTemplate, label: str
+    records: list[Record],
+    val_records: list[Record] | None,
+    chat: ChatTemplate,
+    label: str,
+    share: float = DEFAULT_VAL_SHARE,
 ) -> tuple[list[Record], list[Record], str]:
-    """(train, val, rule): by the hash rule of each record's group (or key), as documents are;
-    with a separate validation source, its held-out records minus texts trained on."""
+    """(train, val, rule): by the hash rule of each record's group (or key) at ``share``, as
+    documents are; with a separate validation source, its held-out records minus texts
+    trained on."""
     if val_records is None:
-        train_idx, val_idx, rule = split_documents(records)
+        train_idx, val_idx, rule = split_documents(records, share)
         return [records[i] for i in train_idx], [records[i] for i in val_idx], rule
-    train, val = separate_validation(records, val_records, lambda r: record_text(r, chat))
+    train, val = separate_validation(records, val_records, lambda r: record_text(r, chat), share)
     if not train:
         raise InstructDataError(f"data {label}: every record falls on the validation side")
     if not val:
@@ -180,6 +186,7 @@ def build(
     progress: bool,
     data_label: str,
     val_src: InstructSource | None = None,
+    val_share: float = DEFAULT_VAL_SHARE,
 ) -> None:
     t0 = time.perf_counter()
     records = src.load()
@@ -187,7 +194,7 @@ def build(
         raise InstructDataError(f"data {data_label}: no instruction records")
     chat = ChatTemplate(tokenizer)
     val_records = None if val_src is None else val_src.load()
-    train, val, rule = split_records(records, val_records, chat, data_label)
+    train, val, rule = split_records(records, val_records, chat, data_label, val_share)
     # a trained BPE learns the train records' text, keyed as the packed corpus's would be
     tok, eod, tok_path = corpus_tokenizer(
         f"{src.name}-instruct",
@@ -197,6 +204,7 @@ def build(
         vocab_size=vocab_size,
         cache_dir=cache_dir,
         progress=progress,
+        val_share=val_share,
     )
 
     def encode(text: str) -> list[int]:
@@ -234,6 +242,7 @@ def build(
         "eod_id": eod,
         "pad_id": eod,
         "split_rule": rule,
+        "val_share": val_share,
         "instruct": {
             "records": tr.records + va.records,
             "truncated_completions": tr.truncated_completions + va.truncated_completions,
@@ -276,6 +285,9 @@ def composition(meta: dict, n_train: int, n_val: int) -> dict:
         "val_data": meta["val_data"],
         "kind": "instruct",
         "forms": meta["forms"],
+        "split_rule": meta["split_rule"],
+        # entries built before --val-share existed hold no share: they were built at the default
+        "val_share": meta.get("val_share", DEFAULT_VAL_SHARE),
         "instruct": meta["instruct"],
         "train_sequences": n_train,
         "val_sequences": n_val,
@@ -294,6 +306,7 @@ def load_instruct_corpus(
     max_documents: int | None,
     progress: bool,
     val_data: str | None,
+    val_share: float = DEFAULT_VAL_SHARE,
 ) -> Corpus:
     """The instruction-data counterpart of ``load_corpus`` (which calls it): a ``Corpus``
     whose train/val datasets carry a ``labels`` column next to ``input_ids``."""
@@ -313,7 +326,7 @@ def load_instruct_corpus(
             "source": src.fingerprint,
             "tokenizer": tokenizer_fingerprint(tokenizer, vocab_size),
             "seq_len": seq_len,
-            "split": SPLIT_RULE,
+            "split": split_rule(val_share),
             **({} if val_src is None else {"val_source": val_src.fingerprint}),
         }
     )[:16]
@@ -339,6 +352,7 @@ def load_instruct_corpus(
                 progress=progress,
                 data_label=repr(data),
                 val_src=val_src,
+                val_share=val_share,
             )
         return tmp
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from es_llm.data.documents import (
+    DEFAULT_VAL_SHARE,
     Document,
     Source,
     is_val_group,
@@ -323,8 +324,13 @@ def component_of(key: str) -> str:
     return key.split("/", 1)[0]
 
 
-def recipe_source(data: str, max_documents: int | None = None) -> Source:
-    """A Source for ``recipe:...``; the recipe, Python and stdlib files make the fingerprint."""
+def recipe_source(
+    data: str, max_documents: int | None = None, *, val_share: float = DEFAULT_VAL_SHARE
+) -> Source:
+    """A Source for ``recipe:...``; the recipe, Python and stdlib files make the fingerprint.
+
+    Its duplicates copy documents of the training side of the split at ``val_share``
+    (--val-share), which is part of the fingerprint when it is not the default."""
 
     recipe = parse_recipe(data)
     files = stdlib_files()
@@ -337,10 +343,14 @@ def recipe_source(data: str, max_documents: int | None = None) -> Source:
         "python": sys.version,
         "files": [stat_entry(p, rel) for rel, p in files],
         "max_documents": max_documents,
+        **({} if val_share == DEFAULT_VAL_SHARE else {"val_share": val_share}),
     }
 
+    def held_out_group(group: str) -> bool:
+        return is_val_group(group, val_share)
+
     def load() -> list[Document]:
-        docs = build_documents(recipe, files, is_val_group)
+        docs = build_documents(recipe, files, held_out_group)
         return docs if max_documents is None else docs[:max_documents]
 
     name = re.sub(r"[^A-Za-z0-9.]+", "-", recipe.canonical()[len(PREFIX) :]).strip("-")

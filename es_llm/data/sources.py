@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from es_llm.data.documents import (
+    DEFAULT_VAL_SHARE,
     Document,
     Source,
     keep_first,
@@ -517,12 +518,17 @@ def hub_source(data: str) -> Source:
     return Source(data.replace("/", "__").replace(":", "--"), fingerprint, load)
 
 
-def resolve_source(data: str | None, max_documents: int | None = None) -> Source:
-    """Route ``data``: None/"stdlib", "recipe:..." (data/recipes.py), a local path, or a hub name."""
+def resolve_source(
+    data: str | None, max_documents: int | None = None, *, val_share: float = DEFAULT_VAL_SHARE
+) -> Source:
+    """Route ``data``: None/"stdlib", "recipe:..." (data/recipes.py), a local path, or a hub name.
+
+    ``val_share`` (--val-share) matters to recipes only, whose duplicates copy training-side
+    documents of the split at that share; the other sources do not depend on the split."""
     if data is None or data in STDLIB_NAMES:
         return stdlib_source(max_documents)
     if isinstance(data, str) and data.strip().lower().startswith("recipe:"):
-        return recipe_source(data, max_documents)
+        return recipe_source(data, max_documents, val_share=val_share)
     if not isinstance(data, str) or not data.strip():
         raise InputError(f"data must be None, 'stdlib', a path or a dataset name, got {data!r}")
     return keep_first(

@@ -5,7 +5,7 @@ training sample, the loss of a small model trained on clean text (RHO-LOSS). Thi
 
 1. picks the reference documents: the clean source minus every document that could leak into
    the run's validation set (its split group is a validation group under the corpus split
-   rule, or its exact text is a validation document's text), counted;
+   rule at the run's --val-share, or its exact text is a validation document's text), counted;
 2. trains the reference with the project's own loop (`ESRun`, method uniform) over the same
    process group, on those documents tokenized with the run's tokenizer, so its loss is
    measured on the very token rows being selected; or loads a pretrained Hugging Face
@@ -36,7 +36,7 @@ import torch
 
 from es_llm import dist
 from es_llm.data.cache import cache_digest, file_lock, lock_path
-from es_llm.data.documents import Document
+from es_llm.data.documents import DEFAULT_VAL_SHARE, Document
 from es_llm.data.sources import default_cache_dir, resolve_source
 from es_llm.data.split import held_out, text_digest
 from es_llm.drivers.deepspeed.export import MODEL_DIR
@@ -63,6 +63,7 @@ __all__ = [
     "ReferenceError",
     "ReferenceSpec",
     "disjoint_reference_documents",
+    "excluded_fingerprint",
     "is_pretrained_dir",
     "prepare_reference",
     "reference_cache_key",
@@ -135,36 +136,42 @@ def is_pretrained_dir(model: str) -> bool:
 
 # ----------------------------------------------------------------------------- documents
 def validation_documents(
-    data: str | None, val_data: str | None, corpus_stats: dict[str, Any]
+    data: str | None,
+    val_data: str | None,
+    corpus_stats: dict[str, Any],
+    val_share: float = DEFAULT_VAL_SHARE,
 ) -> list[Document]:
     """The run's validation documents, found by the rule its corpus was split with.
 
-    With ``val_data``: that source's validation-group documents. Otherwise ``data``'s: the
-    validation-group documents, or the trailing ``val_documents`` under the tail fallback.
+    With ``val_data``: that source's validation-group documents at ``val_share``. Otherwise
+    ``data``'s: the validation-group documents, or the trailing ``val_documents`` under the
+    tail fallback.
     """
     if val_data is not None:
-        return [d for d in resolve_source(val_data).load() if held_out(d)]
-    docs = resolve_source(data).load()
+        src = resolve_source(val_data, val_share=val_share)
+        return [d for d in src.load() if held_out(d, val_share)]
+    docs = resolve_source(data, val_share=val_share).load()
     if corpus_stats.get("split_rule") == "tail":
         n = int(corpus_stats["val_documents"])
         return docs[len(docs) - n :]
-    return [d for d in docs if held_out(d)]
+    return [d for d in docs if held_out(d, val_share)]
 
 
 def disjoint_reference_documents(
-    reference: list[Document], validation: list[Document]
+    reference: list[Document], validation: list[Document], val_share: float = DEFAULT_VAL_SHARE
 ) -> tuple[list[Document], dict[str, int]]:
     """The reference documents that cannot leak into validation, and how many were dropped.
 
     A document is dropped when its split group (or key) is a validation group under the
-    corpus split rule (the same source split the same way puts it on the validation side),
-    or when its exact text is the text of a validation document (any source).
+    corpus split rule at ``val_share`` (the same source split the same way puts it on the
+    validation side), or when its exact text is the text of a validation document (any
+    source).
     """
     val_texts = {text_digest(d.text) for d in validation}
     kept: list[Document] = []
     counts = {"documents": len(reference), "dropped_val_group": 0, "dropped_val_text": 0}
     for d in reference:
-        if held_out(d):
+        if held_out(d, val_share):
             counts["dropped_val_group"] += 1
         elif text_digest(d.text) in val_texts:
             counts["dropped_val_text"] += 1
@@ -188,6 +195,20 @@ def _write_jsonl_atomic(docs: list[Document], path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- cache key
+
+
+def excluded_fingerprint(opts: TrainOptions, corpus_stats: dict[str, Any]) -> dict[str, Any]:
+    """What the reference's documents were kept clear of: the run's validation source, the
+    rule its corpus was split with and, when it is not the default, the share held out (the
+    default keeps the keys of references trained before --val-share existed)."""
+    share = opts.val_share
+    data = opts.val_data if opts.val_data is not None else opts.data
+    return {
+        "source": resolve_source(data, val_share=share).fingerprint,
+        "split_rule": corpus_stats.get("split_rule"),
+        "val_documents": corpus_stats.get("val_documents"),
+        **({} if share == DEFAULT_VAL_SHARE else {"val_share": share}),
+    }
 
 
 def reference_cache_key(
@@ -332,8 +353,8 @@ def _build(
     docs_path, ds_path = entry / "documents.jsonl", entry / "ds_config.json"
     counts: dict[str, int] = {}
     if dist.rank() == 0:
-        val_docs = validation_documents(opts.data, opts.val_data, corpus.stats)
-        kept, counts = disjoint_reference_documents(ref_src.load(), val_docs)
+        val_docs = validation_documents(opts.data, opts.val_data, corpus.stats, opts.val_share)
+        kept, counts = disjoint_reference_documents(ref_src.load(), val_docs, opts.val_share)
         if kept:
             _write_jsonl_atomic(kept, docs_path)
             ds_path.write_text(json.dumps(reference_ds_config(ds_config), indent=2))
@@ -399,16 +420,10 @@ def prepare_reference(
     _check_size(spec.model, opts.model, corpus)
     if corpus.tokenizer_path is None:
         raise RuntimeError("the corpus has no tokenizer file for the reference to use")
-    ref_src = resolve_source(spec.data)
-    excluded_src = resolve_source(opts.val_data if opts.val_data is not None else opts.data)
-    excluded = {
-        "source": excluded_src.fingerprint,
-        "split_rule": corpus.stats.get("split_rule"),
-        "val_documents": corpus.stats.get("val_documents"),
-    }
+    ref_src = resolve_source(spec.data, val_share=opts.val_share)
     key = reference_cache_key(
         reference_fingerprint=ref_src.fingerprint,
-        excluded_fingerprint=excluded,
+        excluded_fingerprint=excluded_fingerprint(opts, corpus.stats),
         preset=preset,
         tokenizer_sha256=_file_sha256(corpus.tokenizer_path),
         seq_len=corpus.seq_len,

@@ -75,6 +75,7 @@ class TrainOptions:
     model: str = "gpt2-tiny"
     data: str | None = None
     val_data: str | None = None  # a separate clean validation source (--val-data)
+    val_share: float = 0.05  # share of split groups held out (--val-share; data.documents)
     tokenizer: str | None = None
     cache_dir: str | None = None
     method: str | None = None
@@ -163,6 +164,7 @@ class ESRun:
                     seed=opts.seed,
                     cache_dir=opts.cache_dir,
                     progress=opts.progress and int(os.environ.get("RANK", "0")) == 0,
+                    val_share=opts.val_share,
                 )
             )
         timeout = dist.collective_timeout()
@@ -256,6 +258,7 @@ class ESRun:
         return load_corpus(
             o.data,
             val_data=o.val_data,
+            val_share=o.val_share,
             seq_len=o.seq_len,
             cache_dir=o.cache_dir,
             vocab_size=o.vocab_size,

@@ -395,6 +395,7 @@ def compare_once(
         "model": args.model,
         "data": args.data or "stdlib",
         "val_data": args.val_data,
+        "val_share": args.val_share,
         "data_composition": corpus.composition,
         "es_overrides": base.es_overrides,
         "matched_to": ref,
@@ -501,7 +502,7 @@ def _load(args: argparse.Namespace) -> Any:
 
     return load_corpus(
         args.data, seq_len=args.seq_len, cache_dir=args.cache_dir, vocab_size=args.vocab_size,
-        val_data=args.val_data,
+        val_data=args.val_data, val_share=args.val_share,
         max_train_samples=args.max_train_samples, max_val_samples=args.max_val_samples,
         tokenizer=tokenizer_for(args.model, args.tokenizer), progress=not args.no_progress,
     )  # fmt: skip
@@ -530,6 +531,7 @@ def header(args: argparse.Namespace, n_train: int, out: Path) -> str:
 def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     """`es-llm compare`: one comparison, or one per epoch budget with --epochs-grid."""
     from es_llm.base_models import resolve_model_arg
+    from es_llm.data.documents import check_val_share
     from es_llm.drivers.deepspeed.metrics import write_json_atomic
     from es_llm.preflight import check_output_dirs
     from es_llm.tools.compare.report import grid_markdown, print_table
@@ -537,6 +539,7 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
     command = shlex.join(["es-llm", *(sys.argv[1:] if argv is None else argv)])
     out = Path(args.out)
     runs_per_round(args)  # a bad --match or duplicate name: one line, before the data loads
+    check_val_share(args.val_share)  # a bad --val-share: one line, before the data loads
     if args.no_progress:  # the libraries' bars too, here and in the workers it starts
         from es_llm.quiet import quiet_progress_bars
 

@@ -223,6 +223,16 @@ def _diff_cell(d: dict[str, Any], fmt: str) -> str:
     return head + d["verdict"] + side
 
 
+def _validation_note(result: dict[str, Any]) -> str:
+    """What the losses are measured on: the held-out sequences and the share held out
+    (--val-share; results written before it existed hold none)."""
+    n, share = result.get("val_samples"), result.get("val_share")
+    if n is None or share is None:
+        return ""
+    source = f"of --val-data {result['val_data']}" if result.get("val_data") else "of the data"
+    return f" Validation: {n} held-out sequences ({share:g} {source} held out, --val-share)."
+
+
 def markdown_report(result: dict[str, Any]) -> str:
     """compare.md: the summary, the results table, the time breakdown, the conditions and
     how the numbers were taken."""
@@ -235,7 +245,7 @@ def markdown_report(result: dict[str, Any]) -> str:
         f"Time to target = training time until the validation loss first reached uniform's "
         f"{kind} loss {_loss(target)} ({result['epochs']} epochs, {result['train_samples']} "
         f"sequences, {result['world_size']} rank(s), model {result['model']}). Times are "
-        "training time, evaluation excluded.",
+        "training time, evaluation excluded." + _validation_note(result),
         "",
         "| method | best val loss | best at step | best at time (s) | final val loss "
         f"| {kind} loss vs uniform's | training time (s) | CPU time (s) | time to target (s) "
