@@ -215,7 +215,20 @@ def test_proxy_stop_and_resume_selects_what_an_uninterrupted_run_selects(
     cfg = tiny_ds_config(
         scheduler=SCHEDULER, evolved_sampling={"burn_in_steps": 2, "scorer": "proxy"}
     )
-    ref, cut = _stop_then_resume(tmp_path, es_cache, cfg, stop=5)
+
+    def another_split_is_refused(cut: Path) -> None:
+        # --val-share changes the split: resuming with another one is one line, nothing run
+        log = tmp_path / "share.log"
+        rc = _finish(_start(_args(cfg, cut, "--resume", str(cut), "--val-share", "0.3"),
+                            es_cache, log), log)  # fmt: skip
+        text = log.read_text()
+        assert rc == 2 and "different run configuration" in text, text[-3000:]
+        assert "'val_share': 0.05" in text and "'val_share': 0.3" in text
+        assert "Traceback" not in text
+
+    ref, cut = _stop_then_resume(
+        tmp_path, es_cache, cfg, stop=5, before_resume=another_split_is_refused
+    )
     _assert_same_run(ref, cut, from_step=5)
     for run in (ref, cut):
         s = json.loads((run / "summary.json").read_text())

@@ -36,6 +36,7 @@ import torch
 from es_llm import dist
 from es_llm.base_models import ensure_base_model, is_base_spec
 from es_llm.data import load_corpus
+from es_llm.data.documents import DEFAULT_VAL_SHARE
 from es_llm.data.sharding import shard_range
 from es_llm.drivers.deepspeed import checkpoint as ckpt
 from es_llm.drivers.deepspeed import validation
@@ -273,7 +274,7 @@ class ESRun:
         """This rank's run state: the data path's plus what only the loop keeps."""
         return {
             "es": self.data.state_dict(),
-            "fingerprint": {"seq_len": self.corpus.seq_len, "vocab_size": self.corpus.vocab_size},
+            "fingerprint": self._fingerprint(),
             "val_history": self.val_history,
             "train_clock": self.train_clock,
             "eval_clock": self.eval_clock,
@@ -281,12 +282,23 @@ class ESRun:
             "reference": self.reference,
         }
 
+    def _fingerprint(self) -> dict[str, Any]:
+        """What the corpus must share with a checkpoint's run (a different --val-share is a
+        different split, whatever the sample counts)."""
+        return {
+            "seq_len": self.corpus.seq_len,
+            "vocab_size": self.corpus.vocab_size,
+            "val_share": self.opts.val_share,
+        }
+
     def load_state_dict(self, state: dict[str, Any], source: str) -> None:
-        now = {"seq_len": self.corpus.seq_len, "vocab_size": self.corpus.vocab_size}
-        if state["fingerprint"] != now:
+        now = self._fingerprint()
+        # a checkpoint from before --val-share held out the default share
+        saved = {"val_share": DEFAULT_VAL_SHARE, **state["fingerprint"]}
+        if saved != now:
             raise ckpt.CheckpointError(
                 f"{source} was written by a different run configuration (checkpoint "
-                f"{state['fingerprint']!r}, now {now!r}); resume with the same flags and config"
+                f"{saved!r}, now {now!r}); resume with the same flags and config"
             )
         self.data.load_state_dict(state["es"], source=source)
         self.val_history = list(state["val_history"])
