@@ -384,6 +384,12 @@ def test_planned_steps_respect_max_steps_and_variant_overrides(tiny_ds_config):
     # the variant's own override wins over the shared --es value
     v = Variant("es-b4", "es", {"burn_in_steps": 4})
     assert planned_steps(cfg, v, {"burn_in_steps": 0}, max_steps=None, **{**kw, "epochs": 1}) == 18
+    # epochs_x: ES at r = 0.5 given twice the epochs trains as many steps as uniform
+    runs = [Variant("uniform", "uniform"), parse_variant("es2x:es:burn_in_steps=0,epochs_x=2")]
+    specs = plan_runs(cfg, runs, {}, requested_eval_every=None, max_steps=None, **kw)
+    assert [s.epochs for s in specs] == [4, 8]
+    u = planned_steps(cfg, runs[0], {}, max_steps=None, **kw)
+    assert planned_steps(cfg, runs[1], {}, max_steps=None, **{**kw, "epochs": 8}) == u
 
 
 def test_variants_put_uniform_first_and_reject_duplicate_names():
@@ -527,7 +533,10 @@ def test_parsers_reject_unknown_methods_and_malformed_variants():
     # a value with a comma (a base: spec) stays whole: "steps" is not a field
     v = parse_variant("px:es:scorer=proxy,proxy_model=base:gpt2-tiny,steps=200,tau=1")
     assert v.overrides == {"scorer": "proxy", "proxy_model": "base:gpt2-tiny,steps=200", "tau": 1}
-    for bad in ("es-x", "x:nomethod", "es:es:tau=1", "x:es:tau", f"{MATCHED}:uniform"):
+    assert parse_variant("x:es:tau=1,epochs_x=3") == Variant("x", "es", {"tau": 1}, 3)
+    bad_variants = ("x:es:epochs_x=0", "x:es:epochs_x=1.5", "x:es:epochs_x=true")
+    for bad in ("es-x", "x:nomethod", "es:es:tau=1", "x:es:tau", f"{MATCHED}:uniform",
+                *bad_variants):  # fmt: skip
         with pytest.raises(argparse.ArgumentTypeError):
             parse_variant(bad)
     assert parse_grid("1,3,16") == [1, 3, 16]

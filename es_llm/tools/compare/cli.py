@@ -66,6 +66,9 @@ __all__ = [
 DEFAULT_METHODS = ("uniform", "es", "eswp", "prune")
 
 
+EPOCHS_X = "epochs_x"  # a --variant key that is not an ES field: this run's epochs multiplier
+
+
 def parse_variant(text: str) -> Variant:
     """`NAME:METHOD[:KEY=VALUE,KEY=VALUE]`, e.g. `es-r875:es:selection_ratio=0.875,tau=0.5`."""
     parts = text.split(":", 2)
@@ -77,7 +80,13 @@ def parse_variant(text: str) -> Variant:
     if parts[0] in (MATCHED, *METHODS):
         raise argparse.ArgumentTypeError(f"--variant name {parts[0]!r} is taken by a method")
     items = parts[2].split(",") if len(parts) == 3 and parts[2] else []
-    return Variant(parts[0], parts[1], dict(parse_key_value(item) for item in _join_values(items)))
+    overrides = dict(parse_key_value(item) for item in _join_values(items))
+    epochs_x = overrides.pop(EPOCHS_X, 1)
+    if not isinstance(epochs_x, int) or isinstance(epochs_x, bool) or epochs_x < 1:
+        raise argparse.ArgumentTypeError(
+            f"--variant {parts[0]}: {EPOCHS_X} must be a positive integer, got {epochs_x!r}"
+        )
+    return Variant(parts[0], parts[1], overrides, epochs_x)
 
 
 def _join_values(items: list[str]) -> list[str]:
@@ -85,7 +94,7 @@ def _join_values(items: list[str]) -> list[str]:
     field continues the previous value: `proxy_model=base:gpt2-tiny,steps=200` is one item."""
     from es_llm.sampling.config import EvolvedSamplingConfig
 
-    fields = set(EvolvedSamplingConfig.model_fields)
+    fields = set(EvolvedSamplingConfig.model_fields) | {EPOCHS_X}
     out: list[str] = []
     for item in items:
         key = item.split("=", 1)[0].strip()

@@ -32,11 +32,14 @@ EVALS_PER_RUN = 20  # evaluations per run: time-to-target resolution of 5% of th
 
 @dataclass
 class Variant:
-    """One run of the comparison: a display name, a method and its own ES overrides."""
+    """One run of the comparison: a display name, a method and its own ES overrides;
+    `epochs_x` multiplies the comparison's epochs for this run (e.g. a cheap scorer at r = 0.5
+    given 2x the epochs takes as many optimizer steps as uniform)."""
 
     name: str
     method: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    epochs_x: int = 1
 
 
 @dataclass
@@ -91,12 +94,13 @@ def plan_runs(
     any run is reported (as an `InputError`) before the first run spends its time."""
     specs = []
     for v in runs:
+        run_epochs = epochs * v.epochs_x
         steps = planned_steps(
-            config, v, es_overrides, n_train=n_train, world=world, epochs=epochs,
+            config, v, es_overrides, n_train=n_train, world=world, epochs=run_epochs,
             max_steps=max_steps,
         )  # fmt: skip
         every = eval_every(requested_eval_every, steps)
-        specs.append(RunSpec(v.name, v.method, v.overrides, epochs, every, max_steps=max_steps))
+        specs.append(RunSpec(v.name, v.method, v.overrides, run_epochs, every, max_steps=max_steps))
     return specs
 
 
