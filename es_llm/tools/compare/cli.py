@@ -537,6 +537,35 @@ def header(args: argparse.Namespace, n_train: int, out: Path) -> str:
     )
 
 
+def resolve_proxy_bases(args: argparse.Namespace) -> None:
+    """Replace every ``proxy_model: base:...`` of `--es` and `--variant` by its cached base's
+    directory, built once at the comparison's seed (as `--model base:` is): the runs of
+    every seed share one proxy base, and its pre-training is reported beside each share of
+    uniform's time, not charged to one run."""
+    from es_llm.base_models import ensure_base_model, is_base_spec
+
+    def built(value: Any) -> Any:
+        if not isinstance(value, str) or not is_base_spec(value):
+            return value
+        return str(
+            ensure_base_model(
+                value,
+                config=args.config,
+                seq_len=args.seq_len,
+                vocab_size=args.vocab_size,
+                seed=args.seed,
+                cache_dir=args.cache_dir,
+                progress=not args.no_progress,
+                val_share=args.val_share,
+            )
+        )
+
+    args.es = [(k, built(v) if k == "proxy_model" else v) for k, v in args.es]
+    for v in args.variant:
+        if "proxy_model" in v.overrides:
+            v.overrides["proxy_model"] = built(v.overrides["proxy_model"])
+
+
 def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     """`es-llm compare`: one comparison, or one per epoch budget with --epochs-grid."""
     from es_llm.base_models import resolve_model_arg
@@ -555,6 +584,7 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
         quiet_progress_bars()
     check_output_dirs(args)  # an --out or cache directory that cannot be written: the same
     resolve_model_arg(args)  # --model base:...: every run fine-tunes the one cached base
+    resolve_proxy_bases(args)  # proxy_model base:...: every seed and run scores with one base
     corpus = _load(args)
     _say(args, header(args, len(corpus.train), out))
     if not args.epochs_grid:
