@@ -848,3 +848,28 @@ def test_markdown_report_says_what_share_was_held_out():
     assert "Validation: 512 held-out sequences (0.15 of the data held out, --val-share)." in md
     sep = {**_result(), "val_samples": 40, "val_share": 0.05, "val_data": "clean.jsonl"}
     assert "(0.05 of --val-data clean.jsonl held out, --val-share)" in markdown_report(sep)
+
+
+def test_proxy_bases_are_built_once_at_the_comparisons_seed(monkeypatch, tmp_path):
+    import es_llm.base_models as bm
+    from es_llm.cli import build_parser
+    from es_llm.tools.compare.cli import resolve_proxy_bases
+
+    built: list[tuple[str, int, float]] = []
+
+    def fake_build(text, *, seed, val_share, **kw):  # what building records; no training here
+        built.append((text, seed, val_share))
+        return tmp_path / text.replace(":", "-").replace(",", "-")
+
+    monkeypatch.setattr(bm, "ensure_base_model", fake_build)
+    args = build_parser().parse_args(
+        ["compare", "--seed", "3", "--val-share", "0.2", "--out", str(tmp_path / "o"),
+         "--es", "proxy_model=base:gpt2-nano,steps=3", "--es", "tau=1",
+         "--variant", "px:es:scorer=proxy,proxy_model=base:gpt2-tiny,steps=4",
+         "--variant", "pd:es:scorer=proxy,proxy_model=gpt2-nano"]
+    )  # fmt: skip
+    resolve_proxy_bases(args)
+    assert built == [("base:gpt2-nano,steps=3", 3, 0.2), ("base:gpt2-tiny,steps=4", 3, 0.2)]
+    assert dict(args.es) == {"proxy_model": str(tmp_path / "base-gpt2-nano-steps=3"), "tau": 1}
+    assert args.variant[0].overrides["proxy_model"] == str(tmp_path / "base-gpt2-tiny-steps=4")
+    assert args.variant[1].overrides["proxy_model"] == "gpt2-nano"  # a preset stays
