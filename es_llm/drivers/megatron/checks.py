@@ -16,6 +16,7 @@ from es_llm.sampling.config import EvolvedSamplingConfig
 
 __all__ = [
     "MEGATRON_VERSION",
+    "SCORERS",
     "ParallelSizes",
     "check_es_fields",
     "check_model_fits",
@@ -85,8 +86,20 @@ def check_model_fits(*, heads: int, vocab_size: int, tp: int, preset: str = "the
         )
 
 
+# what supplies a selection step's losses, among those this driver computes: its own model's
+# no-grad forward (learner) or the stored last training losses (stale)
+SCORERS = ("learner", "stale")
+
+
 def check_es_fields(es: EvolvedSamplingConfig) -> None:
     """Refuse the `evolved_sampling` settings this driver cannot honour yet."""
+    scorer = getattr(es, "scorer", "learner")
+    if scorer not in SCORERS:
+        raise InputError(
+            f"evolved_sampling.scorer {scorer!r}: the Megatron-core driver scores with "
+            f"{' or '.join(SCORERS)} only (a separate scoring model is not built on "
+            "Megatron yet): use one of them, or the DeepSpeed engine"
+        )
     cols = tuple(es.sampling_method.state)
     if cols:
         raise InputError(

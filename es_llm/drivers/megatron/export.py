@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from es_llm import dist
+from es_llm.drivers.deepspeed.export import _no_progress_bars
 from es_llm.errors import NonFiniteError
 
 __all__ = ["MODEL_DIR", "export_gpt2", "full_weights", "gpt2_state_dict"]
@@ -152,7 +153,8 @@ def export_gpt2(
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIR}-", dir=final.parent))
         try:
-            hf.save_pretrained(tmp)
+            with _no_progress_bars():
+                hf.save_pretrained(tmp)
             tokenizer().save_pretrained(tmp)
             if final.exists():  # a resumed run replaces the model of its earlier part
                 shutil.rmtree(final)

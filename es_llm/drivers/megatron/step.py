@@ -178,17 +178,24 @@ def check_tp_lockstep(step: int, ids: torch.Tensor, stop: bool, tp_group: Any) -
 
 
 def es_data_path(
-    parts: MegatronParts, train_dataset: Any, plan: RunPlan, *, scorer: Any = None
+    model: Any, train_dataset: Any, plan: RunPlan, *, scorer: Any = None, group: Any = None
 ) -> ESDataPath:
-    """The ES data path of this rank over Megatron's data-parallel group: its collectives
-    (record gathers, lock-step checks) span the DP peers only, and each tensor-parallel rank
-    keeps its own copy, kept equal to its peers' by construction (same seed, same DP rank)."""
-    from megatron.core import parallel_state
+    """The ES data path of this rank over Megatron's data-parallel group.
 
-    comm = dist.Communicator(parallel_state.get_data_parallel_group())
+    `model` is the (DDP-wrapped) Megatron GPT model whose no-grad forward scores a step's
+    meta-batch (`MegatronScorer`); `scorer` replaces it. `group` defaults to
+    `parallel_state.get_data_parallel_group()`: the data path's collectives (record gathers,
+    lock-step checks) span the DP peers only, and each tensor-parallel rank keeps its own
+    copy, equal to its TP peers' by construction (same seed, same DP rank, same data).
+    """
+    if group is None:
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_data_parallel_group()
+    comm = dist.Communicator(group)
     if scorer is None:
         scorer = MegatronScorer(
-            parts.model, micro_batch=plan.scoring_micro_batch, ignore_index=plan.es.ignore_index
+            model, micro_batch=plan.scoring_micro_batch, ignore_index=plan.es.ignore_index
         )
-    device = next(parts.model.parameters()).device
+    device = next(model.parameters()).device
     return ESDataPath(plan, train_dataset, comm=comm, device=device, scorer=scorer)

@@ -65,7 +65,7 @@ from es_llm.model import load_model_preset, model_config, resolve_model, tokeniz
 from es_llm.sampling.config import EvolvedSamplingConfig
 from es_llm.sampling.plan import RunPlan, plan_geometry
 
-__all__ = ["MegatronSetup", "megatron_setup", "train"]
+__all__ = ["MegatronSetup", "megatron_setup", "optimizer_settings", "train"]
 
 SECTION = "megatron"  # the config's own section for this driver
 SECTION_FIELDS = ("tensor_parallel_size", "pipeline_parallel_size")
@@ -105,7 +105,8 @@ def _section_sizes(ds_config: dict[str, Any], tp: int | None, pp: int | None) ->
     return int(tp), int(pp)
 
 
-def _optimizer_settings(ds_config: dict[str, Any]) -> dict[str, Any]:
+def optimizer_settings(ds_config: dict[str, Any]) -> dict[str, Any]:
+    """`build_gpt`'s optimizer keywords from the config's optimizer, clipping and bf16."""
     opt = ds_config.get("optimizer") or {}
     kind = str(opt.get("type", "AdamW"))
     if kind.lower() not in ("adam", "adamw"):
@@ -168,7 +169,7 @@ def megatron_setup(
         sizes=sizes,
         preset=preset,
         vocab_size=vocab,
-        optimizer=_optimizer_settings(ds_config),
+        optimizer=optimizer_settings(ds_config),
         scheduler=_scheduler_settings(ds_config),
     )
 
@@ -282,7 +283,7 @@ class MegatronRun:
         self.scheduler = _lr_scheduler(
             self.parts.optimizer, s.scheduler, self.plan.total_steps, s.optimizer["lr"]
         )
-        self.data = es_data_path(self.parts, corpus.train, self.plan)
+        self.data = es_data_path(self.parts.model, corpus.train, self.plan)
         self.device = self.data.device
         self.out = Path(opts.out)
         if opts.resume:
@@ -657,6 +658,8 @@ class MegatronRun:
             "finished": finished,
             "stopped": {"signal": self.stop.signal_name, "step": data.step} if stopped else None,
             "burn_in_steps": data.burn_in_steps,
+            # the ranks the ES data path's collectives span (this rank's DP group)
+            "es_group_ranks": torch.distributed.get_process_group_ranks(data.comm.group),
             "export": None,
         }
         summary["export"] = self._export()
