@@ -66,13 +66,31 @@ def _split_dim(name: str) -> int | None:
     return None
 
 
+# TransformerEngine's layer spec fuses each block's LayerNorms into the linear layer after
+# them; their weights are renamed to the local spec's names (not run here: no TE installed)
+_TE_NAMES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+}
+
+
+def _local_name(name: str) -> str:
+    for te, local in _TE_NAMES.items():
+        if name.endswith(te):
+            return name[: -len(te)] + local
+    return name
+
+
 def full_weights(model: Any, tp_group: Any) -> dict[str, torch.Tensor]:
-    """Every weight of the Megatron model whole (fp32, on the CPU), on every rank of the
-    tensor-parallel group (collective over it: every rank calls it)."""
+    """Every weight of the Megatron model whole (fp32, on the CPU, named as in the local
+    layer spec), on every rank of the tensor-parallel group (collective over it)."""
     tp = torch.distributed.get_world_size(tp_group) if dist.is_initialized() else 1
     dev = dist.device()
     out: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():
+    for raw, t in model.state_dict().items():
+        name = _local_name(raw)
         if not torch.is_tensor(t) or name.endswith("_extra_state"):
             continue
         d = _split_dim(name)
