@@ -210,6 +210,10 @@ def build_gpt(
         ),
         [ddp],
     )
+    # Megatron's groups carry a `wd_mult` (0 for biases and norms) that its LR scheduler
+    # applies at each step; applied here too, so a run without a scheduler decays only weights
+    for group in optimizer.param_groups:
+        group["weight_decay"] = weight_decay * float(group.get("wd_mult", 1.0))
     return MegatronParts(
         model=ddp,
         optimizer=optimizer,

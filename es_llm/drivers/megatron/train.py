@@ -174,8 +174,12 @@ def megatron_setup(
     )
 
 
-def _lr_scheduler(optimizer: Any, settings: dict[str, Any] | None, total: int, lr: float):
-    """Megatron's OptimizerParamScheduler for the config's scheduler section (None: none)."""
+def _lr_scheduler(
+    optimizer: Any, settings: dict[str, Any] | None, total: int, lr: float, weight_decay: float
+):
+    """Megatron's OptimizerParamScheduler for the config's scheduler section (None: none).
+    The weight decay stays constant (each parameter group scales it by its `wd_mult`: 0 for
+    biases and norms)."""
     if settings is None:
         return None
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -204,8 +208,8 @@ def _lr_scheduler(optimizer: Any, settings: dict[str, Any] | None, total: int, l
         lr_warmup_steps=warmup,
         lr_decay_steps=max(decay, warmup + 1),
         lr_decay_style=SCHEDULERS[kind],
-        start_wd=float(optimizer.param_groups[0].get("weight_decay", 0.0)),
-        end_wd=float(optimizer.param_groups[0].get("weight_decay", 0.0)),
+        start_wd=weight_decay,
+        end_wd=weight_decay,
         wd_incr_steps=max(decay, warmup + 1),
         wd_incr_style="constant",
     )
@@ -281,7 +285,11 @@ class MegatronRun:
         )
         self.num_params = sum(p.numel() for p in self.parts.model.parameters())
         self.scheduler = _lr_scheduler(
-            self.parts.optimizer, s.scheduler, self.plan.total_steps, s.optimizer["lr"]
+            self.parts.optimizer,
+            s.scheduler,
+            self.plan.total_steps,
+            s.optimizer["lr"],
+            s.optimizer["weight_decay"],
         )
         self.data = es_data_path(self.parts.model, corpus.train, self.plan)
         self.device = self.data.device
