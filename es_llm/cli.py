@@ -179,6 +179,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     check_not_finished(args)  # --resume of a finished run: one line, nothing changed
     if args.engine == "megatron":
         return _cmd_train_megatron(args)
+    for flag, value in (("--tensor-parallel-size", args.tensor_parallel_size),
+                        ("--pipeline-parallel-size", args.pipeline_parallel_size)):  # fmt: skip
+        if value is not None:
+            raise InputError(f"{flag} needs --engine megatron (DeepSpeed trains data-parallel)")
     resolve_model_arg(args)  # --model base:...: the cached pre-trained base (built once)
     check_train_inputs(args)  # every input problem, before any engine or process group
     _check_monitors(args.config)

@@ -11,7 +11,9 @@ the N rank processes (each with RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous 
 as torchrun sets them). Every rank is a real process with its own gloo process group, but
 none pays the ~4 s of imports again: on the 2-core test machine that halves a run's time.
 The parent waits for all ranks and exits with the first non-zero exit status, killing the
-others (a rank that fails leaves its peers blocked in a collective).
+others (a rank that fails leaves its peers blocked in a collective); a rank whose launcher
+dies is killed with it. With
+$MEGATRON_LAUNCH_PIDS set, it writes the ranks' pids there, in rank order.
 """
 
 import os
@@ -40,6 +42,18 @@ def _run(argv: list[str]) -> int:
     return main(argv)
 
 
+def _die_with_parent() -> None:
+    """Linux: this rank gets SIGKILL when the launcher dies (a test that kills the launcher
+    leaves no rank running)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the launcher died before prctl took effect
+        os._exit(1)
+
+
 def _fork_ranks(n: int, argv: list[str]) -> int:
     # what every rank imports, once, before the fork
     import matplotlib.pyplot  # noqa: F401
@@ -58,6 +72,7 @@ def _fork_ranks(n: int, argv: list[str]) -> int:
     for rank in range(n):
         pid = os.fork()
         if pid == 0:
+            _die_with_parent()
             os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(n),
                               LOCAL_WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(port))  # fmt: skip
@@ -75,6 +90,8 @@ def _fork_ranks(n: int, argv: list[str]) -> int:
                 sys.stderr.flush()
                 os._exit(code)
         pids.append(pid)
+    if os.environ.get("MEGATRON_LAUNCH_PIDS"):  # for tests that signal one rank
+        Path(os.environ["MEGATRON_LAUNCH_PIDS"]).write_text(" ".join(map(str, pids)))
     status = 0
     alive = set(pids)
     while alive:

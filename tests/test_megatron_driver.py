@@ -194,6 +194,7 @@ def _bad(argv: list[str], world: int, monkeypatch, capsys) -> str:
         (["--tensor-parallel-size", "3"], 3, "attention heads"),
         (["--tensor-parallel-size", "2", "--vocab-size", "511"], 2, "vocabulary of 511"),
         (["--method", "excess"], 1, "evolved_sampling.method 'excess'"),
+        (["--model", "llama-tiny", "--tensor-parallel-size", "4"], 4, "2 key/value heads"),
     ],
 )
 def test_bad_input_is_one_line_before_any_process_group(
@@ -211,6 +212,19 @@ def test_config_megatron_section_sets_the_sizes_and_is_checked(tmp_path, monkeyp
     cfg = _config(tmp_path, megatron={"tensor_parallel": 2})
     err = _bad(["--config", str(cfg), "--out", str(tmp_path / "o")], 1, monkeypatch, capsys)
     assert "megatron.tensor_parallel" in err
+
+
+def test_parallel_sizes_without_engine_megatron_are_refused(tmp_path, monkeypatch, capsys):
+    from es_llm.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = main(["train", *DATA, "--tensor-parallel-size", "2", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err == (
+        "es-llm: error: --tensor-parallel-size needs --engine megatron (DeepSpeed trains "
+        "data-parallel)"
+    )
 
 
 def test_a_scorer_other_than_the_learner_or_stale_is_refused():
@@ -243,3 +257,52 @@ def test_the_cpu_shim_stays_in_tests():
     package = REPO / "es_llm"
     users = [p for p in package.rglob("*.py") if "megatron_shim" in p.read_text()]
     assert users == []
+
+
+def test_a_signal_to_one_tensor_parallel_rank_stops_both_at_the_same_step(tmp_path, es_cache):
+    """SIGTERM to rank 1 only (TP=2, DP=1: each rank is its own DP group, so only the TP
+    lock-step all-reduce can tell rank 0): both stop after the same step, the checkpoint of
+    that step is written, and --resume would continue from it."""
+    import signal
+    import time
+
+    import psutil
+
+    out = tmp_path / "run"
+    cfg = _config(tmp_path, scheduler=None)
+    cmd = [sys.executable, str(LAUNCH), "--nproc", "2", "train", "--engine", "megatron",
+           "--tensor-parallel-size", "2", "--config", str(cfg), *DATA, "--epochs", "50",
+           "--max-steps", "400", "--out", str(out)]  # fmt: skip
+    pids = tmp_path / "pids"
+    env = {**os.environ, "ES_LLM_CACHE": str(es_cache), "OMP_NUM_THREADS": "1",
+           "MEGATRON_LAUNCH_PIDS": str(pids)}  # fmt: skip
+    logs = (tmp_path / "stdout.txt").open("w"), (tmp_path / "stderr.txt").open("w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=logs[0], stderr=logs[1])
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            metrics = out / "metrics.jsonl"
+            if metrics.is_file() and '"type": "step"' in metrics.read_text():
+                break
+            time.sleep(0.05)
+        rank1 = int(pids.read_text().split()[1])
+        assert rank1 in [c.pid for c in psutil.Process(proc.pid).children()]
+        os.kill(rank1, signal.SIGTERM)
+        rc = proc.wait(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for fh in logs:
+            fh.close()
+    err = (tmp_path / "stderr.txt").read_text()
+    assert rc in (128 + signal.SIGTERM, 128 + signal.SIGINT), err[-4000:]
+    summary = _summary(out)
+    step = summary["steps"]
+    assert 1 <= step < 400 and summary["stopped"]["step"] == step
+    assert [r["step"] for r in _steps(out)] == list(range(1, step + 1))
+    tag = out / "checkpoints" / f"global_step{step}"
+    marker = json.loads((tag / "es_complete.json").read_text())
+    assert marker["step"] == step and len(marker["engine_files"]) == 2  # both TP ranks saved
+    # rank 0 (which prints) was not signalled: it learnt of the stop from its TP peer
+    assert f"stopped by a signal on another rank after step {step} " in err
+    assert f"--resume {out}" in err

@@ -72,12 +72,20 @@ def parallel_sizes(world_size: int, tp: int = 1, pp: int = 1) -> ParallelSizes:
     return ParallelSizes(tp=int(tp), pp=int(pp), dp=world_size // (tp * pp))
 
 
-def check_model_fits(*, heads: int, vocab_size: int, tp: int, preset: str = "the model") -> None:
-    """Megatron splits attention heads and the vocabulary over the tensor-parallel ranks."""
+def check_model_fits(
+    *, heads: int, vocab_size: int, tp: int, preset: str = "the model", kv_heads: int | None = None
+) -> None:
+    """Megatron splits attention heads, key/value head groups and the vocabulary over the
+    tensor-parallel ranks."""
     if heads % tp:
         raise InputError(
             f"--tensor-parallel-size {tp} does not divide the {heads} attention heads of "
             f"{preset}: choose a tensor size that divides them"
+        )
+    if kv_heads is not None and kv_heads % tp:
+        raise InputError(
+            f"--tensor-parallel-size {tp} does not divide the {kv_heads} key/value heads "
+            f"(num_key_value_heads) of {preset}: choose a tensor size that divides them"
         )
     if vocab_size % tp:
         raise InputError(

@@ -156,6 +156,7 @@ def build_gpt(
         vocab_size=gpt_fields["vocab_size"],
         tp=tp,
         preset=preset_name,
+        kv_heads=cfg_fields.get("num_query_groups"),
     )
     dtype = torch.bfloat16 if bf16 else torch.float32
     config = TransformerConfig(

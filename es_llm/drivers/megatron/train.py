@@ -160,8 +160,12 @@ def megatron_setup(
     preset = load_model_preset(opts.model)
     vocab = int(preset.get("vocab_size", opts.vocab_size))
     hf = model_config(preset, vocab_size=min(vocab, opts.vocab_size), seq_len=opts.seq_len)
-    heads = int(hf.n_head if preset["family"] == "gpt2" else hf.num_attention_heads)
-    check_model_fits(heads=heads, vocab_size=vocab, tp=sizes.tp, preset=opts.model)
+    gpt2 = preset["family"] == "gpt2"
+    heads = int(hf.n_head if gpt2 else hf.num_attention_heads)
+    kv_heads = None if gpt2 else int(hf.num_key_value_heads or heads)
+    check_model_fits(
+        heads=heads, vocab_size=vocab, tp=sizes.tp, preset=opts.model, kv_heads=kv_heads
+    )
     plan_geometry(ds_config, es, sizes.dp)  # the batch splits over the data-parallel ranks
     return MegatronSetup(
         ds_config=ds_config,
