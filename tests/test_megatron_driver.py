@@ -43,6 +43,7 @@ CONFIG = {
     },
     "evolved_sampling": {"method": "es", "selection_ratio": 0.5, "burn_in_steps": 1},
 }
+LLAMA = [x if x != "gpt2-tiny" else "llama-tiny" for x in DATA]  # GQA, SwiGLU, untied
 STEPS = ["--epochs", "1", "--max-steps", "6"]
 
 
@@ -55,9 +56,10 @@ def _launch(ranks: int, args: list[str], cache: Path, timeout: int = 300):
     return proc
 
 
-def _train(ranks: int, tp: int, out: Path, cfg: Path, cache: Path, *extra: str) -> Path:
+def _train(ranks: int, tp: int, out: Path, cfg: Path, cache: Path, *extra: str,
+           data: list[str] = DATA) -> Path:  # fmt: skip
     _launch(ranks, ["train", "--engine", "megatron", "--tensor-parallel-size", str(tp),
-                      "--config", str(cfg), *DATA, *STEPS, *extra, *(
+                      "--config", str(cfg), *data, *STEPS, *extra, *(
                           [] if "--resume" in extra else ["--out", str(out)])], cache)  # fmt: skip
     return out
 
@@ -93,16 +95,28 @@ def dp1_runs(tmp_path_factory, es_cache):
 
 @pytest.fixture(scope="module")
 def dp2_runs(tmp_path_factory, es_cache):
-    """At DP=2 (no LR schedule): TP=2 on 4 processes, TP=1 on 2, and the example loop."""
+    """At DP=2 (no LR schedule), a Llama preset: TP=2 on 4 processes, TP=1 on 2, and the
+    example loop."""
     root = tmp_path_factory.mktemp("megatron_dp2")
     cfg = _config(root, scheduler=None)
-    tp2 = _train(4, 2, root / "tp2", cfg, es_cache)
-    tp1 = _train(2, 1, root / "tp1", cfg, es_cache)
-    example = _launch(2, ["--example", "--config", str(cfg), "--seq-len", "32",
+    tp2 = _train(4, 2, root / "tp2", cfg, es_cache, data=LLAMA)
+    tp1 = _train(2, 1, root / "tp1", cfg, es_cache, data=LLAMA)
+    example = _launch(2, ["--example", "--config", str(cfg), "--model", "llama-tiny", "--seq-len", "32",
                             "--vocab-size", "512", "--max-train-samples", "256",
                             "--epochs", "1", "--steps", "6"], es_cache)  # fmt: skip
     lines = [json.loads(x) for x in example.stdout.splitlines() if x.startswith("{")]
     return {"tp2": tp2, "tp1": tp1, "example": lines}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("megatron_export")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "megatron_export_check.py"),
+                           str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
 
 
 def _same_training(a: Path, b: Path) -> None:
@@ -142,16 +156,21 @@ def test_tp2_export_reloads_with_transformers_at_the_runs_validation_loss(dp1_ru
     )
 
 
-def test_gpt2_export_logits_equal_the_megatron_models(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "megatron_export_check.py"),
-                           str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    got = json.loads([x for x in proc.stdout.splitlines() if x.startswith("{")][-1])
-    assert got["shape"] == [3, 31, 256]
-    assert got["logit_scale"] > 1.0  # random weights: logits far from zero
-    assert got["max_abs_diff"] < 1e-4
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
+def test_export_logits_equal_the_megatron_models(preset, exported):
+    """At TP=1 with random weights: transformers' model of the export computes the Megatron
+    model's logits (tests/megatron_export_check.py wrote both)."""
+    from transformers import AutoModelForCausalLM
+
+    want = torch.load(exported / preset / "logits.pt", weights_only=True)
+    model = AutoModelForCausalLM.from_pretrained(exported / preset / "model", dtype=torch.float32)
+    assert type(model).__name__ == {"gpt2-tiny": "GPT2LMHeadModel",
+                                    "llama-tiny": "LlamaForCausalLM"}[preset]  # fmt: skip
+    with torch.no_grad():
+        got = model.eval()(input_ids=want["tokens"]).logits.float()
+    assert got.shape == want["logits"].shape == (3, 31, 256)
+    assert want["logits"].abs().max() > 1.0  # random weights: logits far from zero
+    assert (got - want["logits"]).abs().max() < 1e-4
 
 
 def test_tp2_dp2_selects_what_tp1_dp2_selects_over_the_dp_group_only(dp2_runs):
@@ -161,6 +180,15 @@ def test_tp2_dp2_selects_what_tp1_dp2_selects_over_the_dp_group_only(dp2_runs):
     assert tp2["es_group_ranks"] == [0, 2]
     assert tp1["es_group_ranks"] == [0, 1]
     _same_training(dp2_runs["tp2"], dp2_runs["tp1"])
+
+
+def test_tp2_llama_export_reloads_with_transformers_at_the_runs_validation_loss(dp2_runs, es_cache):
+    out = dp2_runs["tp2"]
+    summary = _summary(out)
+    assert summary["export"]["format"] == "transformers LlamaForCausalLM"
+    assert reload_val_loss(out / "model", es_cache, LLAMA) == pytest.approx(
+        summary["final_val_loss"], rel=1e-4
+    )
 
 
 def test_example_loop_selects_what_es_llm_train_selects(dp2_runs):

@@ -1,8 +1,9 @@
-"""The trained Megatron GPT model as a Hugging Face GPT-2 directory (``OUT/model``).
+"""The trained Megatron GPT model as a Hugging Face model directory (``OUT/model``).
 
-Why a conversion of our own: a GPT-2 preset is built in Megatron as the same maths (learned
-positions, pre-LayerNorm blocks, biases, GELU with GPT-2's approximation, tied embeddings),
-so its weights map one to one onto `transformers`' `GPT2LMHeadModel`:
+Why a conversion of our own: a preset is built in Megatron as the same maths as its
+`transformers` model, so the weights map one to one. A GPT-2 preset (learned positions,
+pre-LayerNorm blocks, biases, GELU with GPT-2's approximation, tied embeddings) becomes a
+`GPT2LMHeadModel`:
 
 =====================================================  =========================================
 Megatron (local spec)                                  GPT2LMHeadModel
@@ -18,15 +19,22 @@ decoder.layers.i.mlp.linear_fc2.*                      transformer.h.i.mlp.c_pro
 decoder.final_layernorm.*                              transformer.ln_f.*
 =====================================================  =========================================
 
-Megatron's fused QKV rows are grouped per head ([q_h, k_h, v_h] for each head h), GPT-2's
-`c_attn` columns are [all q | all k | all v], and GPT-2's `Conv1D` stores weights transposed
-(in x out). Under tensor parallelism each rank holds a slice (rows of column-parallel
-weights and of the vocabulary, columns of row-parallel ones): the slices are gathered over
-the tensor-parallel group first. tests/megatron_export_check.py compares the logits of the
-two models on the same input.
+A Llama preset (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases) becomes a
+`LlamaForCausalLM`: ``embedding.word_embeddings`` -> ``model.embed_tokens``, ``output_layer`` ->
+``lm_head`` (untied presets), per layer ``input_layernorm`` -> ``input_layernorm``,
+``linear_qkv`` -> ``self_attn.{q,k,v}_proj``, ``linear_proj`` -> ``self_attn.o_proj``,
+``pre_mlp_layernorm`` -> ``post_attention_layernorm``, ``linear_fc1`` = [gate; up] ->
+``mlp.gate_proj`` and ``mlp.up_proj``, ``linear_fc2`` -> ``mlp.down_proj``, and
+``decoder.final_layernorm`` -> ``model.norm``.
 
-Llama presets are not exported (their checkpoint stays in ``OUT/checkpoints``); docs/megatron.md
-says so.
+Megatron's fused QKV rows are grouped per key/value group ([q heads of the group, k, v] for
+each group; with GPT-2's full attention a group is one head); GPT-2's `c_attn` columns are
+[all q | all k | all v] and GPT-2's `Conv1D` stores weights transposed (in x out); Llama has
+separate q, k, v projections. Under tensor parallelism each rank holds a slice (rows of
+column-parallel weights and of the vocabulary, columns of row-parallel ones; a SwiGLU rank's
+fc1 rows are its gate slice then its up slice): the slices are gathered over the
+tensor-parallel group first. tests/megatron_export_check.py compares the logits of the
+Megatron model and of its export, for both families.
 """
 
 from __future__ import annotations
@@ -43,7 +51,14 @@ from es_llm import dist
 from es_llm.drivers.deepspeed.export import _no_progress_bars
 from es_llm.errors import NonFiniteError
 
-__all__ = ["MODEL_DIR", "export_gpt2", "full_weights", "gpt2_state_dict"]
+__all__ = [
+    "MODEL_DIR",
+    "export_hf",
+    "full_weights",
+    "gpt2_state_dict",
+    "hf_model",
+    "llama_state_dict",
+]
 
 MODEL_DIR = "model"
 
@@ -56,7 +71,9 @@ _SPLIT_DIM = {
     "mlp.linear_fc1.bias": 0,
     "self_attention.linear_proj.weight": 1,
     "mlp.linear_fc2.weight": 1,
+    "output_layer.weight": 0,
 }
+_GLU = ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias")  # [gate; up] on every TP rank
 
 
 def _split_dim(name: str) -> int | None:
@@ -83,9 +100,10 @@ def _local_name(name: str) -> str:
     return name
 
 
-def full_weights(model: Any, tp_group: Any) -> dict[str, torch.Tensor]:
+def full_weights(model: Any, tp_group: Any, *, glu: bool = False) -> dict[str, torch.Tensor]:
     """Every weight of the Megatron model whole (fp32, on the CPU, named as in the local
-    layer spec), on every rank of the tensor-parallel group (collective over it)."""
+    layer spec), on every rank of the tensor-parallel group (collective over it). `glu`: the
+    MLP's fc1 is gated (SwiGLU): its gathered rows are put back in [all gate; all up] order."""
     tp = torch.distributed.get_world_size(tp_group) if dist.is_initialized() else 1
     dev = dist.device()
     out: dict[str, torch.Tensor] = {}
@@ -99,6 +117,8 @@ def full_weights(model: Any, tp_group: Any) -> dict[str, torch.Tensor]:
             part = (t if d == 0 else t.t()).contiguous().to(dev)
             whole = dist.all_gather_cat(part, group=tp_group)
             t = whole if d == 0 else whole.t()
+            if glu and name.endswith(_GLU):  # [g0; u0; g1; u1; ...] -> [g0; g1; ...; u0; u1; ...]
+                t = t.reshape(tp, 2, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
         out[name] = t.cpu().contiguous()
     return out
 
@@ -139,7 +159,66 @@ def gpt2_state_dict(w: dict[str, torch.Tensor], *, layers: int, heads: int) -> d
     return {k: v.contiguous() for k, v in sd.items()}
 
 
-def export_gpt2(
+def llama_state_dict(
+    w: dict[str, torch.Tensor], *, layers: int, heads: int, kv_heads: int, tied: bool
+) -> dict[str, Any]:
+    """LlamaForCausalLM's parameters from the whole Megatron weights `w` (see the module doc)."""
+    hidden = w["embedding.word_embeddings.weight"].shape[1]
+    d, per_group = hidden // heads, heads // kv_heads
+    sd = {
+        "model.embed_tokens.weight": w["embedding.word_embeddings.weight"],
+        "model.norm.weight": w["decoder.final_layernorm.weight"],
+    }
+    if not tied:
+        sd["lm_head.weight"] = w["output_layer.weight"]
+    for i in range(layers):
+        m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
+        qkv = w[m + "self_attention.linear_qkv.weight"].reshape(kv_heads, per_group + 2, d, hidden)
+        gate, up = w[m + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+        sd.update(
+            {
+                h + "input_layernorm.weight": w[m + "input_layernorm.weight"],
+                h + "self_attn.q_proj.weight": qkv[:, :per_group].reshape(heads * d, hidden),
+                h + "self_attn.k_proj.weight": qkv[:, per_group].reshape(kv_heads * d, hidden),
+                h + "self_attn.v_proj.weight": qkv[:, per_group + 1].reshape(kv_heads * d, hidden),
+                h + "self_attn.o_proj.weight": w[m + "self_attention.linear_proj.weight"],
+                h + "post_attention_layernorm.weight": w[m + "pre_mlp_layernorm.weight"],
+                h + "mlp.gate_proj.weight": gate,
+                h + "mlp.up_proj.weight": up,
+                h + "mlp.down_proj.weight": w[m + "mlp.linear_fc2.weight"],
+            }
+        )
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def hf_model(weights: dict[str, torch.Tensor], hf_config: Any) -> Any:
+    """The `transformers` model (GPT2LMHeadModel or LlamaForCausalLM) holding `weights`."""
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+    if hf_config.model_type == "gpt2":
+        hf = GPT2LMHeadModel(hf_config)
+        sd = gpt2_state_dict(weights, layers=hf_config.n_layer, heads=hf_config.n_head)
+    elif hf_config.model_type == "llama":
+        hf = LlamaForCausalLM(hf_config)
+        heads = hf_config.num_attention_heads
+        sd = llama_state_dict(
+            weights,
+            layers=hf_config.num_hidden_layers,
+            heads=heads,
+            kv_heads=hf_config.num_key_value_heads or heads,
+            tied=bool(hf_config.tie_word_embeddings),
+        )
+    else:
+        raise ValueError(f"no Megatron export for model type {hf_config.model_type!r}")
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    untied = [k for k in missing if not (k == "lm_head.weight" and hf_config.tie_word_embeddings)]
+    if untied or unexpected:
+        raise RuntimeError(f"Megatron export: missing {untied}, unexpected {unexpected}")
+    hf.tie_weights()
+    return hf
+
+
+def export_hf(
     model: Any,
     hf_config: Any,
     out: Path,
@@ -147,13 +226,12 @@ def export_gpt2(
     *,
     tp_group: Any,
 ) -> Path:
-    """Write ``out/model`` (config, safetensors weights, tokenizer) from a GPT-2-shaped
-    Megatron model; every rank calls it (the gather is collective), global rank 0 writes.
-    The directory appears whole or not at all (written beside it, then renamed)."""
-    from transformers import GPT2LMHeadModel
-
+    """Write ``out/model`` (config, safetensors weights, tokenizer) from a Megatron model of
+    a GPT-2 or Llama preset (`hf_config`: the preset's transformers config); every rank calls
+    it (the gather is collective), global rank 0 writes. The directory appears whole or not
+    at all (written beside it, then renamed)."""
     final = Path(out) / MODEL_DIR
-    weights = full_weights(model, tp_group)
+    weights = full_weights(model, tp_group, glu=hf_config.model_type == "llama")
     bad = [k for k, v in weights.items() if not bool(torch.isfinite(v).all())]
     if dist.all_reduce_sum([float(len(bad))])[0] > 0:
         raise NonFiniteError(
@@ -161,13 +239,7 @@ def export_gpt2(
             f"no model exported to {final}"
         )
     if dist.rank() == 0:
-        hf = GPT2LMHeadModel(hf_config)
-        sd = gpt2_state_dict(weights, layers=hf_config.n_layer, heads=hf_config.n_head)
-        missing, unexpected = hf.load_state_dict(sd, strict=False)
-        untied = [k for k in missing if k != "lm_head.weight"]
-        if untied or unexpected:
-            raise RuntimeError(f"GPT-2 export: missing {untied}, unexpected {unexpected}")
-        hf.tie_weights()
+        hf = hf_model(weights, hf_config)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIR}-", dir=final.parent))
         try:

@@ -21,7 +21,7 @@ metrics.jsonl / summary.json / loss_curve.png. What is Megatron's:
   per TP rank (model, optimizer, LR schedule; written by DP rank 0), one ES state file per
   rank and the completion marker of `es_llm.drivers.deepspeed.checkpoint` (every file's size
   and sha256), so `--resume` verifies and continues exactly as the DeepSpeed driver does;
-* export: GPT-2 presets become a Hugging Face directory ``OUT/model`` (`export.py`).
+* export: the model becomes a Hugging Face directory ``OUT/model`` (`export.py`).
 
 Pipeline parallelism is refused (`checks.parallel_sizes`). See docs/megatron.md.
 """
@@ -695,23 +695,18 @@ class MegatronRun:
         return summary
 
     def _export(self) -> dict[str, Any]:
-        """OUT/model for GPT-2 presets; what was (not) exported, for the summary."""
-        from es_llm.drivers.megatron.export import export_gpt2
+        """OUT/model, a transformers directory; what was exported, for the summary."""
+        from es_llm.drivers.megatron.export import export_hf
 
-        if self.setup_.preset["family"] != "gpt2":
-            return {
-                "model_dir": None,
-                "reason": "only GPT-2 presets are converted to a Hugging Face directory; the "
-                "weights are in OUT/checkpoints (--save-every), see docs/megatron.md",
-            }
-        path = export_gpt2(
+        path = export_hf(
             self.parts.model,
             self.hf_config,
             self.out,
             self._export_tokenizer,
             tp_group=self.tp_group,
         )
-        return {"model_dir": str(path), "format": "transformers GPT2LMHeadModel"}
+        kind = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+        return {"model_dir": str(path), "format": f"transformers {kind[self.hf_config.model_type]}"}
 
     def _export_tokenizer(self) -> Any:
         from es_llm.data.tokenizer import hf_tokenizer
