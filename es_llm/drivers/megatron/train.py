@@ -29,6 +29,7 @@ Pipeline parallelism is refused (`checks.parallel_sizes`). See docs/megatron.md.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -141,6 +142,20 @@ def _scheduler_settings(ds_config: dict[str, Any]) -> dict[str, Any] | None:
     return {"type": kind, **(sched.get("params") or {})}
 
 
+def _model_vocab(preset: dict[str, Any], opts: TrainOptions) -> int:
+    """The model's vocabulary, known before the corpus is read (the TP check needs it): the
+    preset's, else the --tokenizer's id bound, else --vocab-size (what the corpus's BPE is
+    trained to; a smaller corpus may give it fewer tokens, which the model then never sees)."""
+    if "vocab_size" in preset:
+        return int(preset["vocab_size"])
+    spec = tokenizer_for(opts.model, opts.tokenizer)
+    if spec is not None:
+        from es_llm.data.tokenizer import load_tokenizer, token_id_bound
+
+        return token_id_bound(load_tokenizer(spec)[0])
+    return int(opts.vocab_size)
+
+
 def megatron_setup(
     opts: TrainOptions, *, tp: int | None, pp: int | None, world_size: int
 ) -> MegatronSetup:
@@ -158,8 +173,8 @@ def megatron_setup(
             "(random weights); a Hugging Face model directory needs the DeepSpeed engine"
         )
     preset = load_model_preset(opts.model)
-    vocab = int(preset.get("vocab_size", opts.vocab_size))
-    hf = model_config(preset, vocab_size=min(vocab, opts.vocab_size), seq_len=opts.seq_len)
+    vocab = _model_vocab(preset, opts)
+    hf = model_config(preset, vocab_size=vocab, seq_len=opts.seq_len)
     gpt2 = preset["family"] == "gpt2"
     heads = int(hf.n_head if gpt2 else hf.num_attention_heads)
     kv_heads = None if gpt2 else int(hf.num_key_value_heads or heads)
@@ -343,6 +358,8 @@ class MegatronRun:
             "seq_len": self.corpus.seq_len,
             "vocab_size": self.corpus.vocab_size,
             "engine": "megatron",
+            "model": self.opts.model,
+            "model_vocab_size": self.setup_.vocab_size,
             "tensor_parallel_size": s.tp,
             "pipeline_parallel_size": s.pp,
         }
@@ -369,8 +386,6 @@ class MegatronRun:
             root.mkdir(parents=True, exist_ok=True)
             if tag_dir.exists():  # left by a crashed attempt at this step
                 (tag_dir / ckpt.MARKER).unlink(missing_ok=True)
-                import shutil
-
                 shutil.rmtree(tag_dir)
         dist.barrier()
         tag_dir.mkdir(parents=True, exist_ok=True)
