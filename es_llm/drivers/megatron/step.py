@@ -15,6 +15,7 @@ averages the gradients over the data-parallel group, as DeepSpeed does.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -99,11 +100,16 @@ class MegatronScorer:
         return loss, (count > 0) & torch.isfinite(loss)
 
 
-def train_step(parts: MegatronParts, a: StepAssignment, plan: RunPlan) -> torch.Tensor:
+def train_step(
+    parts: MegatronParts, a: StepAssignment, plan: RunPlan, timers: Any = None
+) -> torch.Tensor:
     """Train the step's assignment through `get_forward_backward_func` and one optimizer
     step; returns the per-sample training losses fp32 [B/W] (detached, in the assignment's
-    order), observed on the data path micro-batch by micro-batch."""
+    order), for the data path's `observe_training_losses`. `timers` (the data path's
+    `StepTimers`) times the forward/backward and the optimizer step apart."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    span = timers.span if timers is not None else (lambda _name: contextlib.nullcontext())
 
     micro, ignore = plan.geo.micro, plan.es.ignore_index
     n = a.ids.numel()
@@ -127,18 +133,20 @@ def train_step(parts: MegatronParts, a: StepAssignment, plan: RunPlan) -> torch.
 
         return out, loss_func
 
-    parts.model.zero_grad_buffer()
-    parts.optimizer.zero_grad()
-    get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter(batches),
-        model=[parts.model],
-        num_microbatches=len(batches),
-        seq_length=a.tokens.size(1) - 1,
-        micro_batch_size=micro,
-        forward_only=False,
-    )
-    parts.optimizer.step()
+    with span("train_fwd_bwd_s"):
+        parts.model.zero_grad_buffer()
+        parts.optimizer.zero_grad()
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(batches),
+            model=[parts.model],
+            num_microbatches=len(batches),
+            seq_length=a.tokens.size(1) - 1,
+            micro_batch_size=micro,
+            forward_only=False,
+        )
+    with span("optimizer_s"):  # the DP gradient all-reduce ran at the end of the schedule
+        parts.optimizer.step()
     return torch.cat(collected)
 
 

@@ -580,8 +580,7 @@ class MegatronRun:
             lr = self._lr()
             a = data.assign(draw)
             trained = True
-            with data.timers.span("train_fwd_bwd_s"):
-                losses = train_step(self.parts, a, self.plan)
+            losses = train_step(self.parts, a, self.plan, data.timers)
             for i in range(0, a.ids.numel(), micro):
                 data.observe_training_losses(a, a.ids[i : i + micro], losses[i : i + micro])
             rec = data.finish_step(a)
