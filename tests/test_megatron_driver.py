@@ -27,7 +27,7 @@ import torch
 from conftest import REPO
 from hf_models import reload_val_loss
 
-pytestmark = pytest.mark.multiproc
+MULTIPROC = pytest.mark.multiproc  # the tests that start rank processes
 
 LAUNCH = REPO / "tests" / "megatron_launch.py"
 DATA = ["--model", "gpt2-tiny", "--seq-len", "32", "--vocab-size", "512",
@@ -128,6 +128,7 @@ def _same_training(a: Path, b: Path) -> None:
     assert _summary(a)["final_val_loss"] == pytest.approx(_summary(b)["final_val_loss"], abs=1e-4)
 
 
+@MULTIPROC
 def test_stopped_and_resumed_run_ends_where_an_uninterrupted_one_does(dp1_runs):
     full, resumed = dp1_runs["tp2"], dp1_runs["resumed"]
     sf, sr = _steps(full), _steps(resumed)
@@ -147,6 +148,7 @@ def test_stopped_and_resumed_run_ends_where_an_uninterrupted_one_does(dp1_runs):
     assert (resumed / "checkpoints" / "latest").read_text().strip() == "global_step6"
 
 
+@MULTIPROC
 def test_tp2_export_reloads_with_transformers_at_the_runs_validation_loss(dp1_runs, es_cache):
     out = dp1_runs["tp2"]
     summary = _summary(out)
@@ -156,6 +158,7 @@ def test_tp2_export_reloads_with_transformers_at_the_runs_validation_loss(dp1_ru
     )
 
 
+@MULTIPROC
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
 def test_export_logits_equal_the_megatron_models(preset, exported):
     """At TP=1 with random weights: transformers' model of the export computes the Megatron
@@ -173,6 +176,7 @@ def test_export_logits_equal_the_megatron_models(preset, exported):
     assert (got - want["logits"]).abs().max() < 1e-4
 
 
+@MULTIPROC
 def test_tp2_dp2_selects_what_tp1_dp2_selects_over_the_dp_group_only(dp2_runs):
     tp2, tp1 = _summary(dp2_runs["tp2"]), _summary(dp2_runs["tp1"])
     assert (tp2["world_size"], tp2["tensor_parallel_size"], tp2["data_parallel_size"]) == (4, 2, 2)
@@ -182,6 +186,7 @@ def test_tp2_dp2_selects_what_tp1_dp2_selects_over_the_dp_group_only(dp2_runs):
     _same_training(dp2_runs["tp2"], dp2_runs["tp1"])
 
 
+@MULTIPROC
 def test_tp2_llama_export_reloads_with_transformers_at_the_runs_validation_loss(dp2_runs, es_cache):
     out = dp2_runs["tp2"]
     summary = _summary(out)
@@ -191,6 +196,7 @@ def test_tp2_llama_export_reloads_with_transformers_at_the_runs_validation_loss(
     )
 
 
+@MULTIPROC
 def test_example_loop_selects_what_es_llm_train_selects(dp2_runs):
     steps = _steps(dp2_runs["tp1"])
     example = dp2_runs["example"]
@@ -287,6 +293,7 @@ def test_the_cpu_shim_stays_in_tests():
     assert users == []
 
 
+@MULTIPROC
 def test_a_signal_to_one_tensor_parallel_rank_stops_both_at_the_same_step(tmp_path, es_cache):
     """SIGTERM to rank 1 only (TP=2, DP=1: each rank is its own DP group, so only the TP
     lock-step all-reduce can tell rank 0): both stop after the same step, the checkpoint of
