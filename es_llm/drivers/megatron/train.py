@@ -258,6 +258,10 @@ class MegatronRun:
         dist.ensure_launcher_env()
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
+            if s.sizes.tp > 1:  # before the CUDA context: Megatron's tensor-parallel layers
+                # overlap their gradient all-reduce with the weight-gradient GEMM and rely on
+                # one hardware queue to keep that order (Megatron-LM's launchers set it too)
+                os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         timeout = dist.collective_timeout()
         torch.distributed.init_process_group(backend, **({"timeout": timeout} if timeout else {}))
