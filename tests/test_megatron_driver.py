@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, free_port
 from hf_models import reload_val_loss
 
 MULTIPROC = pytest.mark.multiproc  # the tests that start rank processes
@@ -47,9 +47,13 @@ LLAMA = [x if x != "gpt2-tiny" else "llama-tiny" for x in DATA]  # GQA, SwiGLU, 
 STEPS = ["--epochs", "1", "--max-steps", "6"]
 
 
-def _launch(ranks: int, args: list[str], cache: Path, timeout: int = 300):
-    """`ranks` real gloo processes of tests/megatron_launch.py (forked after the imports)."""
+def _launch(ranks: int, args: list[str], cache: Path, timeout: int = 300, torchrun=False):
+    """`ranks` real gloo processes of tests/megatron_launch.py: forked after the imports, or
+    started by torchrun (as the docs launch the driver; slower: each rank imports all)."""
     cmd = [sys.executable, str(LAUNCH), "--nproc", str(ranks), *args]
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+               "--master_port", str(free_port()), str(LAUNCH), *args]  # fmt: skip
     env = {**os.environ, "ES_LLM_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -57,10 +61,11 @@ def _launch(ranks: int, args: list[str], cache: Path, timeout: int = 300):
 
 
 def _train(ranks: int, tp: int, out: Path, cfg: Path, cache: Path, *extra: str,
-           data: list[str] = DATA) -> Path:  # fmt: skip
+           data: list[str] = DATA, torchrun: bool = False) -> Path:  # fmt: skip
     _launch(ranks, ["train", "--engine", "megatron", "--tensor-parallel-size", str(tp),
                       "--config", str(cfg), *data, *STEPS, *extra, *(
-                          [] if "--resume" in extra else ["--out", str(out)])], cache)  # fmt: skip
+                          [] if "--resume" in extra else ["--out", str(out)])], cache,
+            torchrun=torchrun)  # fmt: skip
     return out
 
 
@@ -95,12 +100,12 @@ def dp1_runs(tmp_path_factory, es_cache):
 
 @pytest.fixture(scope="module")
 def dp2_runs(tmp_path_factory, es_cache):
-    """At DP=2 (no LR schedule), a Llama preset: TP=2 on 4 processes, TP=1 on 2, and the
-    example loop."""
+    """At DP=2 (no LR schedule), a Llama preset: TP=2 on 4 processes, TP=1 on 2 (started
+    by torchrun), and the example loop."""
     root = tmp_path_factory.mktemp("megatron_dp2")
     cfg = _config(root, scheduler=None)
     tp2 = _train(4, 2, root / "tp2", cfg, es_cache, data=LLAMA)
-    tp1 = _train(2, 1, root / "tp1", cfg, es_cache, data=LLAMA)
+    tp1 = _train(2, 1, root / "tp1", cfg, es_cache, data=LLAMA, torchrun=True)
     example = _launch(2, ["--example", "--config", str(cfg), "--model", "llama-tiny", "--seq-len", "32",
                             "--vocab-size", "512", "--max-train-samples", "256",
                             "--epochs", "1", "--steps", "6"], es_cache)  # fmt: skip
