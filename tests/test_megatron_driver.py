@@ -164,6 +164,41 @@ def test_tp2_export_reloads_with_transformers_at_the_runs_validation_loss(dp1_ru
 
 
 @MULTIPROC
+def test_from_the_same_pretrained_model_megatron_trains_what_deepspeed_trains(
+    dp1_runs, es_cache, tmp_path
+):
+    """Both engines fine-tune the TP=2 run's exported model on the same data and config
+    (constant lr, no weight decay): Megatron at TP=2 and DeepSpeed on one rank (both DP=1)
+    select the same samples at every step, with the same training and validation losses."""
+    from conftest import run_cli
+
+    cfg = tmp_path / "eq.json"
+    cfg.write_text(json.dumps({
+        **{k: CONFIG[k] for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                                  "gradient_clipping", "evolved_sampling")},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.0,
+                                                  "torch_adam": True}},
+        "zero_optimization": {"stage": 0}, "steps_per_print": 10**6,
+    }))  # fmt: skip
+    model = str(dp1_runs["tp2"] / "model")  # its own tokenizer: no --vocab-size
+    args = ["--config", str(cfg), "--model", model, "--seq-len", "32", "--max-train-samples",
+            "256", "--max-val-samples", "32", "--no-progress", *STEPS]  # fmt: skip
+    mg = tmp_path / "megatron"
+    _launch(2, ["train", "--engine", "megatron", "--tensor-parallel-size", "2", *args,
+                "--out", str(mg)], es_cache)  # fmt: skip
+    ds = tmp_path / "deepspeed"
+    proc = run_cli(["train", *args, "--out", str(ds)], es_cache)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert _summary(mg)["val_history"][0]["val_loss"] == pytest.approx(
+        _summary(dp1_runs["tp2"])["final_val_loss"], rel=1e-5
+    )  # the import starts from exactly the exported model
+    _same_training(mg, ds)
+    assert [r["val_loss"] for r in _summary(mg)["val_history"]] == pytest.approx(
+        [r["val_loss"] for r in _summary(ds)["val_history"]], abs=1e-4
+    )
+
+
+@MULTIPROC
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
 def test_export_logits_equal_the_megatron_models(preset, exported):
     """At TP=1 with random weights: transformers' model of the export computes the Megatron
@@ -234,6 +269,7 @@ def _bad(argv: list[str], world: int, monkeypatch, capsys) -> str:
         (["--tensor-parallel-size", "2", "--vocab-size", "511"], 2, "vocabulary of 511"),
         (["--method", "excess"], 1, "evolved_sampling.method 'excess'"),
         (["--model", "llama-tiny", "--tensor-parallel-size", "4"], 4, "2 key/value heads"),
+        (["--model", "base:gpt2-tiny"], 1, "built by the DeepSpeed engine"),
     ],
 )
 def test_bad_input_is_one_line_before_any_process_group(

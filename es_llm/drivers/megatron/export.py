@@ -58,6 +58,8 @@ __all__ = [
     "gpt2_state_dict",
     "hf_model",
     "llama_state_dict",
+    "load_hf_weights",
+    "megatron_weights",
 ]
 
 MODEL_DIR = "model"
@@ -216,6 +218,105 @@ def hf_model(weights: dict[str, torch.Tensor], hf_config: Any) -> Any:
         raise RuntimeError(f"Megatron export: missing {untied}, unexpected {unexpected}")
     hf.tie_weights()
     return hf
+
+
+def megatron_weights(sd: dict[str, torch.Tensor], hf_config: Any) -> dict[str, torch.Tensor]:
+    """The whole Megatron weights (local-spec names) of a transformers GPT-2 or Llama state
+    dict `sd`: the inverse of `gpt2_state_dict` / `llama_state_dict`."""
+    sd = {k: v.detach().float() for k, v in sd.items()}
+    w: dict[str, torch.Tensor] = {}
+    if hf_config.model_type == "gpt2":
+        layers, heads = hf_config.n_layer, hf_config.n_head
+        hidden = sd["transformer.wte.weight"].shape[1]
+        d = hidden // heads
+
+        def per_head(t: torch.Tensor) -> torch.Tensor:  # [q | k | v] -> per head [q_h, k_h, v_h]
+            q, k, v = (x.reshape(heads, d, *t.shape[1:]) for x in t.chunk(3, dim=0))
+            return torch.stack([q, k, v], dim=1).reshape(t.shape)
+
+        w["embedding.word_embeddings.weight"] = sd["transformer.wte.weight"]
+        w["embedding.position_embeddings.weight"] = sd["transformer.wpe.weight"]
+        w["decoder.final_layernorm.weight"] = sd["transformer.ln_f.weight"]
+        w["decoder.final_layernorm.bias"] = sd["transformer.ln_f.bias"]
+        for i in range(layers):
+            m, h = f"decoder.layers.{i}.", f"transformer.h.{i}."
+            w.update(
+                {
+                    m + "input_layernorm.weight": sd[h + "ln_1.weight"],
+                    m + "input_layernorm.bias": sd[h + "ln_1.bias"],
+                    m + "self_attention.linear_qkv.weight": per_head(
+                        sd[h + "attn.c_attn.weight"].t()
+                    ),
+                    m + "self_attention.linear_qkv.bias": per_head(sd[h + "attn.c_attn.bias"]),
+                    m + "self_attention.linear_proj.weight": sd[h + "attn.c_proj.weight"].t(),
+                    m + "self_attention.linear_proj.bias": sd[h + "attn.c_proj.bias"],
+                    m + "pre_mlp_layernorm.weight": sd[h + "ln_2.weight"],
+                    m + "pre_mlp_layernorm.bias": sd[h + "ln_2.bias"],
+                    m + "mlp.linear_fc1.weight": sd[h + "mlp.c_fc.weight"].t(),
+                    m + "mlp.linear_fc1.bias": sd[h + "mlp.c_fc.bias"],
+                    m + "mlp.linear_fc2.weight": sd[h + "mlp.c_proj.weight"].t(),
+                    m + "mlp.linear_fc2.bias": sd[h + "mlp.c_proj.bias"],
+                }
+            )
+        return {k: v.contiguous() for k, v in w.items()}
+    layers, heads = hf_config.num_hidden_layers, hf_config.num_attention_heads
+    kv_heads = hf_config.num_key_value_heads or heads
+    hidden = sd["model.embed_tokens.weight"].shape[1]
+    d, per_group = hidden // heads, heads // kv_heads
+    w["embedding.word_embeddings.weight"] = sd["model.embed_tokens.weight"]
+    w["decoder.final_layernorm.weight"] = sd["model.norm.weight"]
+    if not hf_config.tie_word_embeddings:
+        w["output_layer.weight"] = sd["lm_head.weight"]
+    for i in range(layers):
+        m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
+        q = sd[h + "self_attn.q_proj.weight"].reshape(kv_heads, per_group, d, hidden)
+        k = sd[h + "self_attn.k_proj.weight"].reshape(kv_heads, 1, d, hidden)
+        v = sd[h + "self_attn.v_proj.weight"].reshape(kv_heads, 1, d, hidden)
+        w.update(
+            {
+                m + "input_layernorm.weight": sd[h + "input_layernorm.weight"],
+                m + "self_attention.linear_qkv.weight": torch.cat([q, k, v], dim=1).reshape(
+                    -1, hidden
+                ),
+                m + "self_attention.linear_proj.weight": sd[h + "self_attn.o_proj.weight"],
+                m + "pre_mlp_layernorm.weight": sd[h + "post_attention_layernorm.weight"],
+                m + "mlp.linear_fc1.weight": torch.cat(
+                    [sd[h + "mlp.gate_proj.weight"], sd[h + "mlp.up_proj.weight"]]
+                ),
+                m + "mlp.linear_fc2.weight": sd[h + "mlp.down_proj.weight"],
+            }
+        )
+    return {k: v.contiguous() for k, v in w.items()}
+
+
+def load_hf_weights(model: Any, sd: dict[str, torch.Tensor], hf_config: Any) -> None:
+    """Copy a transformers GPT-2 / Llama state dict into an unwrapped Megatron GPTModel: each
+    tensor-parallel rank takes its slice (the GLU fc1 slice as its gate rows, then its up
+    rows). Local layer spec names; a missing or left-over weight is an error."""
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    whole = megatron_weights(sd, hf_config)
+    glu = hf_config.model_type == "llama"
+    mine = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    if set(mine) != set(whole):
+        raise ValueError(
+            f"Megatron import: missing {sorted(set(mine) - set(whole))[:3]}, left over "
+            f"{sorted(set(whole) - set(mine))[:3]}"
+        )
+    with torch.no_grad():
+        for name, target in mine.items():
+            t, dim = whole[name], _split_dim(name)
+            if tp > 1 and dim is not None:
+                if glu and name.endswith(_GLU):
+                    t = torch.cat([half.chunk(tp, dim=0)[rank] for half in t.chunk(2, dim=0)])
+                else:
+                    t = t.chunk(tp, dim=dim)[rank]
+            if t.shape != target.shape:
+                raise ValueError(f"Megatron import: {name} is {tuple(t.shape)}, the model "
+                                 f"holds {tuple(target.shape)}")  # fmt: skip
+            target.copy_(t)
 
 
 def export_hf(

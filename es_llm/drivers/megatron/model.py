@@ -50,18 +50,43 @@ class MegatronParts:
     seq_len: int
 
 
+def hf_config_of(model: Any, *, vocab_size: int, seq_len: int) -> Any:
+    """The transformers config of a preset dict (`es_llm.model.model_config`), or `model`
+    itself when it is one already (a pretrained directory's config)."""
+    if isinstance(model, dict):
+        return model_config(model, vocab_size=vocab_size, seq_len=seq_len)
+    return model
+
+
+def rope_theta(hf: Any) -> float:
+    """A Llama config's RoPE base; a scaled RoPE (rope_type other than default) is refused."""
+    rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        raise InputError(
+            f"the model's RoPE scaling {kind!r}: the Megatron-core driver builds plain RoPE only"
+        )
+    return float(rope.get("rope_theta") or getattr(hf, "rope_theta", None) or 10000.0)
+
+
 def transformer_config_fields(
-    preset: dict[str, Any], *, vocab_size: int, seq_len: int
+    model: Any, *, vocab_size: int, seq_len: int
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(TransformerConfig keyword arguments, GPTModel keyword arguments) of a preset."""
-    hf = model_config(preset, vocab_size=vocab_size, seq_len=seq_len)
-    if preset["family"] == "gpt2":
+    """(TransformerConfig keyword arguments, GPTModel keyword arguments) of a preset dict or
+    a GPT-2 / Llama transformers config."""
+    hf = hf_config_of(model, vocab_size=vocab_size, seq_len=seq_len)
+    if hf.model_type not in ("gpt2", "llama"):
+        raise InputError(
+            f"model type {hf.model_type!r}: the Megatron-core driver builds GPT-2 and Llama "
+            "models only"
+        )
+    if hf.model_type == "gpt2":
         heads = int(hf.n_head)
         act = GPT2_ACTIVATIONS.get(str(hf.activation_function))
         if act is None:
             raise InputError(
-                f"model preset activation_function {hf.activation_function!r}: the Megatron-core "
-                f"driver maps GPT-2 presets with {sorted(GPT2_ACTIVATIONS)} only"
+                f"GPT-2 activation_function {hf.activation_function!r}: the Megatron-core "
+                f"driver maps GPT-2 models with {sorted(GPT2_ACTIVATIONS)} only"
             )
         cfg = {
             "num_layers": int(hf.n_layer),
@@ -98,7 +123,7 @@ def transformer_config_fields(
         }
         gpt = {
             "position_embedding_type": "rope",
-            "rotary_base": int(getattr(hf, "rope_theta", 10000) or 10000),
+            "rotary_base": rope_theta(hf),
             "share_embeddings_and_output_weights": bool(hf.tie_word_embeddings),
             "max_sequence_length": int(hf.max_position_embeddings),
         }
@@ -119,7 +144,7 @@ def _layer_spec(config: Any) -> Any:
 
 
 def build_gpt(
-    preset: dict[str, Any],
+    preset: Any,
     *,
     vocab_size: int,
     seq_len: int,
@@ -131,12 +156,15 @@ def build_gpt(
     bf16: bool = False,
     seed: int = 0,
     preset_name: str = "the model",
+    hf_weights: dict[str, torch.Tensor] | None = None,
 ) -> MegatronParts:
-    """The preset as a Megatron `GPTModel` on this process's device, wrapped in Megatron's
-    DDP, with its Adam optimizer (decoupled weight decay, not applied to biases and norms; no
-    distributed optimizer). Parameters are initialised on the CPU from `seed`: the full
-    weight, then this rank's slice of it, so every tensor-parallel size starts from the same
-    model."""
+    """The preset (a preset dict, or a GPT-2 / Llama transformers config) as a Megatron
+    `GPTModel` on this process's device, wrapped in Megatron's DDP, with its Adam optimizer
+    (decoupled weight decay, not applied to biases and norms; no distributed optimizer).
+    Parameters are initialised on the CPU from `seed`: the full weight, then this rank's
+    slice of it, so every tensor-parallel size starts from the same model; `hf_weights` (the
+    transformers model's state dict) replaces them, this rank's slices, before the optimizer
+    copies them."""
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.distributed import (
         DistributedDataParallel,
@@ -183,6 +211,11 @@ def build_gpt(
         parallel_output=True,
         **gpt_fields,
     )
+    if hf_weights is not None:
+        from es_llm.drivers.megatron.export import load_hf_weights
+
+        load_hf_weights(model, hf_weights, hf_config_of(preset, vocab_size=vocab_size,
+                                                        seq_len=seq_len))  # fmt: skip
     device = _device()
     model = model.to(device)
     ddp = DistributedDataParallel(

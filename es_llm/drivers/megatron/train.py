@@ -60,9 +60,16 @@ from es_llm.drivers.megatron.checks import (
     parallel_sizes,
     require_megatron,
 )
+from es_llm.drivers.megatron.model import transformer_config_fields
 from es_llm.drivers.steplog import step_record
 from es_llm.errors import InputError, NonFiniteError
-from es_llm.model import load_model_preset, model_config, resolve_model, tokenizer_for
+from es_llm.model import (
+    load_model,
+    load_model_preset,
+    model_config,
+    resolve_model,
+    tokenizer_for,
+)
 from es_llm.sampling.config import EvolvedSamplingConfig
 from es_llm.sampling.plan import RunPlan, plan_geometry
 
@@ -81,7 +88,9 @@ class MegatronSetup:
     ds_config: dict[str, Any]
     es: EvolvedSamplingConfig
     sizes: ParallelSizes
-    preset: dict[str, Any]
+    preset: dict[str, Any] | None  # None: a pretrained directory
+    pretrained: Path | None  # the pretrained GPT-2 / Llama directory (--model DIR)
+    hf_config: Any  # the model's transformers config (the preset's for this run, or DIR's)
     vocab_size: int  # the model's vocabulary (the preset's, else --vocab-size)
     optimizer: dict[str, Any]  # build_gpt's optimizer keywords
     scheduler: dict[str, Any] | None  # the LR schedule's settings (None: constant)
@@ -166,16 +175,30 @@ def megatron_setup(
     check_es_fields(es)
     tp, pp = _section_sizes(ds_config, tp, pp)
     sizes = parallel_sizes(world_size, tp, pp)
-    spec = resolve_model(opts.model)
-    if spec.path is not None:
+    if opts.model.startswith("base:"):
         raise InputError(
-            f"--model {opts.model}: the Megatron-core driver builds its model from a preset "
-            "(random weights); a Hugging Face model directory needs the DeepSpeed engine"
+            f"--model {opts.model}: the cached pre-trained bases are built by the DeepSpeed "
+            "engine; pass a GPT-2 or Llama model directory instead (e.g. an es-llm run's "
+            "OUT/model)"
         )
-    preset = load_model_preset(opts.model)
-    vocab = _model_vocab(preset, opts)
-    hf = model_config(preset, vocab_size=vocab, seq_len=opts.seq_len)
-    gpt2 = preset["family"] == "gpt2"
+    spec = resolve_model(opts.model)
+    if spec.path is not None:  # a pretrained GPT-2 / Llama directory: its config and size
+        from transformers import AutoConfig
+
+        preset: Any = None
+        hf = AutoConfig.from_pretrained(spec.path, trust_remote_code=False)
+        vocab = int(hf.vocab_size)
+        if hf.model_type not in ("gpt2", "llama"):
+            raise InputError(
+                f"--model {opts.model}: a {hf.model_type!r} model; the Megatron-core driver "
+                "builds GPT-2 and Llama models only (the DeepSpeed engine takes any causal LM)"
+            )
+    else:
+        preset = load_model_preset(opts.model)
+        vocab = _model_vocab(preset, opts)
+        hf = model_config(preset, vocab_size=vocab, seq_len=opts.seq_len)
+    transformer_config_fields(hf, vocab_size=vocab, seq_len=opts.seq_len)  # maps, or refuses
+    gpt2 = hf.model_type == "gpt2"
     heads = int(hf.n_head if gpt2 else hf.num_attention_heads)
     kv_heads = None if gpt2 else int(hf.num_key_value_heads or heads)
     check_model_fits(
@@ -187,6 +210,8 @@ def megatron_setup(
         es=es,
         sizes=sizes,
         preset=preset,
+        pretrained=spec.path,
+        hf_config=hf,
         vocab_size=vocab,
         optimizer=optimizer_settings(ds_config),
         scheduler=_scheduler_settings(ds_config),
@@ -295,17 +320,29 @@ class MegatronRun:
             max_steps=opts.max_steps,
         )
         self.geo = self.plan.geo
-        self.hf_config = model_config(
-            s.preset, vocab_size=s.vocab_size, seq_len=corpus.seq_len, eod_id=corpus.eod_id
-        )
+        weights = None
+        if s.pretrained is None:
+            self.hf_config = model_config(
+                s.preset, vocab_size=s.vocab_size, seq_len=corpus.seq_len, eod_id=corpus.eod_id
+            )
+        else:  # the weights the DeepSpeed driver would start from (checked finite there)
+            self.hf_config = s.hf_config
+            weights = load_model(
+                resolve_model(str(s.pretrained)),
+                vocab_size=corpus.vocab_size,
+                seq_len=corpus.seq_len,
+                eod_id=corpus.eod_id,
+            ).state_dict()
         self.parts = build_gpt(
-            s.preset,
+            self.hf_config,
             vocab_size=s.vocab_size,
             seq_len=corpus.seq_len,
             seed=opts.seed,
             preset_name=opts.model,
+            hf_weights=weights,
             **s.optimizer,
         )
+        del weights
         self.num_params = sum(p.numel() for p in self.parts.model.parameters())
         self.scheduler = _lr_scheduler(
             self.parts.optimizer,
