@@ -1,11 +1,13 @@
-"""A Megatron-core `GPTModel` from an es-llm model preset, with Megatron's DDP and optimizer.
+"""A Megatron-core `GPTModel` from an es-llm model preset or a pretrained GPT-2/Llama
+directory's config, with Megatron's DDP and optimizer.
 
-Why from the presets: the same `--model` name means the same architecture on both engines.
-The preset goes through `es_llm.model.model_config` (the transformers config the DeepSpeed
-driver builds), and its fields are mapped onto a `TransformerConfig`: GPT-2 presets become a
-learned-position, LayerNorm, GELU model with tied embeddings; Llama presets a RoPE, RMSNorm,
-SwiGLU model with grouped-query attention. The layer spec is TransformerEngine's when
-`transformer_engine` is importable, else Megatron's local one.
+Why from the transformers config: the same `--model` means the same architecture on both
+engines. A preset goes through `es_llm.model.model_config` (the config the DeepSpeed driver
+builds), a directory brings its own, and the fields are mapped onto a `TransformerConfig`:
+GPT-2 becomes a learned-position, LayerNorm, GELU model with tied embeddings; Llama a RoPE,
+RMSNorm, SwiGLU model with grouped-query attention. A directory's weights are imported
+(`export.load_hf_weights`). The layer spec is TransformerEngine's when `transformer_engine`
+is importable, else Megatron's local one.
 
 Call `build_gpt` after `parallel_state.initialize_model_parallel` (it needs the groups).
 """
