@@ -299,7 +299,11 @@ def load_hf_weights(model: Any, sd: dict[str, torch.Tensor], hf_config: Any) -> 
     rank = parallel_state.get_tensor_model_parallel_rank()
     whole = megatron_weights(sd, hf_config)
     glu = hf_config.model_type == "llama"
-    mine = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    mine = {  # by local-spec name (TransformerEngine's fused norms renamed; not run here)
+        _local_name(k): v
+        for k, v in model.state_dict().items()
+        if not k.endswith("_extra_state") and torch.is_tensor(v)
+    }
     if set(mine) != set(whole):
         raise ValueError(
             f"Megatron import: missing {sorted(set(mine) - set(whole))[:3]}, left over "
