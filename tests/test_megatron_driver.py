@@ -170,7 +170,7 @@ def test_from_the_same_pretrained_model_megatron_trains_what_deepspeed_trains(
     """Both engines fine-tune the TP=2 run's exported model on the same data and config
     (constant lr, no weight decay): Megatron at TP=2 and DeepSpeed on one rank (both DP=1)
     select the same samples at every step, with the same training and validation losses."""
-    from conftest import run_cli
+    from conftest import StartedCli
 
     cfg = tmp_path / "eq.json"
     cfg.write_text(json.dumps({
@@ -183,11 +183,14 @@ def test_from_the_same_pretrained_model_megatron_trains_what_deepspeed_trains(
     model = str(dp1_runs["tp2"] / "model")  # its own tokenizer: no --vocab-size
     args = ["--config", str(cfg), "--model", model, "--seq-len", "32", "--max-train-samples",
             "256", "--max-val-samples", "32", "--no-progress", *STEPS]  # fmt: skip
+    ds = tmp_path / "deepspeed"  # beside the Megatron ranks: its start-up overlaps theirs
+    deepspeed = StartedCli(["train", *args, "--out", str(ds)], es_cache, tmp_path / "ds-logs")
     mg = tmp_path / "megatron"
-    _launch(2, ["train", "--engine", "megatron", "--tensor-parallel-size", "2", *args,
-                "--out", str(mg)], es_cache)  # fmt: skip
-    ds = tmp_path / "deepspeed"
-    proc = run_cli(["train", *args, "--out", str(ds)], es_cache)
+    try:
+        _launch(2, ["train", "--engine", "megatron", "--tensor-parallel-size", "2", *args,
+                    "--out", str(mg)], es_cache)  # fmt: skip
+    finally:
+        proc = deepspeed.result()
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert _summary(mg)["val_history"][0]["val_loss"] == pytest.approx(
         _summary(dp1_runs["tp2"])["final_val_loss"], rel=1e-5
