@@ -181,8 +181,12 @@ def test_from_the_same_pretrained_model_megatron_trains_what_deepspeed_trains(
         "zero_optimization": {"stage": 0}, "steps_per_print": 10**6,
     }))  # fmt: skip
     model = str(dp1_runs["tp2"] / "model")  # its own tokenizer: no --vocab-size
-    args = ["--config", str(cfg), "--model", model, "--seq-len", "32", "--max-train-samples",
-            "256", "--max-val-samples", "32", "--no-progress", *STEPS]  # fmt: skip
+    data = tmp_path / "more.txt"  # small: the corpus is tokenized anew with that tokenizer
+    data.write_text("\n\n".join(f"def f{i}(x):\n    return x * {i} + {i * i}"
+                                  for i in range(1500)))  # fmt: skip
+    args = ["--config", str(cfg), "--model", model, "--data", str(data), "--seq-len", "32",
+            "--max-train-samples", "256", "--max-val-samples", "32", "--no-progress",
+            *STEPS]  # fmt: skip
     ds = tmp_path / "deepspeed"  # beside the Megatron ranks: its start-up overlaps theirs
     deepspeed = StartedCli(["train", *args, "--out", str(ds)], es_cache, tmp_path / "ds-logs")
     mg = tmp_path / "megatron"
@@ -192,10 +196,7 @@ def test_from_the_same_pretrained_model_megatron_trains_what_deepspeed_trains(
     finally:
         proc = deepspeed.result()
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert _summary(mg)["val_history"][0]["val_loss"] == pytest.approx(
-        _summary(dp1_runs["tp2"])["final_val_loss"], rel=1e-5
-    )  # the import starts from exactly the exported model
-    _same_training(mg, ds)
+    _same_training(mg, ds)  # step 1 included: the import starts from the exported weights
     assert [r["val_loss"] for r in _summary(mg)["val_history"]] == pytest.approx(
         [r["val_loss"] for r in _summary(ds)["val_history"]], abs=1e-4
     )
