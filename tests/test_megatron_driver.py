@@ -106,9 +106,9 @@ def dp2_runs(tmp_path_factory, es_cache):
     cfg = _config(root, scheduler=None)
     tp2 = _train(4, 2, root / "tp2", cfg, es_cache, data=LLAMA)
     tp1 = _train(2, 1, root / "tp1", cfg, es_cache, data=LLAMA, torchrun=True)
-    example = _launch(2, ["--example", "--config", str(cfg), "--model", "llama-tiny", "--seq-len", "32",
-                            "--vocab-size", "512", "--max-train-samples", "256",
-                            "--epochs", "1", "--steps", "6"], es_cache)  # fmt: skip
+    example = _launch(2, ["--example", "--config", str(cfg), "--model", "llama-tiny",
+                          "--seq-len", "32", "--vocab-size", "512", "--max-train-samples",
+                          "256", "--epochs", "1", "--steps", "6"], es_cache)  # fmt: skip
     lines = [json.loads(x) for x in example.stdout.splitlines() if x.startswith("{")]
     return {"tp2": tp2, "tp1": tp1, "example": lines}
 
