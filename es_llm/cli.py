@@ -11,7 +11,12 @@ import json
 import os
 import sys
 
-from es_llm.cliargs import add_run_arguments, options_from_args, positive_int
+from es_llm.cliargs import (
+    add_engine_arguments,
+    add_run_arguments,
+    options_from_args,
+    positive_int,
+)
 from es_llm.cuda_env import fix_torch_cuda_arch_list
 from es_llm.drivers.deepspeed.stopping import RunStopped
 from es_llm.errors import InputError
@@ -26,6 +31,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         "`deepspeed --num_gpus N --module es_llm.cli train ...`.",
     )
     add_run_arguments(p)
+    add_engine_arguments(p)
     p.add_argument("--out", default="runs/train", help="output directory (default: %(default)s)")
     p.add_argument(
         "--eval-every",
@@ -182,6 +188,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from es_llm.preflight import check_not_finished, check_train_inputs, prepare_out_dir
 
     check_not_finished(args)  # --resume of a finished run: one line, nothing changed
+    if args.engine == "megatron":
+        return _cmd_train_megatron(args)
+    for flag, value in (("--tensor-parallel-size", args.tensor_parallel_size),
+                        ("--pipeline-parallel-size", args.pipeline_parallel_size)):  # fmt: skip
+        if value is not None:
+            raise InputError(f"{flag} needs --engine megatron (DeepSpeed trains data-parallel)")
     resolve_model_arg(args)  # --model base:...: the cached pre-trained base (built once)
     check_train_inputs(args)  # every input problem, before any engine or process group
     _check_monitors(args.config)
@@ -200,6 +212,44 @@ def _cmd_train(args: argparse.Namespace) -> int:
         what = f" ({of['set']} validation set, {of['sequences']} sequences)" if of else ""
         print(
             f"final validation loss {summary['final_val_loss']:.4f}{what} after "
+            f"{summary['wall_clock_s']:.1f}s of training; results in {opts.out}/"
+        )
+    return 0
+
+
+def _cmd_train_megatron(args: argparse.Namespace) -> int:
+    """`train --engine megatron`: every input check before any process group, then the run."""
+    from es_llm.drivers.megatron.checks import require_megatron
+
+    require_megatron()  # first: without megatron-core nothing else matters
+    from es_llm.drivers.megatron.train import megatron_setup, train
+    from es_llm.preflight import check_train_inputs, prepare_out_dir
+
+    opts = options_from_args(args)
+    world_env = os.environ.get("WORLD_SIZE")
+    sizes = dict(tp=args.tensor_parallel_size, pp=args.pipeline_parallel_size)
+    setup = megatron_setup(opts, **sizes, world_size=int(world_env or 1))
+    # the shared checks (data, tokenizer, --out, --resume) see the data-parallel size: the
+    # batch splits over those ranks, not over the tensor-parallel peers
+    os.environ["WORLD_SIZE"] = str(setup.sizes.dp)
+    try:
+        check_train_inputs(args)
+    finally:
+        if world_env is None:
+            del os.environ["WORLD_SIZE"]
+        else:
+            os.environ["WORLD_SIZE"] = world_env
+    prepare_out_dir(args)
+    summary = train(
+        opts,
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        keys = ("engine", "method", "world_size", "tensor_parallel_size", "steps", "bp_samples")
+        print(json.dumps({k: summary[k] for k in keys}))
+        print(
+            f"final validation loss {summary['final_val_loss']:.4f} after "
             f"{summary['wall_clock_s']:.1f}s of training; results in {opts.out}/"
         )
     return 0

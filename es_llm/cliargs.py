@@ -266,3 +266,35 @@ def options_from_args(args: argparse.Namespace, **changes: Any) -> TrainOptions:
     values["progress"] = not given.get("no_progress", False)
     values.update(changes)
     return TrainOptions(**values)
+
+
+ENGINES = ("deepspeed", "megatron")
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """`train`'s engine and, for Megatron-core, its parallel sizes (docs/megatron.md)."""
+    g = p.add_argument_group("engine (the Megatron-core driver: docs/megatron.md)")
+    g.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="deepspeed",
+        help="the training engine: deepspeed, or megatron (Megatron-core's GPTModel, DDP and "
+        "optimizer; needs the 'megatron' extra; launch several ranks with `torchrun "
+        "--nproc_per_node N -m es_llm.cli train --engine megatron ...`) (default: %(default)s)",
+    )
+    g.add_argument(
+        "--tensor-parallel-size",
+        type=positive_int,
+        default=None,
+        metavar="TP",
+        help="--engine megatron: ranks that split each layer (default: the config's "
+        "megatron.tensor_parallel_size, else 1); the batch splits over world / TP ranks",
+    )
+    g.add_argument(
+        "--pipeline-parallel-size",
+        type=positive_int,
+        default=None,
+        metavar="PP",
+        help="--engine megatron: pipeline stages; only 1 is supported (default: the config's "
+        "megatron.pipeline_parallel_size, else 1)",
+    )

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check, for one GPU: `bash launch/gpu_check.sh [OUT_DIR] [es_llm.tools.gpu_check flags...]`.
-# Default profile (fits one short call: the check stops itself after 400 s, builds included):
+# Default profile (fits one short call: the check stops itself after 410 s, builds included):
 # the Triton kernel parity tests on the GPU, 100 steps each of `es-llm train` (uniform, es) with
 # the shipped zero1_bf16 config and gpt2-124m, a plain PyTorch loop of the same model and batch,
-# host-sync counts, and a short `es-llm compare`, in that order; a piece starts only if its
+# host-sync counts, a few ES steps through the Megatron-core driver (`--engine megatron`, TP=1)
+# and a short `es-llm compare`, in that order; a piece starts only if its
 # estimated time still fits. `--full` runs the long profile (300 steps, every kernel test, a
 # longer compare, no time limit); `--budget-s S` sets the limit. OUT_DIR/gpu_check.{json,md}
 # (default OUT_DIR: runs/gpu_check) is rewritten as each piece starts and ends, so a killed

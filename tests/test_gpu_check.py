@@ -151,9 +151,17 @@ def test_plain_loop_trains_a_tiny_model_on_cpu(tmp_path: Path, es_cache: Path) -
 
 def test_profiles_order_sizes_and_budget(tmp_path: Path) -> None:
     # most valuable first: kernel parity, the two es-llm runs, the plain loop, then the rest
-    assert gpu_check.PIECES == ("kernels", "uniform", "es", "plain", "syncs", "compare")
+    assert gpu_check.PIECES == (
+        "kernels", "uniform", "es", "plain", "syncs", "megatron", "compare"
+    )  # fmt: skip
     d = gpu_check.profile_setup("default", tmp_path, REPO, set())
     assert d.config == "zero1_bf16" and d.model == "gpt2-124m" and d.steps == 100
+    # the Megatron-core piece: a few ES steps of the same model, bf16 config, TP=1
+    megatron = d.megatron_args(tmp_path / "m")
+    assert megatron[megatron.index("--engine") + 1] == "megatron"
+    assert megatron[megatron.index("--tensor-parallel-size") + 1] == "1"
+    assert megatron[megatron.index("--max-steps") + 1] == str(d.megatron_steps) == "10"
+    assert megatron[megatron.index("--config") + 1] == "zero1_bf16"
     assert d.kernel_tests == gpu_check.PARITY_TESTS  # the parity tests, not the bench ...
     assert d.kernel_pytest_args == ("-m", "not multiproc")  # ... nor a CPU DeepSpeed process
     assert all((REPO / "tests" / t).is_file() for t in d.kernel_tests)
@@ -214,9 +222,19 @@ def test_check_script_cpu_smoke(tmp_path: Path, es_cache: Path) -> None:
     assert list(report["pieces"]) == list(gpu_check.PIECES)
     status = {p: v["status"] for p, v in report["pieces"].items()}
     assert status == {"kernels": "skipped", "uniform": "ok", "es": "ok", "plain": "ok",
-                      "syncs": "skipped", "compare": "not run (budget)"}  # fmt: skip
+                      "syncs": "skipped", "megatron": "ok",
+                      "compare": "not run (budget)"}  # fmt: skip
+    # the Megatron-core driver trained (through the test-only CPU launcher) and exported
+    m = report["megatron"]
+    assert (m["steps"], m["select_steps"], m["tensor_parallel_size"]) == (3, 2, 1)
+    assert math.isfinite(m["final_val_loss"]) and m["tokens_per_s"] > 0
+    assert m["export"] == str(out / "megatron" / "model")
+    assert (
+        "Megatron-core (`--engine megatron`, TP=1): 3 steps (2 selecting)"
+        in (out / "gpu_check.md").read_text()
+    )
     # each piece's table was on disk before the next piece ended: the order of the snapshots
-    order = ["uniform", "es", "plain"]
+    order = ["uniform", "es", "plain", "megatron"]
     idx = {p: list(gpu_check.PIECES).index(p) for p in order}
     for done, nxt in itertools.pairwise(order):
         assert any(s[idx[done]] == "ok" and s[idx[nxt]] in ("not run", "running") for s in seen), (
@@ -227,7 +245,7 @@ def test_check_script_cpu_smoke(tmp_path: Path, es_cache: Path) -> None:
     assert starts == sorted(starts)
     # es and plain shared one process; uniform had its own
     pids = {p: report["pieces"][p]["pid"] for p in order}
-    assert pids["es"] == pids["plain"] != pids["uniform"]
+    assert pids["es"] == pids["plain"] != pids["uniform"] != pids["megatron"]
     assert {r["run"]: r["status"] for r in report["rows"]} == {
         "uniform": "ok", "es": "ok", "plain": "ok"
     }  # fmt: skip
@@ -272,5 +290,6 @@ def test_a_terminated_check_stops_its_piece_and_leaves_the_table(tmp_path: Path)
     report = json.loads((out / "gpu_check.json").read_text())
     status = {p: v["status"] for p, v in report["pieces"].items()}
     assert status == {"kernels": "skipped", "uniform": "cut off (check stopped)", "es": "not run",
-                      "plain": "not run", "syncs": "skipped", "compare": "not run"}  # fmt: skip
+                      "plain": "not run", "syncs": "skipped", "megatron": "not run",
+                      "compare": "not run"}  # fmt: skip
     assert "| 2 | uniform | cut off (check stopped) |" in (out / "gpu_check.md").read_text()

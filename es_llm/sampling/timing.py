@@ -12,9 +12,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where an event is made: TIMERS stays cheap to import
+    import torch
 
 # proxy_*: scorer proxy's scoring forward and its online training (zero with other scorers)
 TIMERS = (
@@ -34,7 +35,13 @@ class StepTimers:
         self.totals: dict[str, float] = dict.fromkeys(TIMERS, 0.0)
         self._events = device.type != "cpu"
         self._pending: list[tuple[str, Any, Any]] = []
-        self._new_event = event or (lambda: torch.Event(device, enable_timing=True))
+        if event is None:
+            import torch
+
+            def event() -> Any:
+                return torch.Event(device, enable_timing=True)
+
+        self._new_event = event
 
     def _event(self) -> Any:
         ev = self._new_event()

@@ -11,15 +11,19 @@ On one GPU it runs these pieces, in this order (most valuable first), logs in OU
    sync counter (plain's host synchronisations per step);
 5. `syncs`: uniform and es once more, short, under `es_llm.tools.sync_count`, for their host
    synchronisations per optimizer step;
-6. `compare`: a short `es-llm compare` of uniform against es.
+6. `megatron`: `es-llm train --engine megatron` (Megatron-core's GPTModel, DDP, optimizer
+   and forward_backward_func, TP=1) for a few ES steps of the same model in bf16;
+7. `compare`: a short `es-llm compare` of uniform against es.
 
 The table (OUT/gpu_check.json and OUT/gpu_check.md) is rewritten whenever a piece starts or
 ends, so a check that is killed still leaves what it measured ("running" marks the piece that
 was cut, "not run" those never reached). The default profile fits a budget (`--budget-s`,
-400 s): a piece starts only if its estimated time still fits, and a piece still running at
+410 s): a piece starts only if its estimated time still fits, and a piece still running at
 the end of the budget is stopped. `--full` runs the longer profile without a budget. Nothing
 is downloaded: the data is the embedded corpus. `--cpu-smoke` runs the pieces with a tiny
-model on the CPU, to test the check itself; its numbers mean nothing about a GPU.
+model on the CPU, to test the check itself; its numbers mean nothing about a GPU (its
+`megatron` piece runs through the checkout's tests/megatron_launch.py, which patches
+megatron-core's hard-coded CUDA calls for the CPU: test-only, never used on a GPU).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from es_llm.tools.gpu_check_table import build_report, read_run, render_markdown
 
 _STARTED = time.time()  # the budget counts from the start of this process
 
-PIECES = ("kernels", "uniform", "es", "plain", "syncs", "compare")
+PIECES = ("kernels", "uniform", "es", "plain", "syncs", "megatron", "compare")
 # pieces that share one process: `es` then `plain` (then plain's sync count)
 WORKER_PIECES = ("es", "plain")
 PARITY_TESTS = ("test_kernels_ce.py", "test_kernels_linear.py", "test_kernels_scoring.py")
@@ -54,13 +58,14 @@ STOP_GRACE_S = 5.0  # SIGTERM at the end of the budget, SIGKILL this much later
 # Seconds per piece on one H100/H200, estimated from the code and the step counts (no GPU has
 # run this yet; docs/gpu.md shows the arithmetic). `uniform` includes the one-time builds.
 DEFAULT_ESTIMATES = {"kernels": 60.0, "uniform": 120.0, "es": 35.0, "plain": 25.0,
-                     "syncs": 50.0, "compare": 90.0}  # fmt: skip
+                     "syncs": 50.0, "megatron": 30.0, "compare": 90.0}  # fmt: skip
 FULL_ESTIMATES = {"kernels": 120.0, "uniform": 140.0, "es": 50.0, "plain": 35.0,
-                  "syncs": 50.0, "compare": 150.0}  # fmt: skip
+                  "syncs": 50.0, "megatron": 40.0, "compare": 150.0}  # fmt: skip
 # cpu-smoke: generous bounds for a loaded 2-core machine (they only matter with --budget-s)
 SMOKE_ESTIMATES = {"kernels": 300.0, "uniform": 60.0, "es": 60.0, "plain": 30.0,
-                   "syncs": 60.0, "compare": 300.0}  # fmt: skip
-DEFAULT_BUDGET_S = 400.0
+                   "syncs": 60.0, "megatron": 60.0, "compare": 300.0}  # fmt: skip
+DEFAULT_BUDGET_S = 410.0  # 7 minutes less the stop grace of the last piece and the start-up
+MEGATRON_LAUNCH = "tests/megatron_launch.py"  # cpu-smoke only: the test-only CPU shim
 
 
 @dataclass
@@ -81,6 +86,7 @@ class Setup:
     sync_steps: tuple[int, int] = (10, 30)  # syncs per step between the ends of these steps
     compare_train_samples: int = 2048
     compare_epochs: int = 1
+    megatron_steps: int = 10  # the megatron piece: a few ES steps (one burn-in step first)
     kernel_tests: tuple[str, ...] = PARITY_TESTS  # () = every tests/test_kernels_*.py
     # the parity tests in the pytest process, on the GPU; not the ZeRO-3 scoring test, which
     # starts a CPU DeepSpeed process (and may build DeepSpeed's CPU op first)
@@ -120,6 +126,11 @@ class Setup:
             args += ["--es", "burn_in_steps=1"]  # the same burn-in at every run length
         return args
 
+    def megatron_args(self, out: Path) -> list[str]:
+        """`es-llm train --engine megatron` (TP=1) with the check's model, config and data."""
+        return [*self.train_args("es", self.megatron_steps, out), "--engine", "megatron",
+                "--tensor-parallel-size", "1"]  # fmt: skip
+
     def plain_args(self, steps: int, out: Path) -> list[str]:
         return [*self.data_args(), "--steps", str(steps), "--out", str(out)]
 
@@ -150,6 +161,7 @@ def profile_setup(profile: str, out: Path, repo: Path, skip: set[str]) -> Setup:
             out=out, repo=repo, profile="cpu-smoke", config="cpu_tiny", model="gpt2-tiny",
             seq_len=32, vocab_size=512, steps=4, warmup_steps=1, max_val_samples=32,
             max_train_samples=256, sync_steps=(2, 3), compare_train_samples=256,
+            megatron_steps=3,
             kernel_tests=(), kernel_pytest_args=(), budget_s=None,
             estimates=dict(SMOKE_ESTIMATES), skip=skip,
             cpu_smoke=True,
@@ -194,8 +206,10 @@ def collect_report(setup: Setup, pieces: dict[str, dict[str, Any]]) -> dict[str,
             "model": setup.model, "seq_len": setup.seq_len, "steps": setup.steps,
             "cpu_smoke": setup.cpu_smoke, "sync_steps": list(setup.sync_steps),
             "budget_s": setup.budget_s}  # fmt: skip
+    megatron = read_run(setup.out / "megatron") if pieces["megatron"]["status"] == "ok" else None
     return build_report(runs, syncs, warmup=setup.warmup_steps, kernels=kernels,
-                        compare=compare, info=info, pieces=pieces)  # fmt: skip
+                        compare=compare, info=info, pieces=pieces,
+                        megatron=megatron)  # fmt: skip
 
 
 class Board:
@@ -345,6 +359,30 @@ def _compare(board: Board, env: dict[str, str]) -> None:
     _run_piece(board, "compare", cmd, env)
 
 
+def _megatron(board: Board, env: dict[str, str]) -> None:
+    """`es-llm train --engine megatron` at TP=1 on the GPU (cpu-smoke: on the CPU, through the
+    checkout's test-only launcher, which patches megatron-core's hard-coded CUDA calls)."""
+    import importlib.util
+
+    setup = board.setup
+    if importlib.util.find_spec("megatron") is None or (
+        importlib.util.find_spec("megatron.core") is None
+    ):
+        board.set("megatron", status="not run (megatron-core not installed: the 'megatron' "
+                  "extra)")  # fmt: skip
+        return
+    args = setup.megatron_args(setup.out / "megatron")
+    if not setup.cpu_smoke:
+        _run_piece(board, "megatron", [sys.executable, "-m", "es_llm.cli", *args], env)
+        return
+    launcher = setup.repo / MEGATRON_LAUNCH
+    if not launcher.is_file():
+        board.set("megatron", status=f"not run (needs CUDA: on the CPU it runs through "
+                  f"{MEGATRON_LAUNCH}, which {setup.repo} lacks)")  # fmt: skip
+        return
+    _run_piece(board, "megatron", [sys.executable, str(launcher), *args], env)
+
+
 def _worker_job(board: Board, env: dict[str, str], todo: list[str]) -> None:
     """`es` and `plain` in one child process (see `worker_main`)."""
     setup = board.setup
@@ -490,7 +528,7 @@ def _run_jobs(board: Board, env: dict[str, str]) -> None:
     """The pieces in order, each job in its process, each started only if it fits the budget."""
     setup = board.setup
     jobs: list[tuple[str, ...]] = [("kernels",), ("uniform",), WORKER_PIECES, ("syncs",),
-                                   ("compare",)]  # fmt: skip
+                                   ("megatron",), ("compare",)]  # fmt: skip
     for job in jobs:
         todo = [p for p in job if p not in setup.skip]
         if not todo:
@@ -509,6 +547,8 @@ def _run_jobs(board: Board, env: dict[str, str]) -> None:
                         *setup.train_args("uniform", setup.steps, setup.out / "uniform")], env)  # fmt: skip
         elif job == ("syncs",):
             _syncs(board, env)
+        elif job == ("megatron",):
+            _megatron(board, env)
         else:
             _compare(board, env)
 

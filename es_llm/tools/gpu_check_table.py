@@ -16,6 +16,7 @@ from typing import Any
 BOOKKEEPING_MAX = 0.01  # gather + select + score update <= 1% of an ES step
 UNIFORM_VS_PLAIN_MIN = 0.9  # es-llm uniform >= 0.9x the plain loop's tokens/s
 ES_STEP_SLACK = 0.02  # ES step <= (uniform step + scoring forward of B_meta) x 1.02
+MEGATRON_WARMUP = 2  # the megatron piece's first steps, left out of its tokens/s
 
 
 # ------------------------------------------------------------------ reading runs
@@ -93,12 +94,13 @@ def build_report(
     compare: dict[str, Any] | None = None,
     info: dict[str, Any] | None = None,
     pieces: dict[str, dict[str, Any]] | None = None,
+    megatron: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The check's table from the runs' summaries (`runs[name]` as `read_run` returns it).
 
     `pieces` (piece name -> its record, in the order they run) gives each piece's status:
     a run that has no summary shows its piece's status ("not run", "running", "FAIL (exit 1)",
-    "not run (budget)", ...).
+    "not run (budget)", ...). `megatron` is the Megatron-core driver's run (`read_run`).
     """
     pieces = pieces or {}
     stats = {name: run_stats(r, warmup) for name, r in runs.items() if r is not None}
@@ -147,9 +149,29 @@ def build_report(
         "kernel_tests": kernels,
         "compare": _compare_summary(compare),
         "runs": stats,
+        "megatron": _megatron_summary(megatron),
         "pieces": pieces,
     }
     return report
+
+
+def _megatron_summary(run: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the megatron piece shows: it trains, its speed (few steps: indicative only)."""
+    if run is None:
+        return None
+    s, steps = run["summary"], run["steps"]
+    steady = steps[MEGATRON_WARMUP:] if len(steps) > MEGATRON_WARMUP else steps
+    step_s = sum(r["step_s"] for r in steady)
+    return {
+        "steps": s["steps"],
+        "tensor_parallel_size": s.get("tensor_parallel_size"),
+        "select_steps": sum(r.get("phase") == "select" for r in steps),
+        "first_train_loss": steps[0]["train_loss"] if steps else None,
+        "last_train_loss": steps[-1]["train_loss"] if steps else None,
+        "final_val_loss": s.get("final_val_loss"),
+        "tokens_per_s": _div(sum(r["selected"] for r in steady) * s["seq_len"], step_s),
+        "export": (s.get("export") or {}).get("model_dir"),
+    }
 
 
 def _compare_summary(compare: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -204,6 +226,14 @@ def render_markdown(report: dict[str, Any]) -> str:
     k = report.get("kernel_tests")
     if k is not None:
         lines += ["", f"Kernel parity tests: {k.get('result')} ({k.get('summary')})."]
+    m = report.get("megatron")
+    if m:
+        lines += ["", f"Megatron-core (`--engine megatron`, TP={m['tensor_parallel_size']}): "
+                  f"{m['steps']} steps ({m['select_steps']} selecting), train loss "
+                  f"{_f(m['first_train_loss'], '.3f')} -> {_f(m['last_train_loss'], '.3f')}, "
+                  f"final val loss {_f(m['final_val_loss'], '.4f')}, "
+                  f"{_f(m['tokens_per_s'], ',.0f')} tokens/s after its first "
+                  f"{MEGATRON_WARMUP} steps (a few steps: indicative only)."]  # fmt: skip
     c = report.get("compare")
     if c:
         lines += ["", "| compare run | final val loss | vs uniform | train wall s | steps |",
