@@ -152,8 +152,9 @@ def test_plain_loop_trains_a_tiny_model_on_cpu(tmp_path: Path, es_cache: Path) -
 def test_profiles_order_sizes_and_budget(tmp_path: Path) -> None:
     # most valuable first: kernel parity, the two es-llm runs, the plain loop, then the rest
     assert gpu_check.PIECES == (
-        "kernels", "uniform", "es", "plain", "syncs", "megatron", "compare"
+        "kernels", "uniform", "es", "plain", "proxy", "syncs", "megatron", "compare"
     )  # fmt: skip
+    assert gpu_check.WORKER_PIECES == ("es", "plain", "proxy")  # one warm process
     d = gpu_check.profile_setup("default", tmp_path, REPO, set())
     assert d.config == "zero1_bf16" and d.model == "gpt2-124m" and d.steps == 100
     # the Megatron-core piece: a few ES steps of the same model, bf16 config, TP=1
@@ -162,6 +163,10 @@ def test_profiles_order_sizes_and_budget(tmp_path: Path) -> None:
     assert megatron[megatron.index("--tensor-parallel-size") + 1] == "1"
     assert megatron[megatron.index("--max-steps") + 1] == str(d.megatron_steps) == "10"
     assert megatron[megatron.index("--config") + 1] == "zero1_bf16"
+    # the proxy piece: the proxy's cost against this learner's scoring forward, <= 30 s
+    proxy = d.proxy_args(tmp_path / "p")
+    assert proxy[:2] == ["bench", "proxy"] and proxy[proxy.index("--model") + 1] == "gpt2-124m"
+    assert float(proxy[proxy.index("--max-seconds") + 1]) + 5 <= d.estimates["proxy"] <= 30
     assert d.kernel_tests == gpu_check.PARITY_TESTS  # the parity tests, not the bench ...
     assert d.kernel_pytest_args == ("-m", "not multiproc")  # ... nor a CPU DeepSpeed process
     assert all((REPO / "tests" / t).is_file() for t in d.kernel_tests)
@@ -222,8 +227,13 @@ def test_check_script_cpu_smoke(tmp_path: Path, es_cache: Path) -> None:
     assert list(report["pieces"]) == list(gpu_check.PIECES)
     status = {p: v["status"] for p, v in report["pieces"].items()}
     assert status == {"kernels": "skipped", "uniform": "ok", "es": "ok", "plain": "ok",
-                      "syncs": "skipped", "megatron": "ok",
+                      "proxy": "ok", "syncs": "skipped", "megatron": "ok",
                       "compare": "not run (budget)"}  # fmt: skip
+    # the proxy scorer's cost, measured in the worker after plain
+    px = report["proxy"]
+    assert px["learner"] == "gpt2-tiny" and px["proxy"]["proxy_model"] == "gpt2-nano"
+    assert px["per_sample_ms"]["proxy_score_ms"] > 0
+    assert "Proxy scorer `gpt2-nano`" in (out / "gpu_check.md").read_text()
     # the Megatron-core driver trained (through the test-only CPU launcher) and exported
     m = report["megatron"]
     assert (m["steps"], m["select_steps"], m["tensor_parallel_size"]) == (3, 2, 1)
@@ -234,7 +244,7 @@ def test_check_script_cpu_smoke(tmp_path: Path, es_cache: Path) -> None:
         in (out / "gpu_check.md").read_text()
     )
     # each piece's table was on disk before the next piece ended: the order of the snapshots
-    order = ["uniform", "es", "plain", "megatron"]
+    order = ["uniform", "es", "plain", "proxy", "megatron"]
     idx = {p: list(gpu_check.PIECES).index(p) for p in order}
     for done, nxt in itertools.pairwise(order):
         assert any(s[idx[done]] == "ok" and s[idx[nxt]] in ("not run", "running") for s in seen), (
@@ -245,7 +255,7 @@ def test_check_script_cpu_smoke(tmp_path: Path, es_cache: Path) -> None:
     assert starts == sorted(starts)
     # es and plain shared one process; uniform had its own
     pids = {p: report["pieces"][p]["pid"] for p in order}
-    assert pids["es"] == pids["plain"] != pids["uniform"] != pids["megatron"]
+    assert pids["es"] == pids["plain"] == pids["proxy"] != pids["uniform"] != pids["megatron"]
     assert {r["run"]: r["status"] for r in report["rows"]} == {
         "uniform": "ok", "es": "ok", "plain": "ok"
     }  # fmt: skip
@@ -290,6 +300,6 @@ def test_a_terminated_check_stops_its_piece_and_leaves_the_table(tmp_path: Path)
     report = json.loads((out / "gpu_check.json").read_text())
     status = {p: v["status"] for p, v in report["pieces"].items()}
     assert status == {"kernels": "skipped", "uniform": "cut off (check stopped)", "es": "not run",
-                      "plain": "not run", "syncs": "skipped", "megatron": "not run",
-                      "compare": "not run"}  # fmt: skip
+                      "plain": "not run", "proxy": "not run", "syncs": "skipped",
+                      "megatron": "not run", "compare": "not run"}  # fmt: skip
     assert "| 2 | uniform | cut off (check stopped) |" in (out / "gpu_check.md").read_text()

@@ -9,11 +9,13 @@ On one GPU it runs these pieces, in this order (most valuable first), logs in OU
 4. `plain`: the same model and batch in a plain PyTorch loop (`es_llm.tools.bench_plain`),
    in the process that ran `es` (no second start-up), then a short plain run there under the
    sync counter (plain's host synchronisations per step);
-5. `syncs`: uniform and es once more, short, under `es_llm.tools.sync_count`, for their host
+5. `proxy`: in that process too, `es-llm bench proxy`: the proxy scorer's forward and online
+   update per sample against the learner's scoring forward (the same model, bf16);
+6. `syncs`: uniform and es once more, short, under `es_llm.tools.sync_count`, for their host
    synchronisations per optimizer step;
-6. `megatron`: `es-llm train --engine megatron` (Megatron-core's GPTModel, DDP, optimizer
+7. `megatron`: `es-llm train --engine megatron` (Megatron-core's GPTModel, DDP, optimizer
    and forward_backward_func, TP=1) for a few ES steps of the same model in bf16;
-7. `compare`: a short `es-llm compare` of uniform against es.
+8. `compare`: a short `es-llm compare` of uniform against es.
 
 The table (OUT/gpu_check.json and OUT/gpu_check.md) is rewritten whenever a piece starts or
 ends, so a check that is killed still leaves what it measured ("running" marks the piece that
@@ -49,21 +51,26 @@ from es_llm.tools.gpu_check_table import build_report, read_run, render_markdown
 
 _STARTED = time.time()  # the budget counts from the start of this process
 
-PIECES = ("kernels", "uniform", "es", "plain", "syncs", "megatron", "compare")
-# pieces that share one process: `es` then `plain` (then plain's sync count)
-WORKER_PIECES = ("es", "plain")
+PIECES = ("kernels", "uniform", "es", "plain", "proxy", "syncs", "megatron", "compare")
+# pieces that share one process: `es` then `plain` (then plain's sync count), then `proxy`
+WORKER_PIECES = ("es", "plain", "proxy")
 PARITY_TESTS = ("test_kernels_ce.py", "test_kernels_linear.py", "test_kernels_scoring.py")
 STOP_GRACE_S = 5.0  # SIGTERM at the end of the budget, SIGKILL this much later
 
 # Seconds per piece on one H100/H200, estimated from the code and the step counts (no GPU has
 # run this yet; docs/gpu.md shows the arithmetic). `uniform` includes the one-time builds.
+# `proxy` runs in the warm worker (no start-up): two model builds and 4 x 2 s of timing;
+# `compare` gave it 15 s of its 90 (3 start-ups and 32-64 steps of a 124M model)
 DEFAULT_ESTIMATES = {"kernels": 60.0, "uniform": 120.0, "es": 35.0, "plain": 25.0,
-                     "syncs": 50.0, "megatron": 30.0, "compare": 90.0}  # fmt: skip
+                     "proxy": 15.0, "syncs": 50.0, "megatron": 30.0,
+                     "compare": 75.0}  # fmt: skip
 FULL_ESTIMATES = {"kernels": 120.0, "uniform": 140.0, "es": 50.0, "plain": 35.0,
-                  "syncs": 50.0, "megatron": 40.0, "compare": 150.0}  # fmt: skip
+                  "proxy": 30.0, "syncs": 50.0, "megatron": 40.0,
+                  "compare": 150.0}  # fmt: skip
 # cpu-smoke: generous bounds for a loaded 2-core machine (they only matter with --budget-s)
 SMOKE_ESTIMATES = {"kernels": 300.0, "uniform": 60.0, "es": 60.0, "plain": 30.0,
-                   "syncs": 60.0, "megatron": 60.0, "compare": 300.0}  # fmt: skip
+                   "proxy": 30.0, "syncs": 60.0, "megatron": 60.0,
+                   "compare": 300.0}  # fmt: skip
 DEFAULT_BUDGET_S = 410.0  # 7 minutes less the stop grace of the last piece and the start-up
 MEGATRON_LAUNCH = "tests/megatron_launch.py"  # cpu-smoke only: the test-only CPU shim
 
@@ -130,6 +137,14 @@ class Setup:
         """`es-llm train --engine megatron` (TP=1) with the check's model, config and data."""
         return [*self.train_args("es", self.megatron_steps, out), "--engine", "megatron",
                 "--tensor-parallel-size", "1"]  # fmt: skip
+
+    def proxy_args(self, out: Path) -> list[str]:
+        """`es-llm bench proxy` on the check's model (the learner) and its default proxy."""
+        seconds = "1" if self.cpu_smoke else ("16" if self.profile == "full" else "8")
+        batch = "8" if self.cpu_smoke else "64"
+        return ["bench", "proxy", "--model", self.model, "--seq-len", str(self.seq_len),
+                "--vocab-size", str(self.vocab_size), "--batch", batch,
+                "--max-seconds", seconds, "--out", str(out)]  # fmt: skip
 
     def plain_args(self, steps: int, out: Path) -> list[str]:
         return [*self.data_args(), "--steps", str(steps), "--out", str(out)]
@@ -207,9 +222,11 @@ def collect_report(setup: Setup, pieces: dict[str, dict[str, Any]]) -> dict[str,
             "cpu_smoke": setup.cpu_smoke, "sync_steps": list(setup.sync_steps),
             "budget_s": setup.budget_s}  # fmt: skip
     megatron = read_run(setup.out / "megatron") if pieces["megatron"]["status"] == "ok" else None
+    proxy_file = setup.out / "proxy" / "proxy_bench.json"
+    proxy = _read_json(proxy_file) if pieces["proxy"]["status"] == "ok" else None
     return build_report(runs, syncs, warmup=setup.warmup_steps, kernels=kernels,
                         compare=compare, info=info, pieces=pieces,
-                        megatron=megatron)  # fmt: skip
+                        megatron=megatron, proxy=proxy)  # fmt: skip
 
 
 class Board:
@@ -459,10 +476,13 @@ def worker_main(setup: Setup, todo: list[str]) -> int:
         )
         print(f"gpu_check worker: {piece} (log {log})", flush=True)
         with _output_to(log):
-            if piece == "es":
+            if piece in ("es", "proxy"):
                 from es_llm.cli import main as cli_main
 
-                args = setup.train_args("es", setup.steps, setup.out / "es")
+                if piece == "es":
+                    args = setup.train_args("es", setup.steps, setup.out / "es")
+                else:
+                    args = setup.proxy_args(setup.out / "proxy")
                 piece_rc = _call(partial(cli_main, args))
             else:
                 from es_llm.tools.bench_plain import main as plain_main

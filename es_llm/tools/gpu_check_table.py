@@ -95,12 +95,14 @@ def build_report(
     info: dict[str, Any] | None = None,
     pieces: dict[str, dict[str, Any]] | None = None,
     megatron: dict[str, Any] | None = None,
+    proxy: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The check's table from the runs' summaries (`runs[name]` as `read_run` returns it).
 
     `pieces` (piece name -> its record, in the order they run) gives each piece's status:
     a run that has no summary shows its piece's status ("not run", "running", "FAIL (exit 1)",
-    "not run (budget)", ...). `megatron` is the Megatron-core driver's run (`read_run`).
+    "not run (budget)", ...). `megatron` is the Megatron-core driver's run (`read_run`),
+    `proxy` the proxy scorer's cost (`es-llm bench proxy`'s proxy_bench.json).
     """
     pieces = pieces or {}
     stats = {name: run_stats(r, warmup) for name, r in runs.items() if r is not None}
@@ -150,6 +152,7 @@ def build_report(
         "compare": _compare_summary(compare),
         "runs": stats,
         "megatron": _megatron_summary(megatron),
+        "proxy": proxy,
         "pieces": pieces,
     }
     return report
@@ -234,6 +237,17 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"final val loss {_f(m['final_val_loss'], '.4f')}, "
                   f"{_f(m['tokens_per_s'], ',.0f')} tokens/s after its first "
                   f"{MEGATRON_WARMUP} steps (a few steps: indicative only)."]  # fmt: skip
+    px = report.get("proxy")
+    if px:
+        ms, cost = px["per_sample_ms"], px["scoring_cost_per_training_sample"]
+        lines += ["", f"Proxy scorer `{px['proxy']['proxy_model']}` "
+                  f"({_f(px['proxy']['flops_ratio'], '.3f')} of `{px['learner']}`'s FLOPs per "
+                  f"token, {px['dtype']}): its forward costs "
+                  f"{_f(px['proxy_vs_learner_score'], '.3f')} of the learner's scoring forward "
+                  f"({_f(ms['proxy_score_ms'], '.4f')} vs {_f(ms['learner_score_ms'], '.4f')} ms "
+                  f"per sample); scoring cost per scored sample / training cost per sample: "
+                  f"learner {_f(cost['learner'], '.3f')}, proxy {_f(cost['proxy'], '.3f')} "
+                  f"(its learning at r = {px['selection_ratio']} included)."]  # fmt: skip
     c = report.get("compare")
     if c:
         lines += ["", "| compare run | final val loss | vs uniform | train wall s | steps |",
