@@ -26,9 +26,11 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="pre-train a causal LM with Evolved Sampling through DeepSpeed",
-        description="Pre-train a causal LM with ES/ESWP through a DeepSpeed engine. Writes "
-        "OUT/metrics.jsonl, OUT/summary.json and OUT/loss_curve.png. Run on several ranks with "
-        "`deepspeed --num_gpus N --module es_llm.cli train ...`.",
+        description="Pre-train a causal LM with ES/ESWP through a DeepSpeed engine (or "
+        "Megatron-core with --engine megatron). Writes OUT/metrics.jsonl, OUT/summary.json and "
+        "OUT/loss_curve.png. Run on several ranks with `deepspeed --num_gpus N --module "
+        "es_llm.cli train ...`, or `torchrun --nproc_per_node N -m es_llm.cli train --engine "
+        "megatron ...`.",
     )
     add_run_arguments(p)
     add_engine_arguments(p)
