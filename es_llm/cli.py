@@ -25,7 +25,7 @@ from es_llm.errors import InputError
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="pre-train a causal LM with Evolved Sampling through DeepSpeed",
+        help="pre-train a causal LM with Evolved Sampling through DeepSpeed or Megatron-core",
         description="Pre-train a causal LM with ES/ESWP through a DeepSpeed engine (or "
         "Megatron-core with --engine megatron). Writes OUT/metrics.jsonl, OUT/summary.json and "
         "OUT/loss_curve.png. Run on several ranks with `deepspeed --num_gpus N --module "
