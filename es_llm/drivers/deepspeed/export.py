@@ -82,16 +82,27 @@ def export_model(engine: Any, out: Path, tokenizer: Callable[[], PreTrainedToken
     state = full_state_dict(engine)
     check_finite_weights(state, final)
     if state is not None:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIR}-", dir=final.parent))
-        try:
-            with _no_progress_bars():
-                engine.module.save_pretrained(tmp, state_dict=state)
-            tokenizer().save_pretrained(tmp)
-            if final.exists():  # a resumed run replaces the model of its earlier part
-                shutil.rmtree(final)
-            tmp.rename(final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        write_model_dir(
+            final, lambda tmp: engine.module.save_pretrained(tmp, state_dict=state), tokenizer
+        )
     dist.barrier()  # no rank reports the run done before the directory is there
     return final
+
+
+def write_model_dir(
+    final: Path, save: Callable[[Path], None], tokenizer: Callable[[], Any]
+) -> None:
+    """Write a model directory whole or not at all (one rank calls it): ``save(tmp)`` the
+    weights and the tokenizer into a folder beside ``final``, then rename it over ``final``
+    (a resumed run replaces the model of its earlier part)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        with _no_progress_bars():
+            save(tmp)
+        tokenizer().save_pretrained(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -39,8 +39,6 @@ Megatron model and of its export, for both families.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,7 +46,7 @@ from typing import Any
 import torch
 
 from es_llm import dist
-from es_llm.drivers.deepspeed.export import _no_progress_bars
+from es_llm.drivers.deepspeed.export import MODEL_DIR, write_model_dir
 from es_llm.errors import NonFiniteError
 
 __all__ = [
@@ -62,7 +60,6 @@ __all__ = [
     "megatron_weights",
 ]
 
-MODEL_DIR = "model"
 
 # tensor-parallel split dimension of each Megatron weight (by name suffix); the rest are whole
 _SPLIT_DIM = {
@@ -344,17 +341,6 @@ def export_hf(
             f"no model exported to {final}"
         )
     if dist.rank() == 0:
-        hf = hf_model(weights, hf_config)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIR}-", dir=final.parent))
-        try:
-            with _no_progress_bars():
-                hf.save_pretrained(tmp)
-            tokenizer().save_pretrained(tmp)
-            if final.exists():  # a resumed run replaces the model of its earlier part
-                shutil.rmtree(final)
-            tmp.rename(final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        write_model_dir(final, hf_model(weights, hf_config).save_pretrained, tokenizer)
     dist.barrier()
     return final
