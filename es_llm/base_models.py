@@ -172,21 +172,27 @@ def ensure_base_model(
     return entry
 
 
+def base_for_run(text: str, run, *, progress: bool) -> Path:
+    """`ensure_base_model` for a run's settings: ``run`` is parsed flags or `TrainOptions`
+    (its config, seq_len, vocab_size, seed, cache_dir and val_share key the base)."""
+    return ensure_base_model(
+        text,
+        config=run.config,
+        seq_len=run.seq_len,
+        vocab_size=run.vocab_size,
+        seed=run.seed,
+        cache_dir=run.cache_dir,
+        progress=progress,
+        val_share=getattr(run, "val_share", DEFAULT_VAL_SHARE),
+    )
+
+
 def resolve_model_arg(args) -> None:
     """Replace ``args.model`` ``base:...`` by the cached base's directory (built once), and
     default ``args.tokenizer`` to that directory's tokenizer. Other ``--model`` values stay."""
     if not is_base_spec(getattr(args, "model", None)):
         return
-    entry = ensure_base_model(
-        args.model,
-        config=args.config,
-        seq_len=args.seq_len,
-        vocab_size=args.vocab_size,
-        seed=args.seed,
-        cache_dir=args.cache_dir,
-        progress=not getattr(args, "no_progress", False),
-        val_share=getattr(args, "val_share", DEFAULT_VAL_SHARE),
-    )
+    entry = base_for_run(args.model, args, progress=not getattr(args, "no_progress", False))
     args.model = str(entry)
     if args.tokenizer is None:
         args.tokenizer = str(entry)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from es_llm import dist
-from es_llm.base_models import ensure_base_model, is_base_spec
+from es_llm.base_models import base_for_run, is_base_spec
 from es_llm.data import load_corpus
 from es_llm.data.documents import DEFAULT_VAL_SHARE
 from es_llm.data.sharding import shard_range
@@ -156,17 +156,9 @@ class ESRun:
             # its cached base, built once (a child run, as --model base: is) before any
             # process group; it shares the learner's tokenizer when the learner is a base of
             # the same vocabulary and seq_len (the scorer's set-up checks it)
+            rank0 = int(os.environ.get("RANK", "0")) == 0
             opts.proxy_path = str(
-                ensure_base_model(
-                    self.es.proxy_model,
-                    config=opts.config,
-                    seq_len=opts.seq_len,
-                    vocab_size=opts.vocab_size,
-                    seed=opts.seed,
-                    cache_dir=opts.cache_dir,
-                    progress=opts.progress and int(os.environ.get("RANK", "0")) == 0,
-                    val_share=opts.val_share,
-                )
+                base_for_run(self.es.proxy_model, opts, progress=opts.progress and rank0)
             )
         timeout = dist.collective_timeout()
         deepspeed.init_distributed(

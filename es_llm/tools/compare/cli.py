@@ -542,23 +542,12 @@ def resolve_proxy_bases(args: argparse.Namespace) -> None:
     directory, built once at the comparison's seed (as `--model base:` is): the runs of
     every seed share one proxy base, and its pre-training is reported beside each share of
     uniform's time, not charged to one run."""
-    from es_llm.base_models import ensure_base_model, is_base_spec
+    from es_llm.base_models import base_for_run, is_base_spec
 
     def built(value: Any) -> Any:
         if not isinstance(value, str) or not is_base_spec(value):
             return value
-        return str(
-            ensure_base_model(
-                value,
-                config=args.config,
-                seq_len=args.seq_len,
-                vocab_size=args.vocab_size,
-                seed=args.seed,
-                cache_dir=args.cache_dir,
-                progress=not args.no_progress,
-                val_share=args.val_share,
-            )
-        )
+        return str(base_for_run(value, args, progress=not args.no_progress))
 
     args.es = [(k, built(v) if k == "proxy_model" else v) for k, v in args.es]
     for v in args.variant:
