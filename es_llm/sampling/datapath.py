@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from es_llm.sampling.comm import Communicator, SelectionDivergedError
+from es_llm.sampling.config import EvolvedSamplingConfig
 from es_llm.sampling.global_selection import GlobalSelector, gather_trained
 from es_llm.sampling.plan import DataPathError, RunPlan
 from es_llm.sampling.records import PacketLayout, bits_f32, f32_bits
@@ -80,6 +81,10 @@ class StepAssignment:
     record: dict[str, Any] = field(default_factory=dict)  # host numbers, complete after finish
     train_losses: list[torch.Tensor] = field(default_factory=list)  # device, per micro-batch
     train_ids: list[torch.Tensor] = field(default_factory=list)  # stale SELECT: their ids
+
+
+# evolved_sampling fields a checkpoint written before them does not have
+SCORER_FIELDS = ("scorer", "proxy_model", "proxy_lr", "proxy_learn")
 
 
 @lru_cache(maxsize=8)
@@ -559,13 +564,11 @@ class ESDataPath:
                 f"fresh run (or resume with the es-llm that wrote it)"
             )
         saved, now = dict(state["fingerprint"]), self.fingerprint()
-        if isinstance(saved.get("evolved_sampling"), dict):  # written before `scorer` existed
-            defaults = {"scorer": "learner", "proxy_model": None, "proxy_lr": None}
-            saved["evolved_sampling"] = {
-                **defaults,
-                "proxy_learn": "trained",
-                **saved["evolved_sampling"],
-            }
+        if isinstance(saved.get("evolved_sampling"), dict):
+            # written before the scorer fields existed: they held their defaults
+            fields = EvolvedSamplingConfig.model_fields
+            added = {k: fields[k].default for k in SCORER_FIELDS}
+            saved["evolved_sampling"] = {**added, **saved["evolved_sampling"]}
         diff = [k for k in now if saved.get(k) != now[k]]
         if diff:
             detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in diff)
