@@ -257,9 +257,13 @@ class Board:
 
     def _save(self, pieces: dict[str, dict[str, Any]]) -> None:
         _write_atomic(self.path, json.dumps(pieces, indent=2))
-        report = collect_report(self.setup, pieces)
-        _write_atomic(self.setup.out / "gpu_check.json", json.dumps(report, indent=2))
-        _write_atomic(self.setup.out / "gpu_check.md", render_markdown(report))
+        write_report(self.setup.out, collect_report(self.setup, pieces))
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    """OUT/gpu_check.json and OUT/gpu_check.md of `report`."""
+    _write_atomic(out / "gpu_check.json", json.dumps(report, indent=2))
+    _write_atomic(out / "gpu_check.md", render_markdown(report))
 
 
 def _fits(setup: Setup, piece: str) -> bool:
@@ -606,7 +610,9 @@ def run_check(setup: Setup) -> dict[str, Any]:
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+    # the report printed is the one on disk (built once: its date is part of the table)
     report = collect_report(setup, board.pieces())
+    write_report(setup.out, report)
     print(render_markdown(report))
     print(f"gpu_check: wrote {setup.out / 'gpu_check.json'} and {setup.out / 'gpu_check.md'}")
     return report
